@@ -1,0 +1,43 @@
+#pragma once
+// The tensor backend concept: the few data-parallel primitives the math needs, nothing more.
+//
+//   allocate<T>(n)       scratch of n zero-initialised T in the backend's memory (O(S·L) at most)
+//   raw(buffer)          the buffer's raw pointer, as functors see it
+//   to_host(buffer)      a host copy (small results only)
+//   for_each(n, f)       f(i) for i in [0, n), any order, f a host/device functor
+//   row_statistics(...)  one pass over every scored logits row: online log-sum-exp (of z and,
+//                        when asked, 2z), the label's logit, label and finiteness checks
+//   row_gradient(...)    one pass writing ∂L/∂z[v] = alpha·δ(v=y) − beta·exp(z[v] − lse) for every
+//                        row, zero for rows that are not scored
+//
+// Everything else (scores, weights, losses, gradient coefficients) is written once in functors
+// that run through for_each, so a new backend (CUDA, vocabulary-sharded, ...) adds these
+// primitives and never touches a formula.
+
+#include <concepts>
+#include <cstdint>
+#include <vector>
+
+#include "tpo/core/views.hpp"
+#include "tpo/reward/row_stats.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace detail {
+struct concept_probe_functor {
+    TPO_HOST_DEVICE void operator()(index_t) const {}
+};
+}  // namespace detail
+
+template <class B>
+concept tensor_backend = requires(B& b, index_t n, typename B::template buffer<double>& buf,
+                                  logits_view<const float> z, labels_view<const std::int64_t> y, row_alignment align,
+                                  row_stats* stats, const row_coefficients* coefficients, logits_view<float> grad) {
+    { b.template allocate<double>(n) } -> std::same_as<typename B::template buffer<double>>;
+    { b.raw(buf) } -> std::same_as<double*>;
+    { b.to_host(buf) } -> std::same_as<std::vector<double>>;
+    b.for_each(n, detail::concept_probe_functor{});
+    b.row_statistics(z, y, align, true, stats);
+    b.row_gradient(z, coefficients, n, grad);
+};
+
+TPO_END_NAMESPACE

@@ -1,0 +1,133 @@
+#pragma once
+// Everything that selects an objective: which token weights, which losses, which modifiers.
+// validate() is the single place hyperparameter ranges are checked.
+
+#include <cmath>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tpo/core/error.hpp"
+#include "tpo/core/views.hpp"
+#include "tpo/loss/family.hpp"
+#include "tpo/reward/options.hpp"
+
+TPO_BEGIN_NAMESPACE
+
+/// Where the per-token weights c come from.
+enum class token_weighting {
+    self_calibrated,  // TPO: c from clean vs noisy logits (SPEC §3.3)
+    none,             // plain DPO: c ≡ 1, no noisy logits needed
+    caller,           // caller-supplied weights (RLHF-V's DDPO segment weights, TIS-DPO, ...)
+};
+
+struct loss_term {
+    loss_type type = loss_type::sigmoid;
+    double weight = 1.0;
+};
+
+inline constexpr int max_loss_terms = 8;
+
+struct objective_options {
+    token_weighting weighting = token_weighting::self_calibrated;
+    std::vector<loss_term> losses{loss_term{}};
+    loss_hyperparameters hyper{};
+
+    // Token rewards (SPEC §3).
+    score_kind score = score_kind::logit;
+    sequence_form form = sequence_form::additive;
+    double a = 0.5;  // calibration margin: c ∈ (a, 1 + a)
+    bool average = false;
+    bool detach_weights = false;
+    row_alignment alignment{};
+
+    // Modifiers (SPEC §6).
+    bool use_weighting = false;     // WPO
+    std::optional<double> ld_alpha; // LD-DPO
+
+    /// Check labels, non-finite logits and caller weights (costs one small device→host copy).
+    bool check_inputs = true;
+};
+
+inline bool uses_label_smoothing(loss_type t) {
+    return t == loss_type::sigmoid || t == loss_type::robust || t == loss_type::exo_pair || t == loss_type::aot ||
+           t == loss_type::aot_unpaired;
+}
+
+inline void validate(const objective_options& o) {
+    using detail::require;
+    const auto& h = o.hyper;
+    require(std::isfinite(h.beta) && h.beta > 0, "beta = ", h.beta, ", expected a finite value > 0");
+    require(!o.losses.empty(), "loss_type: empty list, expected at least one loss");
+    require(o.losses.size() <= static_cast<std::size_t>(max_loss_terms), "loss_type: ", o.losses.size(),
+            " losses, at most ", max_loss_terms, " can be combined");
+    const double eps = h.label_smoothing;
+    require(std::isfinite(eps), "label_smoothing = ", eps, ", expected a finite value");
+    for (const loss_term& term : o.losses) {
+        require(std::isfinite(term.weight), "loss_weights: weight of ", name(term.type), " is ", term.weight,
+                ", expected a finite value");
+        switch (term.type) {
+        case loss_type::sigmoid:
+        case loss_type::aot:
+        case loss_type::aot_unpaired:
+            require(eps >= 0 && eps <= 0.5, "label_smoothing = ", eps, " for loss ", name(term.type),
+                    ", expected 0 <= label_smoothing <= 0.5");
+            break;
+        case loss_type::robust:
+            require(eps >= 0 && eps < 0.5, "label_smoothing = ", eps,
+                    " for loss robust, expected 0 <= label_smoothing < 0.5");
+            break;
+        case loss_type::exo_pair:
+            require(eps > 0 && eps < 1, "label_smoothing = ", eps,
+                    " for loss exo_pair, expected 0 < label_smoothing < 1");
+            break;
+        case loss_type::discopop:
+            require(std::isfinite(h.discopop_tau) && h.discopop_tau > 0, "discopop_tau = ", h.discopop_tau,
+                    ", expected a finite value > 0");
+            break;
+        default: break;
+        }
+        if (o.use_weighting)
+            require(term.type != loss_type::aot && term.type != loss_type::aot_unpaired,
+                    "use_weighting: WPO weighting is not defined for loss ", name(term.type));
+    }
+    require(std::isfinite(h.f_alpha_divergence_coef), "f_alpha_divergence_coef = ", h.f_alpha_divergence_coef,
+            ", expected a finite value");
+    require(std::isfinite(o.a) && o.a >= 0, "a = ", o.a, ", expected a finite margin >= 0");
+    if (o.ld_alpha)
+        require(*o.ld_alpha >= 0 && *o.ld_alpha <= 1, "ld_alpha = ", *o.ld_alpha, ", expected 0 <= ld_alpha <= 1");
+}
+
+/// "sigmoid,bco_pair,sft" with "0.8,0.2,1.0" (weights default to 1).
+inline std::vector<loss_term> parse_loss_terms(std::string_view types, std::string_view weights = {}) {
+    auto split = [](std::string_view s) {
+        std::vector<std::string_view> parts;
+        while (!s.empty()) {
+            const auto comma = s.find(',');
+            parts.push_back(s.substr(0, comma));
+            if (comma == std::string_view::npos) break;
+            s.remove_prefix(comma + 1);
+        }
+        return parts;
+    };
+    std::vector<loss_term> terms;
+    for (std::string_view t : split(types)) terms.push_back({parse_loss_type(t), 1.0});
+    if (!weights.empty()) {
+        const auto w = split(weights);
+        detail::require(w.size() == terms.size(), "loss_weights: ", w.size(), " weights for ", terms.size(),
+                        " losses");
+        for (std::size_t i = 0; i < w.size(); ++i) {
+            const std::string text(w[i]);
+            char* end = nullptr;
+            const double value = std::strtod(text.c_str(), &end);
+            detail::require(!text.empty() && end == text.c_str() + text.size(), "loss_weights: '", text,
+                            "' is not a number");
+            terms[i].weight = value;
+        }
+    }
+    return terms;
+}
+
+TPO_END_NAMESPACE

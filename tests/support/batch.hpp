@@ -1,0 +1,108 @@
+#pragma once
+// Owning random preference batches for tests: tensors in std::vector, views on demand.
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <tpo/tpo.hpp>
+
+namespace tpo_test {
+
+using tpo::index_t;
+
+struct side_shape {
+    index_t pairs = 2, length = 4, vocab = 5;
+};
+
+template <class T>
+struct side_data {
+    index_t pairs = 0, length = 0, vocab = 0;
+    std::vector<T> policy, policy_noisy, reference, reference_noisy;
+    std::vector<std::int64_t> labels;
+    std::vector<float> weights;
+
+    tpo::logits_view<const T> view(const std::vector<T>& z) const { return {z.data(), pairs, length, vocab}; }
+    tpo::logits_view<T> view(std::vector<T>& z) { return {z.data(), pairs, length, vocab}; }
+    std::vector<T>& tensor(int k) {
+        switch (k) {
+        case 0: return policy;
+        case 1: return policy_noisy;
+        case 2: return reference;
+        default: return reference_noisy;
+        }
+    }
+    tpo::side_batch<T, std::int64_t> batch() const {
+        return {view(policy),
+                view(policy_noisy),
+                view(reference),
+                view(reference_noisy),
+                {labels.data(), pairs, length},
+                {weights.data(), pairs, length}};
+    }
+};
+
+/// `mask_rate`: share of labels set to the ignore index; sequences may end up fully masked.
+template <class T>
+side_data<T> random_side(std::mt19937_64& rng, side_shape shape, double scale = 2.0, double mask_rate = 0.3,
+                         std::int64_t ignore_index = -100) {
+    side_data<T> d;
+    d.pairs = shape.pairs;
+    d.length = shape.length;
+    d.vocab = shape.vocab;
+    std::normal_distribution<double> normal(0.0, scale);
+    const auto n = static_cast<std::size_t>(shape.pairs * shape.length * shape.vocab);
+    for (int k = 0; k < 4; ++k) {
+        auto& z = d.tensor(k);
+        z.resize(n);
+        for (auto& x : z) x = static_cast<T>(normal(rng));
+    }
+    std::uniform_real_distribution<double> u(0, 1);
+    std::uniform_int_distribution<std::int64_t> label(0, shape.vocab - 1);
+    for (index_t i = 0; i < shape.pairs * shape.length; ++i)
+        d.labels.push_back(u(rng) < mask_rate ? ignore_index : label(rng));
+    for (index_t i = 0; i < shape.pairs * shape.length; ++i) d.weights.push_back(static_cast<float>(0.2 + u(rng)));
+    return d;
+}
+
+template <class T>
+struct batch_data {
+    side_data<T> chosen, rejected;
+    tpo::preference_batch<T, std::int64_t> batch() const { return {chosen.batch(), rejected.batch()}; }
+};
+
+template <class T>
+batch_data<T> random_batch(std::mt19937_64& rng, index_t pairs, index_t length_chosen, index_t length_rejected,
+                           index_t vocab, double scale = 2.0, double mask_rate = 0.3) {
+    return {random_side<T>(rng, {pairs, length_chosen, vocab}, scale, mask_rate),
+            random_side<T>(rng, {pairs, length_rejected, vocab}, scale, mask_rate)};
+}
+
+/// Gradient buffers shaped like a batch's policy tensors.
+template <class G>
+struct gradient_data {
+    std::vector<G> chosen, chosen_noisy, rejected, rejected_noisy;
+    index_t pairs, length_chosen, length_rejected, vocab;
+
+    template <class T>
+    explicit gradient_data(const batch_data<T>& b)
+        : chosen(b.chosen.policy.size()), chosen_noisy(b.chosen.policy.size()), rejected(b.rejected.policy.size()),
+          rejected_noisy(b.rejected.policy.size()), pairs(b.chosen.pairs), length_chosen(b.chosen.length),
+          length_rejected(b.rejected.length), vocab(b.chosen.vocab) {}
+
+    tpo::preference_gradients<G> views() {
+        return {{{chosen.data(), pairs, length_chosen, vocab}, {chosen_noisy.data(), pairs, length_chosen, vocab}},
+                {{rejected.data(), pairs, length_rejected, vocab},
+                 {rejected_noisy.data(), pairs, length_rejected, vocab}}};
+    }
+    std::vector<G>& tensor(int k) {
+        switch (k) {
+        case 0: return chosen;
+        case 1: return chosen_noisy;
+        case 2: return rejected;
+        default: return rejected_noisy;
+        }
+    }
+};
+
+}  // namespace tpo_test
