@@ -106,3 +106,28 @@ struct gradient_data {
 };
 
 }  // namespace tpo_test
+
+namespace tpo_test {
+
+/// The same batch in another element type (values rounded once, to nearest).
+template <class T>
+batch_data<T> convert(const batch_data<double>& d) {
+    auto side = [](const side_data<double>& s) {
+        side_data<T> out;
+        out.pairs = s.pairs;
+        out.length = s.length;
+        out.vocab = s.vocab;
+        for (int k = 0; k < 4; ++k) {
+            const auto& src = const_cast<side_data<double>&>(s).tensor(k);
+            auto& dst = out.tensor(k);
+            dst.reserve(src.size());
+            for (double x : src) dst.push_back(tpo::narrow<T>(x));
+        }
+        out.labels = s.labels;
+        out.weights = s.weights;
+        return out;
+    };
+    return {side(d.chosen), side(d.rejected)};
+}
+
+}  // namespace tpo_test
