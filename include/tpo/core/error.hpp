@@ -2,7 +2,9 @@
 // Every failure the library reports is a tpo::error, so a trainer can catch one type.
 // Messages name the argument, the value or shape found, and what was expected.
 
+#include <charconv>
 #include <sstream>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -30,17 +32,29 @@ public:
 
 namespace detail {
 
+// Floating-point values print in their shortest round-trip form (0.6, not 0.59999999999999998),
+// so a message shows the value the user typed.
+template <class Part>
+void append(std::ostringstream& out, const Part& part) {
+    if constexpr (std::is_floating_point_v<Part>) {
+        char buffer[64];
+        const auto result = std::to_chars(buffer, buffer + sizeof buffer, part);
+        out.write(buffer, result.ptr - buffer);
+    } else {
+        out << part;
+    }
+}
+
 template <class... Parts>
-std::string concat(Parts&&... parts) {
+std::string concat(const Parts&... parts) {
     std::ostringstream out;
-    out.precision(17);
-    (out << ... << std::forward<Parts>(parts));
+    (append(out, parts), ...);
     return out.str();
 }
 
 template <class Error = value_error, class... Parts>
 void require(bool condition, Parts&&... parts) {
-    if (!condition) throw Error(concat(std::forward<Parts>(parts)...));
+    if (!condition) throw Error(concat(parts...));
 }
 
 }  // namespace detail

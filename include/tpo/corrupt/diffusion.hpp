@@ -76,10 +76,14 @@ struct diffusion_noise_pass {
 template <class A, class B>
 void check_same_image_shape(const image_view<A>& in, const image_view<B>& out, const char* what) {
     for (int axis = 0; axis < 4; ++axis)
-        detail::require<shape_error>(in.extent[axis] == out.extent[axis] && in.stride[axis] == out.stride[axis], what,
-                                     ": output axis ", "NCHW"[axis], " has extent ", out.extent[axis], " stride ",
-                                     out.stride[axis], ", expected extent ", in.extent[axis], " stride ",
-                                     in.stride[axis], " as the input");
+        detail::require<shape_error>(in.extent[axis] == out.extent[axis], what, ": output axis ", "NCHW"[axis],
+                                     " has extent ", out.extent[axis], ", expected ", in.extent[axis],
+                                     " as the input");
+    // Same memory order too: the noise of an element is keyed by its offset.
+    for (int axis = 0; axis < 4; ++axis)
+        detail::require<shape_error>(in.stride[axis] == out.stride[axis], what, ": output axis ", "NCHW"[axis],
+                                     " has stride ", out.stride[axis], ", expected ", in.stride[axis],
+                                     " as the input (same memory layout)");
 }
 
 }  // namespace corrupt

@@ -1,0 +1,194 @@
+// Bad input raises a tpo::error naming the offending shape or value, on every backend; legitimate
+// edges are not errors (issue 2, DEVELOPERS.md's list).
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+
+#include "support/batch.hpp"
+#include "support/tested_backend.hpp"
+
+using namespace tpo_test;
+using Catch::Matchers::Contains;
+
+namespace {
+
+batch_data<double> good_batch() {
+    std::mt19937_64 rng(1);
+    auto d = random_batch<double>(rng, 2, 4, 3, 5, 1.0, 0.0);
+    return d;
+}
+
+template <class Edit>
+void expect_error(Edit&& edit, const std::string& needle, const tpo::objective_options& options = {}) {
+    tested_backend backend;
+    auto data = good_batch();
+    auto batch = data.batch();
+    edit(data, batch);
+    gradient_data<double> g(data);
+    auto views = g.views();
+    INFO("expected an error mentioning: " << needle);
+    try {
+        tpo::evaluate(backend, options, batch, &views);
+        FAIL("no error was raised");
+    } catch (const tpo::error& e) {
+        CHECK_THAT(e.what(), Contains(needle));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("shape mismatches name both shapes", "[bad-input]") {
+    expect_error([](auto&, auto& b) { b.chosen.reference.vocab = 4; b.chosen.reference.length = 5; },
+                 "chosen reference logits: shape (2, 5, 4) differs from policy logits shape (2, 4, 5)");
+    expect_error([](auto&, auto& b) { b.rejected.policy_noisy.length = 2; },
+                 "rejected policy noisy logits: shape (2, 2, 5)");
+    expect_error([](auto&, auto& b) { b.chosen.labels.length = 3; },
+                 "chosen labels: shape (2, 3), expected (2, 4)");
+    expect_error([](auto&, auto& b) {
+        b.rejected.policy.sequences = b.rejected.reference.sequences = b.rejected.policy_noisy.sequences =
+            b.rejected.reference_noisy.sequences = b.rejected.labels.sequences = 1;
+    }, "rejected policy logits: 1 sequences, expected one per chosen sequence (2)");
+    expect_error([](auto&, auto& b) {
+        for (auto* z : {&b.rejected.policy, &b.rejected.reference, &b.rejected.policy_noisy, &b.rejected.reference_noisy})
+            z->vocab = 4;
+    }, "vocabulary 4 differs from the chosen one (5)");
+    expect_error([](auto&, auto& b) { b.chosen.policy_noisy.data = nullptr; }, "chosen policy noisy logits: null");
+}
+
+TEST_CASE("an empty batch is an error, not a NaN", "[bad-input]") {
+    expect_error([](auto&, auto& b) {
+        for (auto* s : {&b.chosen, &b.rejected}) {
+            for (auto* z : {&s->policy, &s->reference, &s->policy_noisy, &s->reference_noisy}) z->sequences = 0;
+            s->labels.sequences = 0;
+        }
+    }, "has no sequence (empty batch)");
+    expect_error([](auto&, auto& b) {
+        for (auto* z : {&b.chosen.policy, &b.chosen.reference, &b.chosen.policy_noisy, &b.chosen.reference_noisy})
+            z->vocab = 0;
+    }, "expected L >= 1 and V >= 1");
+}
+
+TEST_CASE("labels outside [0, V) that are not the ignore index", "[bad-input]") {
+    expect_error([](auto& d, auto&) { d.chosen.labels[1 * 4 + 2] = 5; },
+                 "chosen labels: label 5 at sequence 1, position 2 is outside [0, 5) and is not the ignore index -100");
+    expect_error([](auto& d, auto&) { d.rejected.labels[1] = -7; }, "label -7 at sequence 0, position 1");
+    // Position 0 is never scored with the causal shift, so a bad label there is not read.
+    tested_backend backend;
+    auto data = good_batch();
+    data.chosen.labels[0] = 99;
+    CHECK_NOTHROW(tpo::evaluate(backend, tpo::objective_options{}, data.batch()));
+}
+
+TEST_CASE("NaN or Inf in any logits tensor", "[bad-input]") {
+    const double bad[] = {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+                          -std::numeric_limits<double>::infinity()};
+    for (double value : bad)
+        for (int k = 0; k < 4; ++k) {
+            const char* role[] = {"policy logits", "policy noisy logits", "reference logits", "reference noisy logits"};
+            expect_error([&](auto& d, auto&) { d.rejected.tensor(k)[(1 * 3 + 1) * 5 + 3] = value; },
+                         std::string("rejected ") + role[k] + " at sequence 1, position 2: the row holds a NaN or an "
+                                                               "infinite logit");
+        }
+}
+
+TEST_CASE("hyperparameters out of range", "[bad-input]") {
+    auto with = [](auto&& edit) {
+        tpo::objective_options o;
+        edit(o);
+        return o;
+    };
+    auto none = [](auto&, auto&) {};
+    expect_error(none, "beta = 0", with([](auto& o) { o.hyper.beta = 0; }));
+    expect_error(none, "beta = -1", with([](auto& o) { o.hyper.beta = -1; }));
+    expect_error(none, "beta = nan", with([](auto& o) { o.hyper.beta = std::nan(""); }));
+    expect_error(none, "label_smoothing = 0.6 for loss sigmoid", with([](auto& o) { o.hyper.label_smoothing = 0.6; }));
+    expect_error(none, "label_smoothing = -0.1", with([](auto& o) { o.hyper.label_smoothing = -0.1; }));
+    expect_error(none, "label_smoothing = 0.5 for loss robust", with([](auto& o) {
+                     o.losses = {{tpo::loss_type::robust, 1}};
+                     o.hyper.label_smoothing = 0.5;
+                 }));
+    expect_error(none, "label_smoothing = 0 for loss exo_pair",
+                 with([](auto& o) { o.losses = {{tpo::loss_type::exo_pair, 1}}; }));
+    expect_error(none, "a = -0.5", with([](auto& o) { o.a = -0.5; }));
+    expect_error(none, "ld_alpha = 1.5", with([](auto& o) { o.ld_alpha = 1.5; }));
+    expect_error(none, "discopop_tau = 0", with([](auto& o) {
+                     o.losses = {{tpo::loss_type::discopop, 1}};
+                     o.hyper.discopop_tau = 0;
+                 }));
+    expect_error(none, "WPO weighting is not defined for loss aot", with([](auto& o) {
+                     o.losses = {{tpo::loss_type::aot, 1}};
+                     o.use_weighting = true;
+                 }));
+    expect_error(none, "empty list", with([](auto& o) { o.losses.clear(); }));
+    expect_error(none, "weight of sft is inf",
+                 with([](auto& o) { o.losses = {{tpo::loss_type::sft, std::numeric_limits<double>::infinity()}}; }));
+    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid,bogus"), Contains("unknown loss_type 'bogus'"));
+    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid,sft", "1"), Contains("1 weights for 2 losses"));
+    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid", "x"), Contains("'x' is not a number"));
+    CHECK(tpo::parse_loss_terms("aot_pair")[0].type == tpo::loss_type::aot_unpaired);
+}
+
+TEST_CASE("caller-supplied weights are checked", "[bad-input]") {
+    tpo::objective_options o;
+    o.weighting = tpo::token_weighting::caller;
+    expect_error([](auto& d, auto&) { d.chosen.weights[1 * 4 + 3] = 0.0f; },
+                 "chosen token weights at sequence 1, position 3: weight 0, expected a finite value > 0", o);
+    expect_error([](auto& d, auto&) { d.rejected.weights[2] = std::nanf(""); }, "weight nan", o);
+    expect_error([](auto&, auto& b) { b.chosen.weights.data = nullptr; }, "chosen token weights: missing", o);
+    expect_error([](auto&, auto& b) { b.rejected.weights.length = 7; }, "rejected token weights: shape (2, 7)", o);
+}
+
+TEST_CASE("gradient outputs must match their inputs", "[bad-input]") {
+    tested_backend backend;
+    auto data = good_batch();
+    gradient_data<double> g(data);
+    auto views = g.views();
+    views.rejected.policy_noisy.vocab = 3;
+    CHECK_THROWS_WITH(tpo::evaluate(backend, tpo::objective_options{}, data.batch(), &views),
+                      Contains("rejected gradient of policy noisy logits: shape (2, 3, 3), expected (2, 3, 5)"));
+    tpo::objective<tested_backend> obj(backend, tpo::objective_options{});
+    CHECK_THROWS_WITH(obj.backward(data.batch(), g.views()), Contains("forward() must run first"));
+}
+
+TEST_CASE("legitimate edges are not errors", "[bad-input][edge]") {
+    tested_backend backend;
+    std::mt19937_64 rng(4);
+    // V = 1, L = 1 with the shift on, fully masked sequences, both sides of different lengths.
+    for (auto [length, vocab, mask] : {std::tuple{1, 1, 0.0}, std::tuple{1, 6, 0.0}, std::tuple{5, 1, 0.0},
+                                       std::tuple{4, 6, 1.0}}) {
+        auto data = random_batch<double>(rng, 3, length, length + 1, vocab, 2.0, mask);
+        gradient_data<double> g(data);
+        auto views = g.views();
+        const auto r = tpo::evaluate(backend, tpo::objective_options{}, data.batch(), &views);
+        CHECK(std::isfinite(r.loss));
+        for (int k = 0; k < 4; ++k)
+            for (double x : g.tensor(k)) CHECK(std::isfinite(x));
+    }
+}
+
+TEST_CASE("corruptions reject bad images and settings", "[bad-input][corrupt]") {
+    tested_backend backend;
+    std::vector<float> a(3 * 4 * 4), b(3 * 4 * 5);
+    auto in = tpo::image_view<const float>::chw(a.data(), 3, 4, 4);
+    auto wrong = tpo::image_view<float>::chw(b.data(), 3, 4, 5);
+    CHECK_THROWS_WITH(tpo::add_diffusion_noise(backend, in, wrong, {}),
+                      Contains("diffusion noise: output axis W has extent 5"));
+    CHECK_THROWS_WITH(tpo::image_view<float>::chw(a.data(), 0, 4, 4), Contains("extent of axis C is 0"));
+    CHECK_THROWS_WITH(tpo::image_view<float>::strided(a.data(), {1, 3, 4, 4}, {48, 16, 4, 2}),
+                      Contains("stride of axis W is 2, expected 1"));
+    auto out = tpo::image_view<float>::chw(b.data(), 3, 4, 4);
+    tpo::diffusion_options d;
+    d.step = 1000;
+    CHECK_THROWS_WITH(tpo::add_diffusion_noise(backend, in, out, d), Contains("step k = 1000"));
+    tpo::blur_options blur;
+    blur.kernel_size = 4;
+    CHECK_THROWS_WITH(tpo::gaussian_blur(backend, in, out, blur), Contains("kernel_size = 4"));
+    tpo::patch_mask_options mask;
+    mask.ratio = 1.5;
+    CHECK_THROWS_WITH(tpo::mask_patches(backend, in, out, mask), Contains("ratio = 1.5"));
+    tpo::crop_options crop;
+    crop.min_area = 0;
+    CHECK_THROWS_WITH(tpo::random_resized_crop(backend, in, out, crop), Contains("area range [0"));
+}
