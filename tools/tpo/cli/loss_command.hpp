@@ -1,0 +1,197 @@
+#pragma once
+// `tpo loss --dir DIR ...`: the objective on logits dumped by a trainer, with optional gradients.
+
+#include <array>
+#include <filesystem>
+#include <ostream>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "tpo/io/file.hpp"
+#include "tpo/io/npy.hpp"
+#include "tpo/loss/objective.hpp"
+#include "tpo/loss/options.hpp"
+
+#include "cli/args.hpp"
+#include "cli/backends.hpp"
+#include "cli/inputs.hpp"
+#include "cli/json.hpp"
+
+namespace tpo_cli {
+
+inline constexpr flag_spec loss_flags[] = {
+    {"dir", true},           {"method", true},          {"loss", true},
+    {"loss-weights", true},  {"beta", true},            {"label-smoothing", true},
+    {"a", true},             {"score", true},           {"form", true},
+    {"average", false},      {"detach-weights", false}, {"no-shift", false},
+    {"ignore-index", true},  {"backend", true},         {"grad-dir", true},
+    {"f-divergence-type", true}, {"f-alpha-divergence-coef", true}, {"discopop-tau", true},
+    {"use-weighting", false},    {"ld-alpha", true},
+};
+
+/// Options shared by `loss` and `score`: token reward settings and label alignment.
+inline void read_token_options(const parsed_args& args, tpo::objective_options& o) {
+    o.score = tpo::parse_score_kind(args.choice("score", "logit", {"logit", "prob", "logprob"}));
+    o.a = args.real("a", 0.5);
+    o.alignment.shift = !args.has("no-shift");
+    o.alignment.ignore_index = args.integer("ignore-index", -100, INT64_MIN, INT64_MAX);
+}
+
+inline tpo::objective_options read_loss_options(const parsed_args& args) {
+    tpo::objective_options o;
+    const std::string method = args.choice("method", "tpo", {"tpo", "dpo"});
+    o.weighting = method == "tpo" ? tpo::token_weighting::self_calibrated : tpo::token_weighting::none;
+    try {
+        o.losses = tpo::parse_loss_terms(args.text("loss", "sigmoid"), args.text("loss-weights", ""));
+    } catch (const tpo::error& e) {
+        args.fail(tpo::detail::concat("flag --loss/--loss-weights: ", e.what()));
+    }
+    o.hyper.beta = args.real("beta", 0.1);
+    o.hyper.label_smoothing = args.real("label-smoothing", 0.0);
+    o.hyper.divergence = tpo::parse_f_divergence(args.choice(
+        "f-divergence-type", "reverse_kl", {"reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"}));
+    o.hyper.f_alpha_divergence_coef = args.real("f-alpha-divergence-coef", 0.5);
+    o.hyper.discopop_tau = args.real("discopop-tau", 0.05);
+    read_token_options(args, o);
+    o.form = tpo::parse_sequence_form(args.choice("form", "additive", {"additive", "multiplicative"}));
+    o.average = args.has("average");
+    o.detach_weights = args.has("detach-weights");
+    o.use_weighting = args.has("use-weighting");
+    if (args.has("ld-alpha")) o.ld_alpha = args.real("ld-alpha", 1.0);
+    try {
+        tpo::validate(o);
+    } catch (const tpo::error& e) {
+        args.fail(e.what());
+    }
+    return o;
+}
+
+/// The files of one side, loaded and checked against each other.
+struct side_files {
+    logits_file policy, reference;
+    std::optional<logits_file> policy_noisy, reference_noisy;
+    labels_file labels;
+};
+
+inline side_files load_side(const std::filesystem::path& dir, const std::string& side, bool noisy,
+                            std::int64_t ignore_index) {
+    auto file = [&](const std::string& name) { return (dir / (name + ".npy")).string(); };
+    side_files f{load_logits(file("policy_" + side)), load_logits(file("reference_" + side)), {}, {},
+                 load_labels(file("labels_" + side))};
+    check_same_shape(f.policy, f.reference);
+    check_same_dtype(f.policy, f.reference);
+    if (noisy) {
+        f.policy_noisy = load_logits(file("policy_" + side + "_noisy"));
+        f.reference_noisy = load_logits(file("reference_" + side + "_noisy"));
+        for (const logits_file* g : {&*f.policy_noisy, &*f.reference_noisy}) {
+            check_same_shape(f.policy, *g);
+            check_same_dtype(f.policy, *g);
+        }
+    }
+    check_labels(f.labels, f.policy, ignore_index);
+    return f;
+}
+
+template <class T>
+tpo::side_batch<T, std::int64_t> side_view(const side_files& f) {
+    tpo::side_batch<T, std::int64_t> s;
+    s.policy = f.policy.view<T>();
+    s.reference = f.reference.view<T>();
+    if (f.policy_noisy) s.policy_noisy = f.policy_noisy->view<T>();
+    if (f.reference_noisy) s.reference_noisy = f.reference_noisy->view<T>();
+    s.labels = f.labels.view();
+    return s;
+}
+
+inline std::filesystem::path prepare_output_dir(const std::string& dir, const char* flag) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec || !std::filesystem::is_directory(dir))
+        throw tpo::io::file_error(tpo::detail::concat(dir, ": ", flag, ": cannot create the output directory (",
+                                                      ec ? ec.message() : "not a directory",
+                                                      "), expected a writable directory"));
+    return dir;
+}
+
+inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
+    const parsed_args args(argv, loss_flags, "loss");
+    const tpo::objective_options options = read_loss_options(args);
+    const std::filesystem::path dir = args.required("dir");
+    const std::string backend = args.choice("backend", "reference", {"reference", "cpu", "thrust"});
+    const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
+
+    // The backend is checked before any file is read, so a wrong binary fails fast.
+    bool backend_ok = false;
+    with_backend(backend, [&](auto&) { backend_ok = true; });
+
+    const side_files chosen = load_side(dir, "chosen", noisy, options.alignment.ignore_index);
+    const side_files rejected = load_side(dir, "rejected", noisy, options.alignment.ignore_index);
+    check_same_dtype(chosen.policy, rejected.policy);
+    if (chosen.policy.sequences() != rejected.policy.sequences() || chosen.policy.vocab() != rejected.policy.vocab())
+        throw input_error(tpo::detail::concat(rejected.policy.path, ": shape: ",
+                                              tpo::io::shape_text(rejected.policy.array.shape), ", expected (",
+                                              chosen.policy.sequences(), ", L, ", chosen.policy.vocab(),
+                                              ") to pair with ", chosen.policy.path, " ",
+                                              tpo::io::shape_text(chosen.policy.array.shape)));
+
+    tpo::io::staged_files outputs;
+    json_object json;
+    auto compute = [&](auto element) {
+        using T = decltype(element);
+        const tpo::preference_batch<T, std::int64_t> batch{side_view<T>(chosen), side_view<T>(rejected)};
+        std::array<std::vector<T>, 4> grads;
+        tpo::preference_gradients<T> g;
+        const bool want_grads = args.has("grad-dir");
+        if (want_grads) {
+            auto make = [&](std::vector<T>& buffer, const logits_file& like) {
+                buffer.assign(like.array.size(), T(0));
+                return tpo::logits_view<T>{buffer.data(), like.sequences(), like.length(), like.vocab()};
+            };
+            g.chosen.policy = make(grads[0], chosen.policy);
+            g.rejected.policy = make(grads[1], rejected.policy);
+            if (noisy) {
+                g.chosen.policy_noisy = make(grads[2], *chosen.policy_noisy);
+                g.rejected.policy_noisy = make(grads[3], *rejected.policy_noisy);
+            }
+        }
+        tpo::objective_result r;
+        with_backend(backend, [&](auto& b) { r = tpo::evaluate(b, options, batch, want_grads ? &g : nullptr); });
+        json.number("loss", r.loss);
+        json.numbers("losses", r.losses);
+        json.numbers("chosen_rewards", r.chosen_rewards);
+        json.numbers("rejected_rewards", r.rejected_rewards);
+        json.numbers("policy_chosen_scores", r.policy_chosen_scores);
+        json.numbers("policy_rejected_scores", r.policy_rejected_scores);
+        json.numbers("mean_visual_score_chosen", r.mean_visual_score_chosen);
+        json.numbers("mean_visual_score_rejected", r.mean_visual_score_rejected);
+        json.number("reward_accuracy", r.reward_accuracy);
+        json.number("reward_margin", r.reward_margin);
+        if (want_grads) {
+            const std::filesystem::path gdir = prepare_output_dir(args.required("grad-dir"), "--grad-dir");
+            const char* names[4] = {"grad_policy_chosen.npy", "grad_policy_rejected.npy", "grad_policy_chosen_noisy.npy",
+                                    "grad_policy_rejected_noisy.npy"};
+            const logits_file* like[4] = {&chosen.policy, &rejected.policy, noisy ? &*chosen.policy_noisy : nullptr,
+                                          noisy ? &*rejected.policy_noisy : nullptr};
+            for (int k = 0; k < (noisy ? 4 : 2); ++k)
+                outputs.add(gdir / names[k],
+                            tpo::io::encode_npy<T>(like[k]->array.shape, std::span<const T>(grads[k])));
+        }
+    };
+    try {
+        if (chosen.policy.array.dtype == tpo::io::npy_dtype::f8)
+            compute(double{});
+        else
+            compute(float{});
+    } catch (const tpo::io::file_error&) {
+        throw;
+    } catch (const tpo::error& e) {
+        // The library's own checks name the side and the tensor; say which directory it was.
+        throw input_error(tpo::detail::concat(dir.string(), ": ", e.what()));
+    }
+    outputs.commit();
+    out << json.str();
+    return 0;
+}
+
+}  // namespace tpo_cli
