@@ -1,0 +1,129 @@
+#pragma once
+// The CPU backend: the primitives of backend/concept.hpp with Eigen packet math inside a row and
+// OpenMP across rows. Needs Eigen 3.4 and (for more than one thread) OpenMP.
+//
+// Rows are independent and each row is reduced in a fixed order (cpu/row_kernels.hpp), so every
+// result is bit-identical for any thread count, and the policy and the reference logits go
+// through the same code: identical logits give h = 0 exactly (SPEC §7).
+// Scratch is O(S·L) row statistics; the O(S·L·V) memory is the caller's inputs and gradients.
+
+#include <cstdint>
+#include <vector>
+
+#if defined(_OPENMP)
+#  include <omp.h>
+#endif
+
+#include "tpo/backend/concept.hpp"
+#include "tpo/backend/cpu/row_kernels.hpp"
+#include "tpo/core/error.hpp"
+#include "tpo/reward/row_stats.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace backend {
+
+class cpu {
+public:
+    template <class T>
+    using buffer = std::vector<T>;
+
+    /// `threads` ≤ 0 takes OpenMP's default (omp_get_max_threads()); without OpenMP, one thread.
+    explicit cpu(int threads = 0) : threads_(resolve(threads)) {}
+
+    int threads() const { return threads_; }
+
+    template <class T>
+    buffer<T> allocate(index_t n) const {
+        return buffer<T>(static_cast<std::size_t>(n));
+    }
+    template <class T>
+    T* raw(buffer<T>& b) const {
+        return b.data();
+    }
+    template <class T>
+    std::vector<T> to_host(const buffer<T>& b) const {
+        return b;
+    }
+
+    template <class F>
+    void for_each(index_t n, F&& f) const {
+        // Small passes (one index per pair) are not worth waking a team for.
+        [[maybe_unused]] const bool parallel = threads_ > 1 && n >= 256;
+#if defined(_OPENMP)
+#  pragma omp parallel for schedule(static) num_threads(threads_) if (parallel)
+#endif
+        for (index_t i = 0; i < n; ++i) f(i);
+    }
+
+    template <class T, class I>
+    void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
+                        bool with_doubled, row_stats* out) const {
+        const index_t scored = align.scored_rows(z.length);
+        const index_t rows = z.sequences * scored;
+        [[maybe_unused]] const bool parallel = use_threads(rows, z.vocab);
+#if defined(_OPENMP)
+#  pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
+#endif
+        for (index_t r = 0; r < rows; ++r) {
+            const index_t s = r / scored, t = r % scored;
+            const auto label = static_cast<std::int64_t>(labels.at(s, align.label_position(t)));
+            const row_status status = classify_label(label, z.vocab, align.ignore_index);
+            if (status != row_status::ok) {
+                row_stats skipped{};
+                skipped.label = label;
+                skipped.status = status;
+                out[r] = skipped;
+                continue;
+            }
+            const T* row = z.row(s, t);
+            out[r] = with_doubled ? cpu_detail::row_statistics_of<true>(row, z.vocab, label)
+                                  : cpu_detail::row_statistics_of<false>(row, z.vocab, label);
+        }
+    }
+
+    template <class T, class G>
+    void row_gradient(logits_view<const T> z, const row_coefficients* coefficients, index_t scored,
+                      logits_view<G> grad) const {
+        const index_t rows = z.sequences * z.length;
+        // Stream only what cannot stay in the caches anyway; a small gradient is better left there.
+        const bool stream = static_cast<std::size_t>(grad.size()) * sizeof(G) >= stream_threshold_bytes;
+        [[maybe_unused]] const bool parallel = use_threads(rows, z.vocab);
+#if defined(_OPENMP)
+#  pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
+#endif
+        for (index_t r = 0; r < rows; ++r) {
+            const index_t s = r / z.length, t = r % z.length;
+            G* out = grad.row(s, t);
+            const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
+            if (!c || c->label < 0)
+                cpu_detail::zero_row(out, z.vocab, stream);
+            else
+                cpu_detail::gradient_row(z.row(s, t), z.vocab, *c, out, stream);
+            if (stream) cpu_detail::store_fence();
+        }
+    }
+
+private:
+    static constexpr std::size_t stream_threshold_bytes = std::size_t{32} << 20;
+
+    static int resolve(int threads) {
+#if defined(_OPENMP)
+        return threads > 0 ? threads : omp_get_max_threads();
+#else
+        detail::require<value_error>(threads <= 1, "cpu backend: ", threads,
+                                     " threads requested, but this program was built without OpenMP");
+        return 1;
+#endif
+    }
+
+    bool use_threads(index_t rows, index_t vocab) const {
+        return threads_ > 1 && rows > 1 && rows * vocab >= (index_t{1} << 16);
+    }
+
+    int threads_;
+};
+
+static_assert(tensor_backend<cpu>);
+
+}  // namespace backend
+TPO_END_NAMESPACE

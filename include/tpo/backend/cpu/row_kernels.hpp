@@ -1,0 +1,183 @@
+#pragma once
+// The two O(V) row kernels of the CPU backend, vectorised with Eigen's packet math.
+//
+// A row is read block by block (cpu_detail::block_size elements, which stay in L1): one sweep of
+// the block finds its maximum and probes for NaN/Inf, a second sweep over the cached block sums
+// exp(x − running max). The running state is the online log-sum-exp of SPEC §3.1 taken per block,
+// so there is one exponential per element and memory is read once. Block sums accumulate in the
+// element's accumulation type (float for 16/32-bit inputs, a few hundred terms per lane) and the
+// row total in double, so rows of 150k entries keep float-epsilon accuracy.
+//
+// Every reduction runs in a fixed order inside one row, and rows never share state: results are
+// bit-identical whatever the thread count.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "tpo/backend/cpu/simd.hpp"
+#include "tpo/math/online_logsumexp.hpp"
+#include "tpo/reward/row_stats.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace backend::cpu_detail {
+
+namespace ei = Eigen::internal;
+
+/// Log-sum-exp of z (and of 2z when Doubled), the label's logit and the finiteness probe of one row.
+template <bool Doubled, class T>
+row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
+    using A = accumulate_t<T>;
+    using P = packet_t<A>;
+    constexpr index_t W = packet_width<A>;
+    constexpr A neg_inf = -std::numeric_limits<A>::infinity();
+
+    alignas(64) A buffer[block_size];
+    alignas(64) A tail[W];
+    A running_max = neg_inf;
+    double sum = 0, sum_doubled = 0;  // Σ exp(x − max), Σ exp(2x − 2·max)
+    P probe = ei::pset1<P>(A(0));
+    A probe_tail = 0;
+
+    for (index_t start = 0; start < vocab; start += block_size) {
+        const index_t n = std::min(block_size, vocab - start);
+        const A* x = load_block(row + start, n, buffer);
+        const index_t full = n - n % W;
+        const index_t rest = n - full;
+        for (index_t k = 0; k < W; ++k) tail[k] = k < rest ? x[full + k] : neg_inf;
+
+        P block_max = ei::pset1<P>(neg_inf);
+        for (index_t i = 0; i < full; i += W) {
+            const P v = ei::ploadu<P>(x + i);
+            block_max = ei::pmax(block_max, v);
+            probe = ei::padd(probe, ei::psub(v, v));  // 0 unless v holds a NaN or an Inf
+        }
+        for (index_t k = 0; k < rest; ++k) probe_tail += tail[k] - tail[k];
+        const P v_tail = ei::pload<P>(tail);
+        block_max = ei::pmax(block_max, v_tail);
+        const A m = ei::predux_max(block_max);
+        if (m > running_max) {
+            const double scale = std::exp(static_cast<double>(running_max) - static_cast<double>(m));
+            sum *= scale;
+            sum_doubled *= scale * scale;
+            running_max = m;
+        }
+
+        const P shift = ei::pset1<P>(running_max);
+        const P zero = ei::pset1<P>(A(0));
+        P s0 = zero, s1 = zero, d0 = zero, d1 = zero;
+        index_t i = 0;
+        for (; i + 2 * W <= full; i += 2 * W) {
+            const P e0 = ei::pexp(ei::psub(ei::ploadu<P>(x + i), shift));
+            const P e1 = ei::pexp(ei::psub(ei::ploadu<P>(x + i + W), shift));
+            s0 = ei::padd(s0, e0);
+            s1 = ei::padd(s1, e1);
+            if constexpr (Doubled) {
+                d0 = ei::padd(d0, ei::pmul(e0, e0));
+                d1 = ei::padd(d1, ei::pmul(e1, e1));
+            }
+        }
+        for (; i < full; i += W) {
+            const P e = ei::pexp(ei::psub(ei::ploadu<P>(x + i), shift));
+            s0 = ei::padd(s0, e);
+            if constexpr (Doubled) d0 = ei::padd(d0, ei::pmul(e, e));
+        }
+        if (rest > 0) {
+            // Padding lanes are zeroed rather than left to exp(−∞), which Eigen clamps to ~1e-38.
+            ei::pstore(tail, ei::pexp(ei::psub(v_tail, shift)));
+            for (index_t k = rest; k < W; ++k) tail[k] = A(0);
+            const P e = ei::pload<P>(tail);
+            s1 = ei::padd(s1, e);
+            if constexpr (Doubled) d1 = ei::padd(d1, ei::pmul(e, e));
+        }
+        sum += static_cast<double>(ei::predux(ei::padd(s0, s1)));
+        if constexpr (Doubled) sum_doubled += static_cast<double>(ei::predux(ei::padd(d0, d1)));
+    }
+
+    math::online_logsumexp<double> lse, lse_doubled;
+    lse.max = static_cast<double>(running_max);
+    lse.sum = sum;
+    if constexpr (Doubled) {
+        lse_doubled.max = 2.0 * static_cast<double>(running_max);
+        lse_doubled.sum = sum_doubled;
+    }
+    const double finite_probe = static_cast<double>(ei::predux(probe)) + static_cast<double>(probe_tail);
+    return finish_row(lse, lse_doubled, widen<double>(row[label]), finite_probe, label);
+}
+
+/// A row of zeros (a row that is not scored), written without reading its logits.
+template <class G>
+void zero_row(G* out, index_t vocab, bool stream) {
+    if (!stream) {
+        std::memset(static_cast<void*>(out), 0, static_cast<std::size_t>(vocab) * sizeof(G));
+        return;
+    }
+    alignas(64) static constexpr unsigned char zeros[4096] = {};
+    std::size_t bytes = static_cast<std::size_t>(vocab) * sizeof(G);
+    auto* d = reinterpret_cast<unsigned char*>(out);
+    for (; bytes > 0;) {
+        const std::size_t n = std::min(bytes, sizeof zeros);
+        stream_copy(d, zeros, n);
+        d += n;
+        bytes -= n;
+    }
+}
+
+/// ∂L/∂z[v] = alpha·δ(v = label) − beta·exp(z[v] − lse) for one scored row.
+template <class T, class G>
+void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out, bool stream) {
+    using A = accumulate_t<T>;
+    using P = packet_t<A>;
+    constexpr index_t W = packet_width<A>;
+
+    const index_t label = c.label;
+    // The label's entry in double from the logit itself, as the oracle computes it.
+    const G at_label = narrow<G>(c.alpha - c.beta * std::exp(widen<double>(row[label]) - c.lse));
+    if (c.beta == 0) {
+        zero_row(out, vocab, stream);
+        if (stream) store_fence();
+        out[label] = narrow<G>(c.alpha);
+        return;
+    }
+
+    // lse split in two: x − hi − lo keeps the exponent's argument accurate to float epsilon
+    // even when lse itself is large.
+    const A hi = static_cast<A>(c.lse);
+    const A lo = static_cast<A>(c.lse - static_cast<double>(hi));
+    const P p_hi = ei::pset1<P>(hi), p_lo = ei::pset1<P>(lo);
+    const P minus_beta = ei::pset1<P>(static_cast<A>(-c.beta));
+
+    alignas(64) A buffer[block_size];
+    alignas(64) A values[block_size + W];
+    alignas(64) G narrowed[std::is_same_v<G, A> ? 1 : block_size];
+    for (index_t start = 0; start < vocab; start += block_size) {
+        const index_t n = std::min(block_size, vocab - start);
+        const A* x = load_block(row + start, n, buffer);
+        const index_t full = n - n % W;
+        for (index_t i = 0; i < full; i += W) {
+            const P v = ei::ploadu<P>(x + i);
+            ei::pstore(values + i, ei::pmul(minus_beta, ei::pexp(ei::psub(ei::psub(v, p_hi), p_lo))));
+        }
+        if (full < n) {
+            alignas(64) A tail[W];
+            for (index_t k = 0; k < W; ++k) tail[k] = full + k < n ? x[full + k] : A(0);
+            const P v = ei::pload<P>(tail);
+            ei::pstore(values + full, ei::pmul(minus_beta, ei::pexp(ei::psub(ei::psub(v, p_hi), p_lo))));
+        }
+        G* block_out;
+        if constexpr (std::is_same_v<G, A>) {
+            block_out = values;
+        } else {
+            narrow_block(values, n, narrowed);
+            block_out = narrowed;
+        }
+        if (label >= start && label < start + n) block_out[label - start] = at_label;
+        if (stream)
+            stream_copy(out + start, block_out, static_cast<std::size_t>(n) * sizeof(G));
+        else
+            std::memcpy(static_cast<void*>(out + start), block_out, static_cast<std::size_t>(n) * sizeof(G));
+    }
+}
+
+}  // namespace backend::cpu_detail
+TPO_END_NAMESPACE

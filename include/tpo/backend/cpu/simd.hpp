@@ -1,0 +1,129 @@
+#pragma once
+// The vector building blocks of the CPU backend: Eigen's packet type for an accumulation type,
+// block-wise widening of 16-bit inputs and narrowing of outputs written so the compiler
+// vectorises them, and a streaming copy that keeps gradient writes out of the caches.
+//
+// Widening and narrowing are bit-identical to tpo::bfloat16 / tpo::float16 (element.hpp): the
+// branch-free forms below exist only because the scalar conversions do not vectorise.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#if defined(__SSE2__)
+#  include <immintrin.h>
+#endif
+
+#include "tpo/core/element.hpp"
+#include "tpo/core/views.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace backend::cpu_detail {
+
+/// Accumulation type of an input element: double for double, float for float and 16-bit inputs.
+template <class T>
+using accumulate_t = std::conditional_t<std::is_same_v<std::remove_const_t<T>, double>, double, float>;
+
+template <class A>
+using packet_t = typename Eigen::internal::packet_traits<A>::type;
+
+template <class A>
+inline constexpr index_t packet_width = Eigen::internal::unpacket_traits<packet_t<A>>::size;
+
+/// Elements per block: a block of the row stays in L1 between the passes that read it.
+inline constexpr index_t block_size = 1024;
+
+inline void widen_block(const bfloat16* src, index_t n, float* dst) {
+    for (index_t i = 0; i < n; ++i) {
+        const std::uint32_t u = static_cast<std::uint32_t>(src[i].bits) << 16;
+        std::memcpy(dst + i, &u, sizeof u);
+    }
+}
+
+inline void widen_block(const float16* src, index_t n, float* dst) {
+    for (index_t i = 0; i < n; ++i) {
+        const std::uint16_t h = src[i].bits;
+        const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+        const std::uint32_t magnitude = h & 0x7fffu;
+        // Shifted into binary32 position, normals and subnormals alike are off by exactly 2^112;
+        // the multiplication by a power of two is exact.
+        std::uint32_t shifted = magnitude << 13;
+        float f;
+        std::memcpy(&f, &shifted, sizeof f);
+        f *= 5.192296858534828e+33f;  // 2^112
+        std::uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        const std::uint32_t special = 0x7f800000u | ((magnitude & 0x3ffu) << 13);  // Inf, NaN
+        u = (magnitude >= 0x7c00u ? special : u) | sign;
+        std::memcpy(dst + i, &u, sizeof u);
+    }
+}
+
+template <class T, class A>
+const A* load_block(const T* src, index_t n, A* buffer) {
+    if constexpr (std::is_same_v<T, A>) {
+        return src;
+    } else {
+        widen_block(src, n, buffer);
+        return buffer;
+    }
+}
+
+template <class G, class A>
+void narrow_block(const A* src, index_t n, G* dst) {
+    if constexpr (std::is_same_v<G, bfloat16>) {
+        for (index_t i = 0; i < n; ++i) {
+            const float f = static_cast<float>(src[i]);
+            std::uint32_t u;
+            std::memcpy(&u, &f, sizeof u);
+            const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+            const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            dst[i] = bfloat16::from_bits(static_cast<std::uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded));
+        }
+    } else {
+        for (index_t i = 0; i < n; ++i) dst[i] = narrow<G>(src[i]);
+    }
+}
+
+/// Copies `bytes` to `dst` with non-temporal stores where the target supports them: a gradient
+/// tensor is far larger than the caches, and streaming saves reading every line before writing it.
+/// The caller issues store_fence() before anyone else reads `dst`.
+inline void stream_copy(void* dst, const void* src, std::size_t bytes) {
+    auto* d = static_cast<char*>(dst);
+    const auto* s = static_cast<const char*>(src);
+#if defined(__SSE2__)
+    std::size_t head = static_cast<std::size_t>(-reinterpret_cast<std::uintptr_t>(d)) & 63u;
+    head = std::min(head, bytes);
+    std::memcpy(d, s, head);
+    d += head;
+    s += head;
+    bytes -= head;
+    for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+#  if defined(__AVX512F__)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+#  elif defined(__AVX__)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(d),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(d + 32),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 32)));
+#  else
+        for (int k = 0; k < 4; ++k)
+            _mm_stream_si128(reinterpret_cast<__m128i*>(d + 16 * k),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16 * k)));
+#  endif
+    }
+#endif
+    std::memcpy(d, s, bytes);
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+}  // namespace backend::cpu_detail
+TPO_END_NAMESPACE

@@ -1,0 +1,222 @@
+// The CPU backend at realistic sizes: results bit-identical for 1, 2 and 4 threads, agreement with
+// the oracle on long rows (where a float accumulation would drift), the streaming-store path, and
+// the vectorised 16-bit conversions against the scalar ones of core/element.hpp.
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include <tpo/backend/cpu.hpp>
+#include <tpo/backend/reference.hpp>
+
+#include "support/batch.hpp"
+
+using namespace tpo_test;
+
+namespace {
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// Field by field: row_stats has padding bytes that need not match.
+bool same_bits(const std::vector<tpo::row_stats>& a, const std::vector<tpo::row_stats>& b) {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        const double x[] = {a[i].lse, a[i].label_logit, a[i].lse_doubled};
+        const double y[] = {b[i].lse, b[i].label_logit, b[i].lse_doubled};
+        if (std::memcmp(x, y, sizeof x) != 0 || a[i].label != b[i].label || a[i].status != b[i].status) return false;
+    }
+    return true;
+}
+
+bool same_bits(const tpo::objective_result& a, const tpo::objective_result& b) {
+    const double x[] = {a.loss, a.reward_accuracy, a.reward_margin};
+    const double y[] = {b.loss, b.reward_accuracy, b.reward_margin};
+    return std::memcmp(x, y, sizeof x) == 0 && same_bits(a.losses, b.losses) &&
+           same_bits(a.policy_chosen_scores, b.policy_chosen_scores) &&
+           same_bits(a.policy_rejected_scores, b.policy_rejected_scores) &&
+           same_bits(a.reference_chosen_scores, b.reference_chosen_scores) &&
+           same_bits(a.mean_visual_score_chosen, b.mean_visual_score_chosen);
+}
+
+template <class T, class G = T>
+void thread_count_does_not_change_a_bit(index_t vocab, const tpo::objective_options& options) {
+    std::mt19937_64 rng(4242);
+    const auto data = convert<T>(random_batch<double>(rng, 2, 5, 4, vocab, 3.0, 0.25));
+    std::vector<tpo::objective_result> results;
+    std::vector<gradient_data<G>> grads;
+    for (int threads : {1, 2, 4}) {
+        tpo::backend::cpu backend(threads);
+        REQUIRE(backend.threads() == threads);
+        gradient_data<G> g(data);
+        const auto views = g.views();
+        results.push_back(tpo::evaluate(backend, options, data.batch(), &views));
+        grads.push_back(std::move(g));
+    }
+    for (std::size_t k = 1; k < results.size(); ++k) {
+        INFO("threads " << (1 << k) << " vs 1");
+        CHECK(same_bits(results[k], results[0]));
+        for (int tensor = 0; tensor < 4; ++tensor) CHECK(same_bits(grads[k].tensor(tensor), grads[0].tensor(tensor)));
+    }
+    CHECK(std::isfinite(results[0].loss));
+}
+
+/// max |a − b| / max |b| over a gradient tensor.
+template <class G>
+double relative_difference(const std::vector<G>& a, const std::vector<G>& b) {
+    double worst = 0, scale = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        worst = std::max(worst, std::abs(tpo::widen<double>(a[i]) - tpo::widen<double>(b[i])));
+        scale = std::max(scale, std::abs(tpo::widen<double>(b[i])));
+    }
+    return worst / std::max(scale, 1e-300);
+}
+
+template <class T>
+void agrees_with_the_oracle_on_long_rows(index_t pairs, index_t length, index_t vocab, double tolerance) {
+    std::mt19937_64 rng(7);
+    const auto data = convert<T>(random_batch<double>(rng, pairs, length, length, vocab, 4.0, 0.2));
+    tpo::objective_options options;
+    options.use_weighting = true;  // exercises LSE(2z) as well
+    tpo::backend::cpu fast(2);
+    tpo::backend::reference oracle;
+    gradient_data<T> g_fast(data), g_oracle(data);
+    const auto v_fast = g_fast.views();
+    const auto v_oracle = g_oracle.views();
+    const auto a = tpo::evaluate(fast, options, data.batch(), &v_fast);
+    const auto b = tpo::evaluate(oracle, options, data.batch(), &v_oracle);
+    INFO(tpo::element_name<T>() << " V=" << vocab);
+    CHECK(a.loss == Approx(b.loss).epsilon(tolerance).margin(tolerance));
+    for (std::size_t i = 0; i < a.policy_chosen_scores.size(); ++i) {
+        // Sequence scores are sums of ~L log-probabilities of magnitude log V: compare relatively.
+        CHECK(a.policy_chosen_scores[i] == Approx(b.policy_chosen_scores[i]).epsilon(tolerance));
+        CHECK(a.policy_rejected_scores[i] == Approx(b.policy_rejected_scores[i]).epsilon(tolerance));
+    }
+    for (int k = 0; k < 4; ++k) {
+        INFO("gradient tensor " << k);
+        CHECK(relative_difference(g_fast.tensor(k), g_oracle.tensor(k)) <= tolerance);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cpu backend: 1, 2 and 4 threads give bit-identical results and gradients", "[cpu][threads]") {
+    tpo::objective_options tpo_default;
+    tpo::objective_options wpo;
+    wpo.use_weighting = true;
+    wpo.score = tpo::score_kind::prob;
+    SECTION("float32, V = 32000") { thread_count_does_not_change_a_bit<float>(32000, tpo_default); }
+    SECTION("bfloat16, V = 32000, WPO and prob scores") { thread_count_does_not_change_a_bit<tpo::bfloat16>(32000, wpo); }
+    SECTION("float64, V = 32000") { thread_count_does_not_change_a_bit<double>(32000, wpo); }
+    SECTION("float16 in, float32 gradients, odd V") {
+        thread_count_does_not_change_a_bit<tpo::float16, float>(32003, tpo_default);
+    }
+}
+
+TEST_CASE("cpu backend: the row primitives are bit-identical across thread counts on a large tensor",
+          "[cpu][threads]") {
+    // 2·132·32003 floats: past the streaming threshold, rows not 64-byte aligned.
+    const index_t S = 2, L = 132, V = 32003;
+    std::mt19937_64 rng(11);
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    std::vector<float> z(static_cast<std::size_t>(S * L * V));
+    for (auto& x : z) x = normal(rng);
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(S * L));
+    for (auto& y : labels) y = static_cast<std::int64_t>(rng() % V);
+    labels[5] = -100;
+    const tpo::logits_view<const float> zv{z.data(), S, L, V};
+    const tpo::labels_view<const std::int64_t> yv{labels.data(), S, L};
+    const tpo::row_alignment align{};
+    const index_t scored = align.scored_rows(L);
+
+    tpo::backend::reference oracle;
+    std::vector<tpo::row_stats> expected(static_cast<std::size_t>(S * scored));
+    oracle.row_statistics(zv, yv, align, true, expected.data());
+    std::vector<tpo::row_coefficients> coefficients(expected.size());
+    for (std::size_t r = 0; r < expected.size(); ++r) {
+        const bool ok = expected[r].status == tpo::row_status::ok;
+        coefficients[r] = {0.3 + 0.01 * static_cast<double>(r % 7), r % 5 == 0 ? 0.0 : 0.7, expected[r].lse,
+                           ok ? expected[r].label : -1};
+    }
+    std::vector<float> g_expected(z.size());
+    oracle.row_gradient(zv, coefficients.data(), scored, tpo::logits_view<float>{g_expected.data(), S, L, V});
+
+    std::vector<std::vector<float>> grads;
+    std::vector<std::vector<tpo::row_stats>> stats;
+    for (int threads : {1, 2, 4}) {
+        tpo::backend::cpu backend(threads);
+        std::vector<tpo::row_stats> s(expected.size());
+        backend.row_statistics(zv, yv, align, true, s.data());
+        std::vector<float> g(z.size(), 123.0f);
+        backend.row_gradient(zv, coefficients.data(), scored, tpo::logits_view<float>{g.data(), S, L, V});
+        stats.push_back(std::move(s));
+        grads.push_back(std::move(g));
+    }
+    for (std::size_t k = 1; k < grads.size(); ++k) {
+        CHECK(same_bits(stats[k], stats[0]));
+        CHECK(same_bits(grads[k], grads[0]));
+    }
+    double worst = 0;
+    for (std::size_t r = 0; r < expected.size(); ++r) {
+        REQUIRE(stats[0][r].status == expected[r].status);
+        if (expected[r].status != tpo::row_status::ok) continue;
+        worst = std::max({worst, std::abs(stats[0][r].lse - expected[r].lse),
+                          std::abs(stats[0][r].lse_doubled - expected[r].lse_doubled)});
+        CHECK(stats[0][r].label_logit == expected[r].label_logit);
+    }
+    INFO("worst log-sum-exp difference " << worst);
+    CHECK(worst <= 1e-5);  // |lse| ≈ 20 here: a few float epsilons relative
+    CHECK(relative_difference(grads[0], g_expected) <= 1e-6);
+    // The row of the masked label and the unscored last position of each sequence are all zero.
+    for (index_t v = 0; v < V; ++v) {
+        REQUIRE(grads[0][static_cast<std::size_t>(4 * V + v)] == 0.0f);
+        REQUIRE(grads[0][static_cast<std::size_t>((L - 1) * V + v)] == 0.0f);
+    }
+}
+
+TEST_CASE("cpu backend agrees with the oracle on long rows", "[cpu][agreement]") {
+    SECTION("float32, V = 152064") { agrees_with_the_oracle_on_long_rows<float>(1, 4, 152064, 2e-5); }
+    SECTION("bfloat16, V = 32000") { agrees_with_the_oracle_on_long_rows<tpo::bfloat16>(2, 4, 32000, 2e-5); }
+    SECTION("float64, V = 32000") { agrees_with_the_oracle_on_long_rows<double>(2, 4, 32000, 1e-12); }
+}
+
+TEST_CASE("cpu backend: vectorised 16-bit conversions equal the scalar ones", "[cpu][element]") {
+    std::vector<tpo::bfloat16> b(65536);
+    std::vector<tpo::float16> h(65536);
+    for (std::uint32_t i = 0; i < 65536; ++i) {
+        b[i] = tpo::bfloat16::from_bits(static_cast<std::uint16_t>(i));
+        h[i] = tpo::float16::from_bits(static_cast<std::uint16_t>(i));
+    }
+    std::vector<float> wb(65536), wh(65536);
+    tpo::backend::cpu_detail::widen_block(b.data(), 65536, wb.data());
+    tpo::backend::cpu_detail::widen_block(h.data(), 65536, wh.data());
+    std::size_t bad_b = 0, bad_h = 0;
+    for (std::size_t i = 0; i < 65536; ++i) {
+        const float sb = static_cast<float>(b[i]), sh = static_cast<float>(h[i]);
+        bad_b += std::memcmp(&wb[i], &sb, sizeof sb) != 0;
+        bad_h += std::memcmp(&wh[i], &sh, sizeof sh) != 0;
+    }
+    CHECK(bad_b == 0);
+    CHECK(bad_h == 0);
+
+    std::mt19937 rng(3);
+    std::vector<float> f;
+    for (float x : {0.0f, -0.0f, 1.0f, -1.0f, 3.0e38f, -3.4028235e38f, 1e-45f, std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()})
+        f.push_back(x);
+    for (int i = 0; i < 200000; ++i) {
+        const std::uint32_t u = rng();
+        float x;
+        std::memcpy(&x, &u, sizeof x);
+        f.push_back(x);
+    }
+    std::vector<tpo::bfloat16> nb(f.size());
+    tpo::backend::cpu_detail::narrow_block(f.data(), static_cast<index_t>(f.size()), nb.data());
+    std::size_t bad_n = 0;
+    for (std::size_t i = 0; i < f.size(); ++i) bad_n += nb[i].bits != tpo::bfloat16(f[i]).bits;
+    CHECK(bad_n == 0);
+}
