@@ -1,0 +1,290 @@
+// toy_lvlm: a tiny vision-language model trained end to end in C++ — SFT, then DPO or TPO from
+// the same checkpoint — and its object hallucination measured on held-out scenes.
+//
+//   toy_lvlm [--seeds N] [--first-seed S] [--jobs J] [--sft-steps N] [--pref-steps N]
+//            [--pref-lr X] [--beta X] [--noise-step K] [--out DIR]
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unistd.h>
+
+#define TOY_PLOT_IMPLEMENTATION
+#include "plot.hpp"
+#include "train.hpp"
+
+namespace {
+
+struct cli {
+    toy::settings s;
+    int seeds = 3;
+    std::uint64_t first_seed = 1;
+    int jobs = 2;
+    std::string out = "out/toy_lvlm";
+};
+
+[[noreturn]] void usage(const char* why) {
+    std::fprintf(stderr,
+                 "toy_lvlm: %s\nusage: toy_lvlm [--seeds N] [--first-seed S] [--jobs J] [--sft-steps N] "
+                 "[--pref-steps N] [--pref-lr X] [--beta X] [--noise-step K] [--out DIR]\n",
+                 why);
+    std::exit(2);
+}
+
+cli parse(int argc, char** argv) {
+    cli c;
+    for (int i = 1; i < argc; ++i) {
+        const std::string k = argv[i];
+        if (k == "-h" || k == "--help") usage("trains SFT, DPO and TPO on a procedural world and measures hallucination");
+        if (i + 1 >= argc) usage(("missing value after " + k).c_str());
+        const std::string v = argv[++i];
+        char* end = nullptr;
+        const double x = std::strtod(v.c_str(), &end);
+        const bool number = end && *end == '\0' && !v.empty();
+        auto need = [&](bool ok) {
+            if (!ok || !number) usage(("bad value '" + v + "' for " + k).c_str());
+        };
+        if (k == "--seeds") need(x >= 1), c.seeds = static_cast<int>(x);
+        else if (k == "--first-seed") need(x >= 0), c.first_seed = static_cast<std::uint64_t>(x);
+        else if (k == "--jobs") need(x >= 1), c.jobs = static_cast<int>(x);
+        else if (k == "--sft-steps") need(x >= 1), c.s.sft_steps = static_cast<int>(x);
+        else if (k == "--pref-steps") need(x >= 1), c.s.pref_steps = static_cast<int>(x);
+        else if (k == "--pref-lr") need(x > 0), c.s.pref_lr = x;
+        else if (k == "--beta") need(x > 0), c.s.beta = x;
+        else if (k == "--noise-step") need(x >= 0 && x < 1000), c.s.noise_step = static_cast<int>(x);
+        else if (k == "--out") c.out = v;
+        else usage(("unknown option " + k).c_str());
+    }
+    return c;
+}
+
+/// One status line for all concurrently running seeds (redrawn in place on a terminal).
+class progress_board {
+public:
+    explicit progress_board(int seeds) : lines_(seeds), tty_(isatty(2)) {}
+    void update(int seed_index, const char* phase, int step, int total, double loss) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        char buf[96];
+        std::snprintf(buf, sizeof buf, "seed %d %s %4d/%-4d loss %.3f", seed_index + 1, phase, step, total, loss);
+        lines_[seed_index] = buf;
+        const auto now = std::chrono::steady_clock::now();
+        const bool last = step == total;
+        if (!last && now - shown_ < std::chrono::milliseconds(tty_ ? 200 : 10000)) return;
+        shown_ = now;
+        std::string all;
+        for (const auto& l : lines_)
+            if (!l.empty()) all += (all.empty() ? "" : " | ") + l;
+        if (tty_) std::fprintf(stderr, "\r\033[K%s", all.c_str());
+        else std::fprintf(stderr, "%s\n", all.c_str());
+        if (last && tty_ && std::string(phase) == "TPO") std::fprintf(stderr, "\n");
+    }
+
+private:
+    std::mutex mutex_;
+    std::vector<std::string> lines_;
+    bool tty_;
+    std::chrono::steady_clock::time_point shown_{};
+};
+
+std::string pm(const std::vector<double>& x, double scale = 100.0) {
+    const toy::mean_std m = toy::summarise(x);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%5.1f ± %4.1f", scale * m.mean, scale * m.std);
+    return buf;
+}
+
+/// Mean over seeds of a curve, smoothed by a moving average of `window` points.
+toy::plot::series average_curve(const std::vector<std::vector<toy::curve_point>>& runs, const std::string& name,
+                                toy::plot::rgb colour, int window) {
+    toy::plot::series s{name, colour, {}, {}, {}, {}};
+    if (runs.empty()) return s;
+    const std::size_t n = runs.front().size();
+    std::vector<double> mean(n, 0), lo(n, 1e300), hi(n, -1e300);
+    for (const auto& r : runs)
+        for (std::size_t i = 0; i < n && i < r.size(); ++i) {
+            double acc = 0;
+            int k = 0;
+            for (int j = std::max(0, static_cast<int>(i) - window + 1); j <= static_cast<int>(i); ++j, ++k) acc += r[j].value;
+            const double v = acc / k;
+            mean[i] += v / runs.size();
+            lo[i] = std::min(lo[i], v);
+            hi[i] = std::max(hi[i], v);
+        }
+    for (std::size_t i = 0; i < n; ++i) {
+        s.x.push_back(runs.front()[i].step);
+        s.y.push_back(mean[i]);
+    }
+    if (runs.size() > 1) s.low = lo, s.high = hi;
+    return s;
+}
+
+void heatmap(const std::vector<toy::caption_weights>& examples, double a, const std::string& path) {
+    using namespace toy::plot;
+    const int cell_w = 62, cell_h = 30, left = 90;
+    const int w = left + cell_w * (toy::max_length - 1) + 20;
+    const int h = 70 + static_cast<int>(examples.size()) * (2 * cell_h + 16) + 40;
+    canvas cv(w, h);
+    cv.text(10, 8, "TPO token weights c after TPO (clean vs diffusion-noised image, k=500)", black, 2);
+    cv.text(10, 34, "red: c above " + short_number(0.5 + a) + " (weighs more), blue: below; boxed: the hallucinated object in the rejected caption",
+            black);
+    int y = 56;
+    for (const auto& ex : examples) {
+        for (int side = 0; side < 2; ++side) {
+            const toy::caption& c = side == 0 ? ex.chosen : ex.rejected;
+            const auto& wts = side == 0 ? ex.chosen_weight : ex.rejected_weight;
+            cv.text(10, y + 10, side == 0 ? "chosen" : "rejected", black, 1);
+            for (std::size_t t = 0; t < wts.size(); ++t) {
+                const int x0 = left + static_cast<int>(t) * cell_w;
+                cv.rect(x0, y, x0 + cell_w - 2, y + cell_h - 2, diverging(wts[t], a, 1 + a));
+                if (side == 1 && c[t + 1] == ex.hallucinated_token) {
+                    cv.line(x0, y, x0 + cell_w - 3, y, black, 2);
+                    cv.line(x0, y + cell_h - 3, x0 + cell_w - 3, y + cell_h - 3, black, 2);
+                    cv.line(x0, y, x0, y + cell_h - 3, black, 2);
+                    cv.line(x0 + cell_w - 3, y, x0 + cell_w - 3, y + cell_h - 3, black, 2);
+                }
+                cv.text(x0 + 4, y + 4, toy::words[c[t + 1]], black);
+                cv.text(x0 + 4, y + 16, short_number(wts[t]), black);
+            }
+            y += cell_h;
+        }
+        y += 16;
+    }
+    // Colour bar.
+    for (int i = 0; i < 200; ++i) cv.rect(left + i, y, left + i + 1, y + 12, diverging(a + i / 199.0, a, 1 + a));
+    cv.text(left - 30, y + 2, short_number(a), black);
+    cv.text(left + 205, y + 2, short_number(1 + a), black);
+    if (!cv.save(path)) std::fprintf(stderr, "toy_lvlm: could not write %s\n", path.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const cli c = parse(argc, argv);
+    const auto start = std::chrono::steady_clock::now();
+    std::printf("toy_lvlm: %d seeds, SFT %d steps × %d, preference %d steps × %d pairs (β = %g, a = %g, k = %d), %d jobs\n",
+                c.seeds, c.s.sft_steps, c.s.sft_batch, c.s.pref_steps, c.s.pref_batch, c.s.beta, c.s.a, c.s.noise_step,
+                c.jobs);
+    std::fflush(stdout);
+
+    std::vector<toy::run_result> results(c.seeds);
+    progress_board board(c.seeds);
+    std::atomic<int> next{0};
+    std::vector<std::thread> workers;
+    std::mutex error_mutex;
+    std::string failure;
+    for (int j = 0; j < std::min(c.jobs, c.seeds); ++j)
+        workers.emplace_back([&] {
+            for (int i; (i = next++) < c.seeds;) {
+                try {
+                    toy::settings s = c.s;
+                    s.seed = c.first_seed + static_cast<std::uint64_t>(i);
+                    toy::experiment e(s);
+                    results[i] = e.run([&, i](const char* phase, int step, int total, double loss) {
+                        board.update(i, phase, step, total, loss);
+                    });
+                } catch (const std::exception& ex) {
+                    std::lock_guard<std::mutex> lock(error_mutex);
+                    failure = ex.what();
+                }
+            }
+        });
+    for (auto& w : workers) w.join();
+    if (!failure.empty()) {
+        std::fprintf(stderr, "\ntoy_lvlm: failed: %s\n", failure.c_str());
+        return 1;
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+    // ---- The table.
+    auto column = [&](auto pick) {
+        std::vector<double> v;
+        for (const auto& r : results) v.push_back(pick(r));
+        return v;
+    };
+    std::printf("\nHeld-out scenes (%d per seed, shapes drawn independently), greedy captions; mean ± std over %d seeds, %%\n\n",
+                c.s.eval_images, c.seeds);
+    std::printf("| model | CHAIR_i ↓ | CHAIR_s ↓ | recall ↑ | objects/caption | grammatical |\n");
+    std::printf("|---|---|---|---|---|---|\n");
+    const std::pair<const char*, toy::hallucination_metrics toy::run_result::*> rows[] = {
+        {"base (init)", &toy::run_result::base}, {"SFT", &toy::run_result::sft}, {"DPO", &toy::run_result::dpo},
+        {"TPO", &toy::run_result::tpo}};
+    for (auto [name, member] : rows) {
+        std::printf("| %-11s | %s | %s | %s | %s | %s |\n", name,
+                    pm(column([&](const auto& r) { return (r.*member).chair_i; })).c_str(),
+                    pm(column([&](const auto& r) { return (r.*member).chair_s; })).c_str(),
+                    pm(column([&](const auto& r) { return (r.*member).recall; })).c_str(),
+                    pm(column([&](const auto& r) { return (r.*member).mentions_per_caption; }), 1.0).c_str(),
+                    pm(column([&](const auto& r) { return (r.*member).well_formed; })).c_str());
+    }
+    std::printf("\nPer seed CHAIR_i (SFT → DPO / TPO):");
+    for (const auto& r : results) std::printf("  %.1f → %.1f / %.1f", 100 * r.sft.chair_i, 100 * r.dpo.chair_i, 100 * r.tpo.chair_i);
+    std::printf("\n");
+
+    // ---- Token weights.
+    auto weights_table = [&](const char* when, toy::weight_stats toy::run_result::*member) {
+        std::printf("\nMean TPO weight c (a = %g, so c ∈ (%g, %g); 1 = image-independent) %s, 256 held-out pairs:\n", c.s.a,
+                    c.s.a, 1 + c.s.a, when);
+        std::printf("| caption | function words | attributes (colours) | objects (shapes) | hallucinated object |\n");
+        std::printf("|---|---|---|---|---|\n");
+        auto cell = [&](auto pick) { return pm(column([&](const auto& r) { return pick(r.*member); }), 1.0); };
+        std::printf("| chosen   | %s | %s | %s | — |\n", cell([](auto& w) { return w.chosen[0]; }).c_str(),
+                    cell([](auto& w) { return w.chosen[1]; }).c_str(), cell([](auto& w) { return w.chosen[2]; }).c_str());
+        std::printf("| rejected | %s | %s | %s (true ones) | %s |\n", cell([](auto& w) { return w.rejected[0]; }).c_str(),
+                    cell([](auto& w) { return w.rejected[1]; }).c_str(),
+                    cell([](auto& w) { return w.rejected_true_objects; }).c_str(),
+                    cell([](auto& w) { return w.rejected_hallucinated; }).c_str());
+    };
+    weights_table("at the SFT checkpoint (TPO's starting weights)", &toy::run_result::weights_before);
+    weights_table("after TPO", &toy::run_result::weights_after);
+
+    std::printf("\nSample TPO captions (seed %llu):\n", static_cast<unsigned long long>(c.first_seed));
+    for (const auto& [truth, said] : results.front().sample_captions)
+        std::printf("  truth: %-55s TPO: %s\n", truth.c_str(), said.c_str());
+
+    // ---- Figures and raw numbers.
+    std::filesystem::create_directories(c.out);
+    {
+        using namespace toy::plot;
+        canvas cv(1200, 800);
+        std::vector<std::vector<toy::curve_point>> sft, dpo_loss, tpo_loss, dpo_acc, tpo_acc, dpo_chair, tpo_chair;
+        for (const auto& r : results) {
+            sft.push_back(r.sft_loss);
+            dpo_loss.push_back(r.dpo_curves.loss);
+            tpo_loss.push_back(r.tpo_curves.loss);
+            dpo_acc.push_back(r.dpo_curves.accuracy);
+            tpo_acc.push_back(r.tpo_curves.accuracy);
+            dpo_chair.push_back(r.dpo_curves.chair_i);
+            tpo_chair.push_back(r.tpo_curves.chair_i);
+        }
+        line_chart(cv, 0, 0, 600, 400, "SFT cross-entropy", "step", {average_curve(sft, "SFT", sft_colour, 25)});
+        line_chart(cv, 600, 0, 600, 400, "preference loss", "step",
+                   {average_curve(dpo_loss, "DPO", dpo_colour, 10), average_curve(tpo_loss, "TPO", tpo_colour, 10)});
+        line_chart(cv, 0, 400, 600, 400, "reward accuracy", "step",
+                   {average_curve(dpo_acc, "DPO", dpo_colour, 10), average_curve(tpo_acc, "TPO", tpo_colour, 10)});
+        line_chart(cv, 600, 400, 600, 400, "CHAIR_i on probe scenes", "step",
+                   {average_curve(dpo_chair, "DPO", dpo_colour, 1), average_curve(tpo_chair, "TPO", tpo_colour, 1)});
+        if (!cv.save(c.out + "/curves.png")) std::fprintf(stderr, "toy_lvlm: could not write curves.png\n");
+    }
+    heatmap(results.front().examples, c.s.a, c.out + "/token_weights.png");
+    {
+        std::ofstream csv(c.out + "/results.csv");
+        csv << "seed,model,chair_i,chair_s,recall,objects_per_caption,grammatical\n";
+        for (int i = 0; i < c.seeds; ++i)
+            for (auto [name, member] : rows) {
+                const auto& m = results[i].*member;
+                csv << c.first_seed + i << ',' << name << ',' << m.chair_i << ',' << m.chair_s << ',' << m.recall << ','
+                    << m.mentions_per_caption << ',' << m.well_formed << '\n';
+            }
+    }
+    std::printf("\nFigures and raw numbers in %s/ (curves.png, token_weights.png, results.csv); %.0f s\n",
+                std::filesystem::absolute(c.out).lexically_normal().c_str(), seconds);
+    return 0;
+}
