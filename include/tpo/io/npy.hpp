@@ -142,7 +142,7 @@ public:
             }
             const std::string key = string_literal("header", "a quoted key or '}'");
             skip_space();
-            expect(':', key, "':' after the key");
+            expect(':', printable(key), "':' after the key");
             skip_space();
             if (key == "descr") {
                 duplicate(have_descr, key);
