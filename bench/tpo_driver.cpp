@@ -1,0 +1,118 @@
+// Our side of bench/compare_pytorch: a long-lived process that holds one TPO workload and answers
+// commands on stdin, so the script can interleave our runs with PyTorch's.
+//
+//   tpo_driver tpo S L V fp32|bf16 THREADS   commands: run → "time_s loss", rss → "peak_rss_bytes
+//                                            input_bytes gradient_bytes", quit
+//   tpo_driver bandwidth GIB THREADS         commands: run → "seconds bytes" of one read sweep
+//
+// The bandwidth probe lives in its own process so that its buffer never counts in the peak
+// resident memory of the TPO run.
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+#include <sys/resource.h>
+
+#include "workload.hpp"
+
+namespace {
+
+double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+template <class T>
+int serve_tpo(tpo_bench::shape dims, int threads) {
+    tpo_bench::workload<T> w(dims);
+    tpo::backend::cpu backend(threads);
+    const auto batch = w.batch();
+    const auto grads = w.gradients();
+    std::cout << "ready" << std::endl;
+    for (std::string command; std::getline(std::cin, command);) {
+        if (command == "run") {
+            const double start = now();
+            tpo::objective<tpo::backend::cpu> objective(backend, tpo_bench::tpo_options());
+            const tpo::objective_result r = objective.forward(batch);
+            objective.backward(batch, grads);
+            const double seconds = now() - start;
+            std::printf("%.9f %.17g\n", seconds, r.loss);
+            std::fflush(stdout);
+        } else if (command == "rss") {
+            rusage usage{};
+            getrusage(RUSAGE_SELF, &usage);
+            std::printf("%.0f %.0f %.0f\n", static_cast<double>(usage.ru_maxrss) * 1024.0, w.input_bytes(),
+                        w.gradient_bytes());
+            std::fflush(stdout);
+        } else if (command == "quit") {
+            break;
+        }
+    }
+    return 0;
+}
+
+// STREAM-like read bandwidth: every thread sums its static share of a buffer far larger than
+// the caches (first-touched by the same thread), as many bytes as the TPO run's largest tensor.
+int serve_bandwidth(double gib, int threads) {
+    const auto n = static_cast<std::int64_t>(gib * (1u << 30) / sizeof(float));
+    float* data = static_cast<float*>(std::aligned_alloc(64, static_cast<std::size_t>(n) * sizeof(float)));
+#pragma omp parallel num_threads(threads)
+    {
+        // First touch by the thread that sweeps the same range.
+        const std::int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        for (std::int64_t i = n * me / team; i < n * (me + 1) / team; ++i) data[i] = static_cast<float>(i & 1023);
+    }
+    std::cout << "ready" << std::endl;
+    volatile double sink = 0;
+    for (std::string command; std::getline(std::cin, command);) {
+        if (command == "run") {
+            const double start = now();
+            double total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+            {
+                // Eigen's sum keeps several vector accumulators, so the sweep is bound by memory,
+                // not by the latency of one dependent add.
+                const std::int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+                const std::int64_t lo = n * me / team, hi = n * (me + 1) / team;
+                total += static_cast<double>(Eigen::Map<const Eigen::ArrayXf>(data + lo, hi - lo).sum());
+            }
+            const double seconds = now() - start;
+            sink = sink + total;
+            std::printf("%.9f %.0f\n", seconds, static_cast<double>(n) * sizeof(float));
+            std::fflush(stdout);
+        } else if (command == "quit") {
+            break;
+        }
+    }
+    std::free(data);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const std::string mode = argc > 1 ? argv[1] : "";
+    if (mode == "tpo" && argc == 7) {
+        const tpo_bench::shape dims{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4])};
+        const std::string dtype = argv[5];
+        const int threads = std::atoi(argv[6]);
+        if (dims.sequences < 2 || dims.sequences % 2 != 0 || dims.length < 2 || dims.vocab < 1 || threads < 1) {
+            std::fprintf(stderr, "tpo_driver: bad shape or thread count\n");
+            return 2;
+        }
+        if (dtype == "fp32") return serve_tpo<float>(dims, threads);
+        if (dtype == "bf16") return serve_tpo<tpo::bfloat16>(dims, threads);
+        std::fprintf(stderr, "tpo_driver: dtype '%s', expected fp32 or bf16\n", dtype.c_str());
+        return 2;
+    }
+    if (mode == "bandwidth" && argc == 4) return serve_bandwidth(std::atof(argv[2]), std::atoi(argv[3]));
+    std::fprintf(stderr,
+                 "usage: tpo_driver tpo S L V fp32|bf16 THREADS\n"
+                 "       tpo_driver bandwidth GIB THREADS\n");
+    return 2;
+}
