@@ -1,0 +1,87 @@
+#pragma once
+// The Thrust backend: the primitives of backend/concept.hpp on any Thrust system.
+//
+//   tpo::backend::thrust<>                     Thrust's device system (CUDA under nvcc, or the
+//                                              system THRUST_DEVICE_SYSTEM names: OMP, TBB, CPP)
+//   tpo::backend::thrust<thrust::cuda::tag>    CUDA (nvcc only); constructed with a cudaStream_t
+//   tpo::backend::thrust<thrust::omp::tag>     OpenMP threads (compile with OpenMP)
+//   tpo::backend::thrust<thrust::tbb::tag>     TBB (define TPO_THRUST_TBB and link TBB, unless TBB
+//                                              is Thrust's host or device system)
+//   tpo::backend::thrust<thrust::cpp::tag>     sequential
+//
+// Memory stays where the caller's data lives: views hold pointers in the system's memory (device
+// pointers on CUDA), the backend's scratch is a Thrust vector in that memory, results stay there,
+// and only to_host() (the O(P) results the objective reports) copies back. On CUDA everything is
+// ordered on the stream given to the constructor; to_host() is the only synchronisation.
+
+#include <thrust/detail/config.h>
+#include <thrust/execution_policy.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "tpo/backend/concept.hpp"
+#include "tpo/backend/thrust/host_systems.hpp"
+#include "tpo/backend/thrust/row_pass.hpp"
+
+#if defined(__CUDACC__)
+#  include "tpo/backend/thrust/cuda_system.cuh"
+#endif
+
+TPO_BEGIN_NAMESPACE
+namespace backend {
+
+template <class System = ::thrust::device_system_tag>
+class thrust {
+    using system = thrust_detail::system<System>;
+
+public:
+    /// Nothing on the host systems; the cudaStream_t every call is ordered on for CUDA.
+    using context_type = typename system::context;
+
+    template <class T>
+    using buffer = typename system::template vector<T>;
+
+    thrust() = default;
+    explicit thrust(context_type context) : context_(context) {}
+
+    context_type context() const { return context_; }
+
+    template <class T>
+    buffer<T> allocate(index_t n) const {
+        return system::template allocate<T>(context_, n);
+    }
+    template <class T>
+    T* raw(buffer<T>& b) const {
+        return ::thrust::raw_pointer_cast(b.data());
+    }
+    template <class T>
+    std::vector<T> to_host(const buffer<T>& b) const {
+        return system::template to_host<T>(context_, b);
+    }
+
+    template <class F>
+    void for_each(index_t n, F&& f) const {
+        system::for_each(context_, n, static_cast<const std::decay_t<F>&>(f));
+    }
+
+    template <class T, class I>
+    void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
+                        bool with_doubled, row_stats* out) const {
+        system::row_statistics(context_, z, labels, align, with_doubled, out);
+    }
+
+    template <class T, class G>
+    void row_gradient(logits_view<const T> z, const row_coefficients* coefficients, index_t scored,
+                      logits_view<G> grad) const {
+        system::row_gradient(context_, z, coefficients, scored, grad);
+    }
+
+private:
+    context_type context_{};
+};
+
+static_assert(tensor_backend<thrust<>>);
+
+}  // namespace backend
+TPO_END_NAMESPACE

@@ -1,0 +1,104 @@
+#pragma once
+// Thrust's host systems (C++, OpenMP, TBB) as tpo backends: memory is host memory, rows are
+// independent work items of thrust::for_each, and each row runs the shared row routines of
+// thrust/row_pass.hpp. A system is available when its headers can be used by this translation
+// unit: OpenMP needs the compiler's OpenMP mode, TBB needs to be Thrust's host or device system
+// (or TPO_THRUST_TBB defined, for programs that link TBB and pick the system explicitly).
+
+#include <thrust/copy.h>
+#include <thrust/detail/config.h>
+#include <thrust/for_each.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/system/cpp/execution_policy.h>
+#include <thrust/system/cpp/vector.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "tpo/backend/thrust/row_pass.hpp"
+
+#if defined(_OPENMP) || THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_OMP || THRUST_HOST_SYSTEM == THRUST_HOST_SYSTEM_OMP
+#  define TPO_THRUST_HAS_OMP 1
+#  include <thrust/system/omp/execution_policy.h>
+#  include <thrust/system/omp/vector.h>
+#endif
+#if defined(TPO_THRUST_TBB) || THRUST_DEVICE_SYSTEM == THRUST_DEVICE_SYSTEM_TBB || THRUST_HOST_SYSTEM == THRUST_HOST_SYSTEM_TBB
+#  define TPO_THRUST_HAS_TBB 1
+#  include <thrust/system/tbb/execution_policy.h>
+#  include <thrust/system/tbb/vector.h>
+#endif
+
+TPO_BEGIN_NAMESPACE
+namespace backend::thrust_detail {
+
+/// What a backend object of a system carries: nothing on the host systems, the stream on CUDA.
+struct no_context {};
+
+/// The primitives every host system shares, given the system's vector and execution policy.
+template <template <class> class Vector, class Policy>
+struct host_system {
+    using context = no_context;
+
+    template <class T>
+    using vector = Vector<T>;
+
+    template <class T>
+    static vector<T> allocate(no_context, index_t n) {
+        return vector<T>(static_cast<std::size_t>(n));  // value-initialised, as the concept asks
+    }
+
+    template <class T>
+    static std::vector<T> to_host(no_context, const vector<T>& b) {
+        std::vector<T> h(b.size());
+        ::thrust::copy(b.begin(), b.end(), h.begin());
+        return h;
+    }
+
+    template <class F>
+    static void for_each(no_context, index_t n, const F& f) {
+        if (n <= 0) return;
+        ::thrust::for_each(Policy{}, ::thrust::counting_iterator<index_t>(0), ::thrust::counting_iterator<index_t>(n),
+                           f);
+    }
+
+    template <class T, class I>
+    static void row_statistics(no_context ctx, logits_view<const T> z, labels_view<const I> labels,
+                               row_alignment align, bool with_doubled, row_stats* out) {
+        const index_t scored = align.scored_rows(z.length);
+        for_each(ctx, z.sequences * scored, row_statistics_op<T, I>{z, labels, align, scored, with_doubled, out});
+    }
+
+    template <class T, class G>
+    static void row_gradient(no_context ctx, logits_view<const T> z, const row_coefficients* coefficients,
+                             index_t scored, logits_view<G> grad) {
+        for_each(ctx, z.sequences * z.length, row_gradient_op<T, G>{z, coefficients, scored, grad});
+    }
+};
+
+template <class Policy>
+using policy_type = std::remove_cv_t<Policy>;
+
+template <class Tag>
+struct system;  // specialised for each system this translation unit can use
+
+template <class T>
+using cpp_vector = ::thrust::cpp::vector<T>;
+template <>
+struct system<::thrust::cpp::tag> : host_system<cpp_vector, policy_type<decltype(::thrust::cpp::par)>> {};
+
+#if defined(TPO_THRUST_HAS_OMP)
+template <class T>
+using omp_vector = ::thrust::omp::vector<T>;
+template <>
+struct system<::thrust::omp::tag> : host_system<omp_vector, policy_type<decltype(::thrust::omp::par)>> {};
+#endif
+
+#if defined(TPO_THRUST_HAS_TBB)
+template <class T>
+using tbb_vector = ::thrust::tbb::vector<T>;
+template <>
+struct system<::thrust::tbb::tag> : host_system<tbb_vector, policy_type<decltype(::thrust::tbb::par)>> {};
+#endif
+
+}  // namespace backend::thrust_detail
+TPO_END_NAMESPACE
