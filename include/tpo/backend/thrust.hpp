@@ -23,6 +23,7 @@
 #include "tpo/backend/concept.hpp"
 #include "tpo/backend/thrust/host_systems.hpp"
 #include "tpo/backend/thrust/row_pass.hpp"
+#include "tpo/backend/thrust/views.hpp"
 
 #if defined(__CUDACC__)
 #  include "tpo/backend/thrust/cuda_system.cuh"

@@ -1,0 +1,198 @@
+// Bandwidth of the Thrust backend's CUDA passes, next to what the device can do.
+//
+// Prints the device's peak DRAM bandwidth (from its memory clock and bus width), the measured
+// device-to-device copy bandwidth (cudaMemcpy D2D, read + write bytes), and for vision-language
+// shapes the fused TPO forward+backward: the four row-statistics passes per side and the two
+// gradient writes per side, (a) through tpo::objective (what a trainer calls: includes scratch
+// allocation and the O(P) result copies) and (b) the row kernels alone. Bytes counted are the
+// compulsory ones: every logits tensor read once for the forward, the four policy tensors read
+// once more and their gradients written once for the backward.
+//
+// Usage: tpo_bench_thrust_cuda [--quick]
+
+#include <cuda_runtime.h>
+#include <thrust/device_vector.h>
+#include <thrust/transform.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include <tpo/backend/thrust.hpp>
+#include <tpo/tpo.hpp>
+
+namespace {
+
+using backend_t = tpo::backend::thrust<thrust::cuda::tag>;
+using element = tpo::bfloat16;
+using tpo::index_t;
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+        std::exit(1);
+    }
+}
+
+/// Deterministic pseudo-random logits in [-4, 4) and labels (10% ignored), generated on the device.
+struct fill_logits {
+    element* out;
+    std::uint64_t seed;
+    __device__ void operator()(index_t i) const {
+        const tpo::math::philox_stream rng{seed, 0};
+        out[i] = element(rng.normal(i) * 2.0f);
+    }
+};
+struct fill_labels {
+    std::int64_t* out;
+    index_t vocab;
+    __device__ void operator()(index_t i) const {
+        std::uint64_t h = static_cast<std::uint64_t>(i) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 29;
+        out[i] = h % 10 == 0 ? -100 : static_cast<std::int64_t>((h >> 8) % static_cast<std::uint64_t>(vocab));
+    }
+};
+
+/// Plausible gradient coefficients (a label, alpha, beta, a log-sum-exp) for the kernels-only timing.
+struct fill_coefficients {
+    tpo::row_coefficients* out;
+    __device__ void operator()(index_t r) const { out[r] = {0.5, 0.25, 12.0, r % 7}; }
+};
+
+struct timer {
+    cudaEvent_t start, stop;
+    timer() {
+        cudaEventCreate(&start);
+        cudaEventCreate(&stop);
+    }
+    ~timer() {
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
+    }
+};
+
+double peak_bandwidth(int device) {
+    int clock_khz = 0, bus_bits = 0;
+    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device);
+    cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device);
+    return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0);  // double data rate
+}
+
+double copy_bandwidth(cudaStream_t stream, int repeats) {
+    const std::size_t bytes = std::size_t{1} << 30;
+    void *a = nullptr, *b = nullptr;
+    check(cudaMalloc(&a, bytes), "cudaMalloc");
+    check(cudaMalloc(&b, bytes), "cudaMalloc");
+    cudaMemsetAsync(a, 1, bytes, stream);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream);  // warm-up
+    timer t;
+    cudaEventRecord(t.start, stream);
+    for (int i = 0; i < repeats; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream);
+    cudaEventRecord(t.stop, stream);
+    check(cudaEventSynchronize(t.stop), "copy");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t.start, t.stop);
+    cudaFree(a);
+    cudaFree(b);
+    return 2.0 * bytes * repeats / (ms * 1e-3);  // read + write
+}
+
+struct workload {
+    const char* name;
+    index_t pairs, length, vocab;
+};
+
+void run(const workload& w, cudaStream_t stream, double copy_bw, int repeats) {
+    const index_t n = w.pairs * w.length * w.vocab;
+    backend_t gpu(stream);
+    // chosen/rejected × policy, policy noisy, reference, reference noisy; gradients of the 4 policy tensors.
+    thrust::device_vector<element> logits[8], grads[4];
+    thrust::device_vector<std::int64_t> labels[2];
+    for (int k = 0; k < 8; ++k) {
+        logits[k].resize(static_cast<std::size_t>(n));
+        gpu.for_each(n, fill_logits{thrust::raw_pointer_cast(logits[k].data()), static_cast<std::uint64_t>(k + 1)});
+    }
+    for (auto& g : grads) g.resize(static_cast<std::size_t>(n));
+    for (auto& y : labels) {
+        y.resize(static_cast<std::size_t>(w.pairs * w.length));
+        gpu.for_each(w.pairs * w.length, fill_labels{thrust::raw_pointer_cast(y.data()), w.vocab});
+    }
+    auto z = [&](int k) { return tpo::logits_view<const element>(tpo::logits_of(logits[k], w.pairs, w.length, w.vocab)); };
+    auto g = [&](int k) { return tpo::logits_of(grads[k], w.pairs, w.length, w.vocab); };
+    tpo::preference_batch<element, std::int64_t> batch{
+        {z(0), z(1), z(2), z(3), tpo::labels_of(labels[0], w.pairs, w.length), {}},
+        {z(4), z(5), z(6), z(7), tpo::labels_of(labels[1], w.pairs, w.length), {}}};
+    tpo::preference_gradients<element> out{{g(0), g(1)}, {g(2), g(3)}};
+
+    const double bytes = (8.0 + 4.0 + 4.0) * n * sizeof(element);  // forward reads, backward reads, writes
+    tpo::objective<backend_t> objective(gpu, tpo::objective_options{});
+    objective.forward(batch);  // warm-up (and first-touch of the kernels)
+    objective.backward(batch, out);
+    check(cudaStreamSynchronize(stream), "warm-up");
+    auto start = std::chrono::steady_clock::now();
+    double loss = 0;
+    for (int i = 0; i < repeats; ++i) {
+        loss += objective.forward(batch).loss;
+        objective.backward(batch, out);
+    }
+    check(cudaStreamSynchronize(stream), "objective");
+    const double objective_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+
+    // The row kernels alone, on the same tensors: what the objective's O(S·L·V) work costs.
+    const tpo::row_alignment align{};
+    const index_t rows = w.pairs * align.scored_rows(w.length);
+    auto stats = gpu.allocate<tpo::row_stats>(rows);
+    auto coefficients = gpu.allocate<tpo::row_coefficients>(rows);
+    gpu.for_each(rows, fill_coefficients{gpu.raw(coefficients)});
+    auto kernels = [&] {
+        for (int side = 0; side < 2; ++side) {
+            for (int k = 0; k < 4; ++k)
+                gpu.row_statistics(z(4 * side + k), tpo::labels_view<const std::int64_t>(tpo::labels_of(labels[side], w.pairs, w.length)),
+                                   align, false, gpu.raw(stats));
+            for (int k = 0; k < 2; ++k) gpu.row_gradient(z(4 * side + k), gpu.raw(coefficients), align.scored_rows(w.length), g(2 * side + k));
+        }
+    };
+    kernels();
+    timer t;
+    cudaEventRecord(t.start, stream);
+    for (int i = 0; i < repeats; ++i) kernels();
+    cudaEventRecord(t.stop, stream);
+    check(cudaEventSynchronize(t.stop), "kernels");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t.start, t.stop);
+    const double kernel_s = ms * 1e-3 / repeats;
+
+    const double objective_bw = bytes / objective_s, kernel_bw = bytes / kernel_s;
+    std::printf("%-28s P=%lld L=%lld V=%lld bf16, %.2f GB moved, loss %.6f\n", w.name, static_cast<long long>(w.pairs),
+                static_cast<long long>(w.length), static_cast<long long>(w.vocab), bytes * 1e-9, loss / repeats);
+    std::printf("  tpo::objective fwd+bwd   %8.3f ms  %8.1f GB/s  %5.1f%% of D2D copy\n", objective_s * 1e3,
+                objective_bw * 1e-9, 100.0 * objective_bw / copy_bw);
+    std::printf("  row kernels alone        %8.3f ms  %8.1f GB/s  %5.1f%% of D2D copy\n", kernel_s * 1e3,
+                kernel_bw * 1e-9, 100.0 * kernel_bw / copy_bw);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    cudaStream_t stream;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    const int repeats = quick ? 3 : 10;
+    const double peak = peak_bandwidth(device);
+    const double copy = copy_bandwidth(stream, repeats);
+    std::printf("device %s (sm_%d%d), %.1f GiB\n", prop.name, prop.major, prop.minor,
+                static_cast<double>(prop.totalGlobalMem) / (1 << 30));
+    std::printf("peak DRAM bandwidth        %8.1f GB/s (memory clock x bus width)\n", peak * 1e-9);
+    std::printf("device-to-device copy      %8.1f GB/s (cudaMemcpy D2D, read + write)  %5.1f%% of peak\n",
+                copy * 1e-9, 100.0 * copy / peak);
+    const workload workloads[] = {{"LLaVA-1.5 (V=32000)", 4, 1024, 32000}, {"Qwen2-VL (V=151936)", 2, 512, 151936}};
+    for (const workload& w : workloads) run(w, stream, copy, repeats);
+    cudaStreamDestroy(stream);
+    return 0;
+}

@@ -1,0 +1,171 @@
+#pragma once
+// The two O(S·L·V) passes of the Thrust backend as CUDA kernels (nvcc only).
+//
+// One row per block of 256 threads (a warp per row when V is small), so a row is read by a whole
+// block in coalesced 16-byte loads and every load is independent of the others:
+//   row_statistics_kernel  one read of the row: each thread folds its packs into an online
+//                          log-sum-exp state (thrust/row_pass.hpp: fold_run, one exponential per
+//                          value, 2z for free), CUB merges the states, one thread gathers z[y];
+//   row_gradient_kernel    one read and one write: alpha·δ(v=y) − beta·exp(z[v] − lse).
+// 16-bit inputs are read as they are (8 per load) and widened to float in registers; a softmax
+// is never stored. Reductions run in a fixed order, so identical rows give identical bits (the
+// policy and the reference at initialisation give h = 0 exactly, SPEC §7).
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+
+#include <cstdint>
+
+#include "tpo/backend/thrust/row_pass.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace backend::thrust_detail::cuda {
+
+inline constexpr int block_threads = 256;
+/// Below this many 16-byte packs per row, a warp per row keeps the block's threads busy.
+inline constexpr index_t warp_row_packs = 256;
+
+/// Elements per 16-byte load.
+template <class T>
+inline constexpr int pack_size = 16 / static_cast<int>(sizeof(T));
+
+template <class T, int N>
+struct alignas(sizeof(T) * N) pack {
+    T v[N];
+};
+
+/// A row as a scalar head up to the first 16-byte boundary, whole packs, and a scalar tail.
+struct row_split {
+    index_t head;   // scalar elements before the first pack
+    index_t packs;  // whole packs after the head
+    index_t tail;   // first element after the packs
+};
+
+template <class T>
+__device__ TPO_FORCE_INLINE row_split split_row(const T* row, index_t vocab) {
+    constexpr int n = pack_size<T>;
+    const auto misalignment = static_cast<index_t>(reinterpret_cast<std::uintptr_t>(row) % 16);
+    index_t head = misalignment == 0 ? 0 : (16 - misalignment) / static_cast<index_t>(sizeof(T));
+    if (head > vocab) head = vocab;
+    const index_t packs = (vocab - head) / n;
+    return {head, packs, head + packs * n};
+}
+
+/// Merges the states of the threads that share a row; the result is valid in the row's first thread.
+template <int RowThreads, class State>
+__device__ TPO_FORCE_INLINE State reduce_row(const State& state, int group) {
+    if constexpr (RowThreads == block_threads) {
+        using reduce = cub::BlockReduce<State, block_threads>;
+        __shared__ typename reduce::TempStorage storage;
+        return reduce(storage).Reduce(state, merge_states{});
+    } else {
+        static_assert(RowThreads == 32, "a row is read by a block or by a warp");
+        using reduce = cub::WarpReduce<State, 32>;
+        __shared__ typename reduce::TempStorage storage[block_threads / 32];
+        return reduce(storage[group]).Reduce(state, merge_states{});
+    }
+}
+
+template <int RowThreads, bool Doubled, class T, class I>
+__global__ void __launch_bounds__(block_threads)
+    row_statistics_kernel(logits_view<const T> z, labels_view<const I> labels, row_alignment align, index_t scored,
+                          row_stats* out) {
+    using Acc = accumulate_t<T>;
+    constexpr int n = pack_size<T>;
+    const int lane = static_cast<int>(threadIdx.x) % RowThreads;
+    const int group = static_cast<int>(threadIdx.x) / RowThreads;
+    const index_t r = static_cast<index_t>(blockIdx.x) * (block_threads / RowThreads) + group;
+    // Every exit below is uniform over the threads of a row, so the reduction sees all of them.
+    if (r >= z.sequences * scored) return;
+    const index_t s = r / scored, t = r % scored;
+    const auto label = static_cast<std::int64_t>(labels.at(s, align.label_position(t)));
+    const row_status status = classify_label(label, z.vocab, align.ignore_index);
+    if (status != row_status::ok) {
+        if (lane == 0) out[r] = skipped_row(label, status);
+        return;
+    }
+    const T* row = z.row(s, t);
+    const row_split split = split_row(row, z.vocab);
+    lse_state<Acc> state;
+    Acc x[n];
+    for (index_t v = lane; v < split.head; v += RowThreads) {
+        x[0] = widen<Acc>(row[v]);
+        fold_run<Doubled>(state, x, 1);
+    }
+    const auto* packs = reinterpret_cast<const pack<T, n>*>(row + split.head);
+    for (index_t p = lane; p < split.packs; p += RowThreads) {
+        const pack<T, n> loaded = packs[p];
+#pragma unroll
+        for (int k = 0; k < n; ++k) x[k] = widen<Acc>(loaded.v[k]);
+        fold_run<Doubled>(state, x, n);
+    }
+    for (index_t v = split.tail + lane; v < z.vocab; v += RowThreads) {
+        x[0] = widen<Acc>(row[v]);
+        fold_run<Doubled>(state, x, 1);
+    }
+    const lse_state<Acc> total = reduce_row<RowThreads>(state, group);
+    if (lane == 0) out[r] = finish(total, row, label);
+}
+
+template <int RowThreads, class T, class G>
+__global__ void __launch_bounds__(block_threads)
+    row_gradient_kernel(logits_view<const T> z, const row_coefficients* coefficients, index_t scored,
+                        logits_view<G> grad) {
+    using C = gradient_t<T, G>;
+    constexpr int n = pack_size<T>;
+    const int lane = static_cast<int>(threadIdx.x) % RowThreads;
+    const index_t r = static_cast<index_t>(blockIdx.x) * (block_threads / RowThreads) +
+                      static_cast<int>(threadIdx.x) / RowThreads;
+    if (r >= z.rows()) return;
+    const index_t s = r / z.length, t = r % z.length;
+    const T* row = z.row(s, t);
+    G* out = grad.row(s, t);
+    const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
+    // Unscored rows are written, never read.
+    const bool zero = c == nullptr || c->label < 0;
+    const C alpha = zero ? C(0) : static_cast<C>(c->alpha);
+    const C beta = zero ? C(0) : static_cast<C>(c->beta);
+    const C lse = zero ? C(0) : static_cast<C>(c->lse);
+    const index_t label = zero ? -1 : c->label;
+    auto value = [&](index_t v, T x) {
+        using std::exp;
+        if (zero) return narrow<G>(C(0));
+        return narrow<G>((v == label ? alpha : C(0)) - beta * exp(widen<C>(x) - lse));
+    };
+
+    const row_split split = split_row(row, z.vocab);
+    for (index_t v = lane; v < split.head; v += RowThreads) out[v] = value(v, zero ? T{} : row[v]);
+    const auto* packs = reinterpret_cast<const pack<T, n>*>(row + split.head);
+    // The output row is stored in packs too when its alignment allows (same V, 16-byte aligned buffers).
+    G* out_packed = out + split.head;
+    const bool store_packs = reinterpret_cast<std::uintptr_t>(out_packed) % alignof(pack<G, n>) == 0;
+    for (index_t p = lane; p < split.packs; p += RowThreads) {
+        pack<T, n> loaded{};
+        if (!zero) loaded = packs[p];
+        pack<G, n> result;
+        const index_t v0 = split.head + p * n;
+#pragma unroll
+        for (int k = 0; k < n; ++k) result.v[k] = value(v0 + k, loaded.v[k]);
+        if (store_packs) {
+            reinterpret_cast<pack<G, n>*>(out_packed)[p] = result;
+        } else {
+#pragma unroll
+            for (int k = 0; k < n; ++k) out[v0 + k] = result.v[k];
+        }
+    }
+    for (index_t v = split.tail + lane; v < z.vocab; v += RowThreads) out[v] = value(v, zero ? T{} : row[v]);
+}
+
+/// Rows per block and grid size for a row-per-block or row-per-warp launch.
+inline unsigned int grid_for(index_t rows, int row_threads) {
+    const index_t per_block = block_threads / row_threads;
+    return static_cast<unsigned int>((rows + per_block - 1) / per_block);
+}
+
+template <class T>
+inline bool use_warp_rows(index_t vocab) {
+    return vocab / pack_size<T> < warp_row_packs;
+}
+
+}  // namespace backend::thrust_detail::cuda
+TPO_END_NAMESPACE

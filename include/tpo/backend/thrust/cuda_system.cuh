@@ -1,0 +1,131 @@
+#pragma once
+// Thrust's CUDA system as a tpo backend (nvcc only): device memory, work ordered on one
+// user-given stream, the row passes as the kernels of thrust/cuda_rows.cuh.
+//
+// Nothing here waits for the GPU except to_host(), which the objective calls for its O(P)
+// results. Launch errors are reported as tpo::error where they happen; errors of the kernels
+// themselves surface at the next synchronisation (to_host) as tpo::error too.
+
+#include <cuda_runtime.h>
+
+#include <thrust/for_each.h>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/system/cuda/execution_policy.h>
+#include <thrust/system/cuda/vector.h>
+#include <thrust/system_error.h>
+
+#include <vector>
+
+#include "tpo/backend/thrust/cuda_rows.cuh"
+#include "tpo/backend/thrust/host_systems.hpp"
+#include "tpo/core/error.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace backend::thrust_detail {
+
+namespace cuda {
+
+inline void check(cudaError_t status, const char* what) {
+    if (status != cudaSuccess)
+        throw error(detail::concat("thrust backend (CUDA): ", what, ": ", cudaGetErrorName(status), " (",
+                                   cudaGetErrorString(status), ")"));
+}
+
+/// The kernels read the caller's pointers directly: host memory the device cannot reach is a
+/// usage error, reported before a launch would fault.
+inline void require_device_accessible(const void* p, const char* what) {
+    if (p == nullptr) return;
+    cudaPointerAttributes attributes{};
+    check(cudaPointerGetAttributes(&attributes, p), "cudaPointerGetAttributes");
+    detail::require<shape_error>(attributes.type != cudaMemoryTypeUnregistered, "thrust backend (CUDA): ", what,
+                                 " at ", p,
+                                 " is host memory; pass device (or managed or mapped) memory, the backend "
+                                 "never copies the caller's tensors");
+}
+
+}  // namespace cuda
+
+template <class T>
+using cuda_vector = ::thrust::cuda::vector<T>;
+
+template <>
+struct system<::thrust::cuda::tag> {
+    using context = cudaStream_t;
+
+    template <class T>
+    using vector = cuda_vector<T>;
+
+    template <class T>
+    static vector<T> allocate(cudaStream_t stream, index_t n) {
+        // Allocated and value-initialised as the concept asks; Thrust orders the fill before any later
+        // work on any blocking stream. Scratch is O(S·L) at most.
+        (void)stream;
+        return vector<T>(static_cast<std::size_t>(n));
+    }
+
+    template <class T>
+    static std::vector<T> to_host(cudaStream_t stream, const vector<T>& b) {
+        std::vector<T> h(b.size());
+        if (!h.empty())
+            cuda::check(cudaMemcpyAsync(h.data(), ::thrust::raw_pointer_cast(b.data()), h.size() * sizeof(T),
+                                        cudaMemcpyDeviceToHost, stream),
+                        "copy of a result to the host");
+        cuda::check(cudaStreamSynchronize(stream), "stream synchronisation");
+        return h;
+    }
+
+    template <class F>
+    static void for_each(cudaStream_t stream, index_t n, const F& f) {
+        if (n <= 0) return;
+        try {
+            ::thrust::for_each(::thrust::cuda::par_nosync.on(stream), ::thrust::counting_iterator<index_t>(0),
+                               ::thrust::counting_iterator<index_t>(n), f);
+        } catch (const ::thrust::system_error& e) {
+            throw error(detail::concat("thrust backend (CUDA): for_each: ", e.what()));
+        }
+    }
+
+    template <class T, class I>
+    static void row_statistics(cudaStream_t stream, logits_view<const T> z, labels_view<const I> labels,
+                               row_alignment align, bool with_doubled, row_stats* out) {
+        const index_t scored = align.scored_rows(z.length);
+        const index_t rows = z.sequences * scored;
+        if (rows <= 0) return;
+        cuda::require_device_accessible(z.data, "logits");
+        cuda::require_device_accessible(labels.data, "labels");
+        const bool warp = cuda::use_warp_rows<T>(z.vocab);
+        const unsigned int grid = cuda::grid_for(rows, warp ? 32 : cuda::block_threads);
+        constexpr unsigned int block = cuda::block_threads;
+        if (warp && with_doubled)
+            cuda::row_statistics_kernel<32, true><<<grid, block, 0, stream>>>(z, labels, align, scored, out);
+        else if (warp)
+            cuda::row_statistics_kernel<32, false><<<grid, block, 0, stream>>>(z, labels, align, scored, out);
+        else if (with_doubled)
+            cuda::row_statistics_kernel<cuda::block_threads, true><<<grid, block, 0, stream>>>(z, labels, align,
+                                                                                               scored, out);
+        else
+            cuda::row_statistics_kernel<cuda::block_threads, false><<<grid, block, 0, stream>>>(z, labels, align,
+                                                                                                scored, out);
+        cuda::check(cudaGetLastError(), "launch of the row statistics kernel");
+    }
+
+    template <class T, class G>
+    static void row_gradient(cudaStream_t stream, logits_view<const T> z, const row_coefficients* coefficients,
+                             index_t scored, logits_view<G> grad) {
+        const index_t rows = z.rows();
+        if (rows <= 0) return;
+        cuda::require_device_accessible(z.data, "logits");
+        cuda::require_device_accessible(grad.data, "gradient");
+        const bool warp = cuda::use_warp_rows<T>(z.vocab);
+        const unsigned int grid = cuda::grid_for(rows, warp ? 32 : cuda::block_threads);
+        constexpr unsigned int block = cuda::block_threads;
+        if (warp)
+            cuda::row_gradient_kernel<32><<<grid, block, 0, stream>>>(z, coefficients, scored, grad);
+        else
+            cuda::row_gradient_kernel<cuda::block_threads><<<grid, block, 0, stream>>>(z, coefficients, scored, grad);
+        cuda::check(cudaGetLastError(), "launch of the row gradient kernel");
+    }
+};
+
+}  // namespace backend::thrust_detail
+TPO_END_NAMESPACE

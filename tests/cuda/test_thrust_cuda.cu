@@ -1,0 +1,239 @@
+// The Thrust backend on a CUDA GPU against the reference backend on the host: the same random
+// batches (copied to the device once), every input element type, row lengths that take the
+// warp-per-row and the block-per-row kernels and misaligned rows, forward values and gradients
+// at the tolerances of the CPU backends; identical errors for bad input; h = 0 exactly at
+// initialisation; device noise within a few ulps of the host's (SPEC §2.2). Needs a GPU to run
+// (scripts/device-check); CI compiles and links it.
+
+#include <catch2/catch.hpp>
+
+#include <cuda_runtime.h>
+#include <thrust/device_vector.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+
+#include <tpo/backend/thrust.hpp>
+#include <tpo/tpo.hpp>
+
+#include "support/batch.hpp"
+
+using namespace tpo_test;
+using cuda_backend = tpo::backend::thrust<thrust::cuda::tag>;
+
+namespace {
+
+/// A batch's tensors on the device and its views there.
+template <class T>
+struct device_side {
+    thrust::device_vector<T> tensor[4];
+    thrust::device_vector<std::int64_t> labels;
+    thrust::device_vector<float> weights;
+    index_t pairs, length, vocab;
+
+    explicit device_side(const side_data<T>& s) : pairs(s.pairs), length(s.length), vocab(s.vocab) {
+        for (int k = 0; k < 4; ++k) tensor[k] = const_cast<side_data<T>&>(s).tensor(k);
+        labels = s.labels;
+        weights = s.weights;
+    }
+    tpo::side_batch<T, std::int64_t> batch() {
+        auto z = [&](int k) { return tpo::logits_view<const T>(tpo::logits_of(tensor[k], pairs, length, vocab)); };
+        return {z(0), z(1), z(2), z(3), tpo::labels_of(labels, pairs, length),
+                tpo::token_values_of(weights, pairs, length)};
+    }
+};
+
+template <class T>
+struct device_batch {
+    device_side<T> chosen, rejected;
+    explicit device_batch(const batch_data<T>& d) : chosen(d.chosen), rejected(d.rejected) {}
+    tpo::preference_batch<T, std::int64_t> batch() { return {chosen.batch(), rejected.batch()}; }
+};
+
+template <class G>
+struct device_gradients {
+    thrust::device_vector<G> tensor[4];
+    index_t pairs, length_chosen, length_rejected, vocab;
+
+    template <class T>
+    explicit device_gradients(const batch_data<T>& d)
+        : pairs(d.chosen.pairs), length_chosen(d.chosen.length), length_rejected(d.rejected.length),
+          vocab(d.chosen.vocab) {
+        for (int k = 0; k < 4; ++k) tensor[k].resize((k < 2 ? d.chosen.policy : d.rejected.policy).size());
+    }
+    tpo::preference_gradients<G> views() {
+        return {{tpo::logits_of(tensor[0], pairs, length_chosen, vocab),
+                 tpo::logits_of(tensor[1], pairs, length_chosen, vocab)},
+                {tpo::logits_of(tensor[2], pairs, length_rejected, vocab),
+                 tpo::logits_of(tensor[3], pairs, length_rejected, vocab)}};
+    }
+    std::vector<G> host(int k) const {
+        std::vector<G> h(tensor[k].size());
+        thrust::copy(tensor[k].begin(), tensor[k].end(), h.begin());
+        return h;
+    }
+};
+
+std::vector<std::pair<const char*, tpo::objective_options>> option_cases() {
+    std::vector<std::pair<const char*, tpo::objective_options>> cases;
+    tpo::objective_options o;
+    cases.emplace_back("tpo default", o);
+    o.score = tpo::score_kind::prob;
+    o.form = tpo::sequence_form::multiplicative;
+    cases.emplace_back("tpo prob multiplicative", o);
+    o = {};
+    o.score = tpo::score_kind::logprob;
+    o.use_weighting = true;
+    o.ld_alpha = 0.5;
+    o.average = true;
+    cases.emplace_back("tpo logprob wpo ld average", o);
+    o = {};
+    o.weighting = tpo::token_weighting::none;
+    o.losses = {{tpo::loss_type::sigmoid, 0.8}, {tpo::loss_type::bco_pair, 0.2}, {tpo::loss_type::sft, 1.0}};
+    cases.emplace_back("dpo mpo", o);
+    o = {};
+    o.weighting = tpo::token_weighting::caller;
+    o.alignment.shift = false;
+    o.losses = {{tpo::loss_type::aot, 1.0}};
+    cases.emplace_back("caller weights no shift aot", o);
+    return cases;
+}
+
+void check_close(const std::vector<double>& a, const std::vector<double>& b, double tol, const char* what) {
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        INFO(what << "[" << i << "]: " << a[i] << " vs reference " << b[i]);
+        CHECK(std::abs(a[i] - b[i]) <= tol * std::max(1.0, std::abs(b[i])));
+    }
+}
+
+template <class T, class G>
+void agree_on(std::mt19937_64& rng, index_t vocab, index_t length) {
+    cudaStream_t stream;
+    REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+    cuda_backend gpu(stream);
+    tpo::backend::reference oracle;
+    const batch_data<T> data = convert<T>(random_batch<double>(rng, 3, length, length - 2, vocab, 3.0, 0.3));
+    device_batch<T> device(data);
+    for (const auto& [name, options] : option_cases()) {
+        INFO("element " << tpo::element_name<T>() << ", V = " << vocab << ", " << name);
+        device_gradients<G> ours(data);
+        gradient_data<G> theirs(data);
+        auto ours_view = ours.views();
+        auto theirs_view = theirs.views();
+        const auto a = tpo::evaluate(gpu, options, device.batch(), &ours_view);
+        const auto b = tpo::evaluate(oracle, options, data.batch(), &theirs_view);
+        REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+        const double tol = std::is_same_v<T, double> ? 1e-12 : 2e-5;
+        check_close({a.loss, a.reward_accuracy, a.reward_margin}, {b.loss, b.reward_accuracy, b.reward_margin}, tol,
+                    "loss, accuracy, margin");
+        check_close(a.losses, b.losses, tol, "losses");
+        check_close(a.policy_chosen_scores, b.policy_chosen_scores, tol, "policy chosen scores");
+        check_close(a.reference_rejected_scores, b.reference_rejected_scores, tol, "reference rejected scores");
+        check_close(a.mean_visual_score_chosen, b.mean_visual_score_chosen, tol, "mean visual score chosen");
+        const double gtol = std::is_same_v<G, double> ? 1e-12 : 1e-5;
+        for (int k = 0; k < 4; ++k) {
+            const std::vector<G> mine = ours.host(k);
+            const std::vector<G>& exact = theirs.tensor(k);
+            double scale = 0, worst = 0;
+            for (std::size_t i = 0; i < exact.size(); ++i) {
+                scale = std::max(scale, std::abs(tpo::widen<double>(exact[i])));
+                worst = std::max(worst, std::abs(tpo::widen<double>(mine[i]) - tpo::widen<double>(exact[i])));
+            }
+            INFO("gradient tensor " << k << ": worst difference " << worst << ", scale " << scale);
+            CHECK(worst <= gtol * std::max(scale, 1e-30));
+        }
+    }
+    cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+TEST_CASE("CUDA: agrees with the reference backend for every element type and row kernel", "[cuda][agreement]") {
+    std::mt19937_64 rng(42);
+    // V = 1 and 7: warp rows, misaligned; 1000: warp rows; 5003: block rows, misaligned (odd V);
+    // 32768: block rows, aligned, packed stores.
+    for (index_t vocab : {1, 7, 1000, 5003, 32768}) {
+        agree_on<double, double>(rng, vocab, 6);
+        agree_on<float, float>(rng, vocab, 6);
+        agree_on<tpo::bfloat16, float>(rng, vocab, 6);
+        agree_on<tpo::float16, float>(rng, vocab, 6);
+    }
+    agree_on<tpo::bfloat16, tpo::bfloat16>(rng, 4096, 5);
+}
+
+TEST_CASE("CUDA: identical policy and reference logits give h = 0 and a loss of exactly ln 2", "[cuda][init]") {
+    std::mt19937_64 rng(11);
+    cuda_backend gpu;
+    auto data = convert<tpo::bfloat16>(random_batch<double>(rng, 4, 9, 6, 32000, 4.0, 0.2));
+    for (auto* side : {&data.chosen, &data.rejected}) {
+        side->reference = side->policy;
+        side->reference_noisy = side->policy_noisy;
+    }
+    device_batch<tpo::bfloat16> device(data);
+    const auto r = tpo::evaluate(gpu, tpo::objective_options{}, device.batch());
+    for (std::size_t i = 0; i < r.losses.size(); ++i) {
+        CHECK(r.chosen_rewards[i] == 0.0);
+        CHECK(r.losses[i] == std::log(2.0));
+    }
+    CHECK(r.loss == std::log(2.0));
+}
+
+TEST_CASE("CUDA: bad input gives the reference backend's error", "[cuda][bad-input]") {
+    cuda_backend gpu;
+    tpo::backend::reference oracle;
+    auto message = [](auto& backend, auto& data_batch) -> std::string {
+        try {
+            tpo::evaluate(backend, tpo::objective_options{}, data_batch);
+        } catch (const tpo::error& e) {
+            return e.what();
+        }
+        return "no error";
+    };
+    auto compare = [&](auto&& edit) {
+        std::mt19937_64 rng(1);
+        auto data = random_batch<double>(rng, 2, 4, 3, 5, 1.0, 0.0);
+        edit(data);
+        device_batch<double> device(data);
+        auto host_batch = data.batch();
+        auto device_view = device.batch();
+        const std::string expected = message(oracle, host_batch);
+        CHECK(expected != "no error");
+        CHECK(message(gpu, device_view) == expected);
+    };
+    compare([](auto& d) { d.chosen.labels[1 * 4 + 2] = 5; });
+    compare([](auto& d) { d.rejected.labels[1] = -7; });
+    for (double value : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()})
+        for (int k = 0; k < 4; ++k)
+            compare([&](auto& d) { d.rejected.tensor(k)[(1 * 3 + 1) * 5 + 3] = value; });
+
+    // Host memory handed to the CUDA backend is named, not dereferenced on the device.
+    std::mt19937_64 rng(2);
+    const auto host_data = random_batch<float>(rng, 2, 4, 3, 5);
+    CHECK_THROWS_AS(tpo::evaluate(gpu, tpo::objective_options{}, host_data.batch()), tpo::shape_error);
+}
+
+TEST_CASE("CUDA: diffusion noise matches the host's within a few ulps", "[cuda][corrupt]") {
+    cuda_backend gpu;
+    tpo::backend::reference oracle;
+    std::mt19937_64 rng(3);
+    std::uniform_real_distribution<float> u(0, 1);
+    std::vector<float> image(3 * 64 * 48);
+    for (auto& x : image) x = u(rng);
+    thrust::device_vector<float> in = image, out(image.size());
+    std::vector<float> expected(image.size());
+    tpo::diffusion_options o;
+    o.seed = 1234567890123ull;
+    o.stream = 7;
+    tpo::add_diffusion_noise(gpu, tpo::image_view<const float>::chw(thrust::raw_pointer_cast(in.data()), 3, 64, 48),
+                             tpo::image_view<float>::chw(thrust::raw_pointer_cast(out.data()), 3, 64, 48), o);
+    tpo::add_diffusion_noise(oracle, tpo::image_view<const float>::chw(image.data(), 3, 64, 48),
+                             tpo::image_view<float>::chw(expected.data(), 3, 64, 48), o);
+    std::vector<float> got(image.size());
+    thrust::copy(out.begin(), out.end(), got.begin());
+    for (std::size_t i = 0; i < got.size(); ++i)
+        CHECK(std::abs(got[i] - expected[i]) <= 4 * 1.2e-7f * std::max(1.0f, std::abs(expected[i])));
+}
