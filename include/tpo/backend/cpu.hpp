@@ -15,11 +15,17 @@
 #endif
 
 #include "tpo/backend/concept.hpp"
+#include "tpo/backend/cpu/philox_lanes.hpp"
 #include "tpo/backend/cpu/row_kernels.hpp"
 #include "tpo/core/error.hpp"
 #include "tpo/reward/row_stats.hpp"
 
 TPO_BEGIN_NAMESPACE
+namespace corrupt {
+template <class TIn, class TOut>
+struct diffusion_noise_pass;
+}  // namespace corrupt
+
 namespace backend {
 
 class cpu {
@@ -53,6 +59,25 @@ public:
 #  pragma omp parallel for schedule(static) num_threads(threads_) if (parallel)
 #endif
         for (index_t i = 0; i < n; ++i) f(i);
+    }
+
+    /// The diffusion noise pass (corrupt/diffusion.hpp), one index per block of four elements:
+    /// the normals of many blocks are drawn at once in vector registers, then the pass's own
+    /// per-element formula applies them.
+    template <class TIn, class TOut>
+    void for_each(index_t blocks, corrupt::diffusion_noise_pass<TIn, TOut> pass) const {
+        constexpr index_t chunk = 1024;  // blocks per task: 16 KiB of normals on the stack
+        const index_t chunks = (blocks + chunk - 1) / chunk;
+        [[maybe_unused]] const bool parallel = threads_ > 1 && chunks > 1;
+#if defined(_OPENMP)
+#  pragma omp parallel for schedule(static) num_threads(threads_) if (parallel)
+#endif
+        for (index_t c = 0; c < chunks; ++c) {
+            alignas(64) float normals[4 * chunk];
+            const index_t first = c * chunk, count = std::min(chunk, blocks - first);
+            cpu_detail::philox_normals(pass.rng, static_cast<std::uint64_t>(first), count, normals);
+            for (index_t b = 0; b < count; ++b) pass.apply(first + b, normals + 4 * b);
+        }
     }
 
     template <class T, class I>

@@ -55,6 +55,12 @@ struct diffusion_noise_pass {
     TPO_HOST_DEVICE void operator()(index_t block) const {
         float normals[4];
         rng.normals(static_cast<std::uint64_t>(block), normals);
+        apply(block, normals);
+    }
+
+    /// The elements of `block` given its four normals: a backend that draws the normals of many
+    /// blocks at once (vectorised Philox, backend/cpu.hpp) calls this directly.
+    TPO_HOST_DEVICE void apply(index_t block, const float normals[4]) const {
         const index_t size = in.size();
         for (int k = 0; k < 4; ++k) {
             const index_t i = 4 * block + k;
