@@ -52,7 +52,7 @@ void with_backend(const std::string& name, F&& f) {
 #endif
     } else if (name == "thrust") {
 #if TPO_TOOL_HAS_THRUST
-        tpo::backend::thrust b;
+        tpo::backend::thrust<> b;  // Thrust's device system, a host system here (see CMakeLists.txt)
         f(b);
         return;
 #endif

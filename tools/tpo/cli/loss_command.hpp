@@ -122,8 +122,7 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
     const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
 
     // The backend is checked before any file is read, so a wrong binary fails fast.
-    bool backend_ok = false;
-    with_backend(backend, [&](auto&) { backend_ok = true; });
+    with_backend(backend, [](auto&) {});
 
     const side_files chosen = load_side(dir, "chosen", noisy, options.alignment.ignore_index);
     const side_files rejected = load_side(dir, "rejected", noisy, options.alignment.ignore_index);
