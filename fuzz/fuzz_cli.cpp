@@ -60,7 +60,37 @@ struct workspace {
         valid.push_back(tpo::io::encode_npy<float>(si, std::span<const float>(image)));
         for (int k = 0; k < input_count; ++k) write(k, valid[k]);
     }
+    ~workspace() {
+        std::error_code ec;
+        fs::current_path(fs::temp_directory_path(), ec);
+        fs::remove_all(dir, ec);
+    }
     fs::path path(int k) const { return dir / (std::string(input_names[k]) + ".npy"); }
+
+    /// Puts the workspace back as it was (a fuzzed command may write anywhere inside it), so every
+    /// input runs from the same state.
+    void reset() const {
+        for (const fs::path& d : {out, dir / "cwd"})
+            for (const auto& e : fs::directory_iterator(d)) fs::remove_all(e.path());
+        for (const auto& e : fs::directory_iterator(dir)) {
+            const fs::path p = e.path();
+            if (p == out || p == dir / "cwd") continue;
+            int k = 0;
+            while (k < input_count && p != path(k)) ++k;
+            if (k == input_count) {
+                fs::remove_all(p);
+                continue;
+            }
+            const std::vector<unsigned char> now = e.is_regular_file() ? tpo::io::read_file(p)
+                                                                       : std::vector<unsigned char>{};
+            if (!e.is_regular_file() || std::string(now.begin(), now.end()) != valid[k]) {
+                fs::remove_all(p);
+                write(k, valid[k]);
+            }
+        }
+        for (int k = 0; k < input_count; ++k)
+            if (!fs::exists(path(k))) write(k, valid[k]);
+    }
     void write(int k, const std::string& content) const { tpo::io::write_file_atomically(path(k), content); }
 };
 
@@ -105,12 +135,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (replace) ws.write(which, std::string(nul + 1, end));
     std::ostringstream out, err;
     const int status = tpo_cli::run(args, out, err);
-    if (replace) ws.write(which, ws.valid[which]);
 
     if (status != 0 && status != 2) std::abort();
     const std::string message = err.str();
     if (status == 2 && (message.empty() || message.back() != '\n' || message.find('\n') != message.size() - 1))
         std::abort();
     if (leftover_temporaries(ws.dir)) std::abort();
+    ws.reset();
     return 0;
 }
