@@ -4,7 +4,8 @@
 #if defined(TPO_TEST_CPU)
 #  include <tpo/backend/cpu.hpp>
 #endif
-#if defined(TPO_TEST_XTENSOR)
+#if defined(TPO_TEST_XTENSOR) && __has_include(<tpo/interop/xtensor.hpp>)
+#  define TPO_TEST_WITH_XTENSOR 1
 #  include <tpo/interop/xtensor.hpp>
 #endif
 #if defined(TPO_TEST_TBB)
@@ -50,7 +51,7 @@ int main() {
     tpo::backend::cpu cpu;
     ok &= check("cpu backend", loss_at_initialisation(cpu, z, y));
 #endif
-#if defined(TPO_TEST_XTENSOR)
+#if defined(TPO_TEST_WITH_XTENSOR)
     xt::xtensor<float, 3> zx = xt::zeros<float>({P, L, V});
     std::copy(z.begin(), z.end(), zx.begin());
     const auto view = tpo::interop::logits(zx);
