@@ -3,9 +3,19 @@
 #include <tpo/tpo.hpp>
 #include <tpo/backend/cpu.hpp>
 
+#if defined(TPO_CONSUMER_XTENSOR) && __has_include(<tpo/interop/xtensor.hpp>)
+#  define TPO_CONSUMER_WITH_XTENSOR 1
+#  include <tpo/interop/xtensor.hpp>
+#endif
+
+#if defined(TPO_CONSUMER_THRUST)
+#  include <tpo/backend/thrust.hpp>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -67,6 +77,11 @@ int main() {
     tpo::backend::cpu cpu;
     expect_near("reference backend, TPO loss", tpo_loss(reference, w, l), expected, 1e-12);
     expect_near("cpu backend, TPO loss", tpo_loss(cpu, w, l), expected, 1e-12);
+#if defined(TPO_CONSUMER_THRUST)
+    // Thrust's device system as tpoConfig.cmake chose it for a C++-only project (OpenMP).
+    tpo::backend::thrust<> thrust;
+    expect_near("thrust backend (host system), TPO loss", tpo_loss(thrust, w, l), expected, 1e-12);
+#endif
 
     // At initialisation the policy is the reference: h = 0 and the loss is ln 2 exactly (SPEC §7).
     side w0 = w, l0 = l;
@@ -74,6 +89,30 @@ int main() {
     l0.reference = l0.policy, l0.reference_noisy = l0.policy_noisy;
     expect_near("reference backend, policy == reference", tpo_loss(reference, w0, l0), std::log(2.0), 0);
     expect_near("cpu backend, policy == reference", tpo_loss(cpu, w0, l0), std::log(2.0), 0);
+
+#if defined(TPO_CONSUMER_WITH_XTENSOR)
+    // The same batch held in xtensor containers, through the xtensor adaptors.
+    {
+        auto tensor = [](const std::vector<double>& x) {
+            xt::xtensor<double, 3> t = xt::zeros<double>({P, L, V});
+            std::copy(x.begin(), x.end(), t.begin());
+            return t;
+        };
+        const xt::xtensor<double, 3> zw = tensor(w.policy), zwn = tensor(w.policy_noisy), rw = tensor(w.reference),
+                                     rwn = tensor(w.reference_noisy), zl = tensor(l.policy),
+                                     zln = tensor(l.policy_noisy), rl = tensor(l.reference),
+                                     rln = tensor(l.reference_noisy);
+        const xt::xtensor<std::int64_t, 2> yw = {{-100, 2}}, yl = {{-100, 0}};
+        namespace ti = tpo::interop;
+        tpo::preference_batch<double, std::int64_t> batch{
+            {.policy = ti::logits(zw), .policy_noisy = ti::logits(zwn), .reference = ti::logits(rw),
+             .reference_noisy = ti::logits(rwn), .labels = ti::labels(yw)},
+            {.policy = ti::logits(zl), .policy_noisy = ti::logits(zln), .reference = ti::logits(rl),
+             .reference_noisy = ti::logits(rln), .labels = ti::labels(yl)}};
+        expect_near("xtensor containers, TPO loss", tpo::evaluate(cpu, tpo::objective_options{}, batch).loss,
+                    expected, 1e-12);
+    }
+#endif
 
     // Bad input surfaces as tpo::error through the installed headers too.
     try {
