@@ -534,7 +534,7 @@ TEST_CASE("tpo score and corrupt: bad inputs exit 2 with one line and write noth
         args.insert(args.end(), extra.begin(), extra.end());
         return run_tool(args);
     };
-    check_rejected(score((dir / "policy_chosen_noisy.npy").string()), "--side");  // required flag missing
+    check_rejected(score((dir / "policy_chosen_noisy.npy").string()), "missing required flag --side");
     check_rejected(score((dir / "policy_rejected.npy").string(), {"--side", "chosen"}), "policy_rejected.npy: shape");
     check_rejected(score((dir / "nope.npy").string(), {"--side", "chosen"}), "nope.npy: file: does not exist");
     check_rejected(score((dir / "policy_chosen_noisy.npy").string(), {"--side", "both"}), "--side: 'both'");

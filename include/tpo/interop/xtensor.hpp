@@ -35,7 +35,10 @@ namespace detail {
 template <class E>
 std::string xshape(const E& e) {
     std::string s = "(";
-    for (std::size_t k = 0; k < e.dimension(); ++k) s += (k ? ", " : "") + std::to_string(e.shape()[k]);
+    for (std::size_t k = 0; k < e.dimension(); ++k) {
+        if (k) s += ", ";
+        s += std::to_string(e.shape()[k]);
+    }
     return s + ")";
 }
 

@@ -10,6 +10,7 @@
 // Supported element types: <f4 <f8 <i4 <i8 |u1, C order only. Half floats (<f2), big-endian data
 // and Fortran order are rejected rather than silently converted.
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -232,7 +233,7 @@ private:
             if (d == descr(t)) return t;
         // NumPy writes uint8 as '|u1'; the other byte orders of a one-byte type mean the same.
         if (d == "<u1" || d == "=u1" || d == "u1") return npy_dtype::u1;
-        std::string why = "'" + printable(d) + "' is not supported";
+        std::string why = tpo::detail::concat("'", printable(d), "' is not supported");
         if (!d.empty() && d[0] == '>') why += " (big-endian)";
         if (d.size() >= 2 && d.substr(1) == "f2") why += " (half precision: convert to float32 first)";
         fail("descr", why + ", expected one of '<f4', '<f8', '<i4', '<i8', '|u1'");
@@ -333,6 +334,7 @@ inline npy_header parse_npy_header(std::span<const unsigned char> bytes, std::ui
         fail("shape", tpo::detail::concat(shape_text(h.shape), " has too many elements to address"));
     h.count = count;
     h.data_bytes = count * item;
+    if (total_bytes < h.data_offset) fail("data", "file size smaller than its header");
     const std::uint64_t payload = total_bytes - h.data_offset;
     if (payload < h.data_bytes)
         fail("data", tpo::detail::concat("file truncated: shape ", shape_text(h.shape), " of ", descr(h.dtype),
@@ -344,17 +346,17 @@ inline npy_header parse_npy_header(std::span<const unsigned char> bytes, std::ui
     return h;
 }
 
-/// Parses a whole .npy file held in memory.
-inline npy_array parse_npy(std::span<const unsigned char> bytes, std::string_view file, const npy_limits& limits = {}) {
-    const npy_header h = parse_npy_header(bytes, bytes.size(), file, limits);
+namespace detail {
+/// An array of the header's dtype and shape whose payload `read(destination, bytes)` supplies.
+template <class Read>
+npy_array make_array(const npy_header& h, Read&& read) {
     npy_array a;
     a.dtype = h.dtype;
     a.shape = h.shape;
-    const unsigned char* payload = bytes.data() + h.data_offset;
     auto fill = [&](auto tag) {
         using T = decltype(tag);
         std::vector<T> v(static_cast<std::size_t>(h.count));
-        if (h.data_bytes) std::memcpy(v.data(), payload, static_cast<std::size_t>(h.data_bytes));
+        if (h.data_bytes) read(static_cast<void*>(v.data()), static_cast<std::size_t>(h.data_bytes));
         a.data = std::move(v);
     };
     switch (h.dtype) {
@@ -366,11 +368,38 @@ inline npy_array parse_npy(std::span<const unsigned char> bytes, std::string_vie
     }
     return a;
 }
+}  // namespace detail
 
-/// Reads and validates a .npy file.
+/// Parses a whole .npy file held in memory.
+inline npy_array parse_npy(std::span<const unsigned char> bytes, std::string_view file, const npy_limits& limits = {}) {
+    const npy_header h = parse_npy_header(bytes, bytes.size(), file, limits);
+    return detail::make_array(h, [&](void* to, std::size_t n) { std::memcpy(to, bytes.data() + h.data_offset, n); });
+}
+
+/// Reads and validates a .npy file. The header is checked against the file's size before the
+/// payload is allocated, and the payload is read straight into the array (one copy in memory).
 inline npy_array read_npy(const std::filesystem::path& path, const npy_limits& limits = {}) {
-    const std::vector<unsigned char> bytes = read_file(path);
-    return parse_npy(bytes, path.string(), limits);
+    const std::string name = path.string();
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (ec || !std::filesystem::exists(status))
+        throw file_error(tpo::detail::concat(name, ": file: does not exist, expected a readable file"));
+    if (!std::filesystem::is_regular_file(status))
+        throw file_error(tpo::detail::concat(name, ": file: not a regular file"));
+    const std::uint64_t size = std::filesystem::file_size(path, ec);
+    std::ifstream in(path, std::ios::binary);
+    if (ec || !in) throw file_error(tpo::detail::concat(name, ": file: cannot open for reading"));
+    std::vector<unsigned char> prefix(static_cast<std::size_t>(std::min<std::uint64_t>(size, 12 + limits.max_header_bytes)));
+    in.read(reinterpret_cast<char*>(prefix.data()), static_cast<std::streamsize>(prefix.size()));
+    if (in.gcount() != static_cast<std::streamsize>(prefix.size()))
+        throw file_error(tpo::detail::concat(name, ": file: read error"));
+    const npy_header h = parse_npy_header(prefix, size, name, limits);
+    return detail::make_array(h, [&](void* to, std::size_t n) {
+        in.seekg(static_cast<std::streamoff>(h.data_offset));
+        in.read(static_cast<char*>(to), static_cast<std::streamsize>(n));
+        if (in.gcount() != static_cast<std::streamsize>(n))
+            throw file_error(tpo::detail::concat(name, ": data: read error (file changed while reading?)"));
+    });
 }
 
 /// The bytes of a .npy file (version 1.0, or 2.0 when the header needs it) holding `count`

@@ -63,6 +63,7 @@ inline int run_score(std::span<const std::string> argv, std::ostream&) {
     tpo::objective_options o;
     read_token_options(args, o);
     if (!(o.a >= 0)) args.fail(tpo::detail::concat("flag --a: ", o.a, ", expected a margin >= 0"));
+    if (!args.has("side")) args.required("side");
     const std::string side_name = args.choice("side", "", {"chosen", "rejected"});
     const tpo::response_side side = side_name == "chosen" ? tpo::response_side::chosen : tpo::response_side::rejected;
     const std::string clean_path = args.required("clean"), noisy_path = args.required("noisy"),
