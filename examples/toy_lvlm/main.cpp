@@ -25,7 +25,7 @@ namespace {
 
 struct cli {
     toy::settings s;
-    int seeds = 3;
+    int seeds = 5;
     std::uint64_t first_seed = 1;
     int jobs = 2;
     std::string out = "out/toy_lvlm";
@@ -34,7 +34,7 @@ struct cli {
 [[noreturn]] void usage(const char* why) {
     std::fprintf(stderr,
                  "toy_lvlm: %s\nusage: toy_lvlm [--seeds N] [--first-seed S] [--jobs J] [--sft-steps N] "
-                 "[--pref-steps N] [--pref-lr X] [--beta X] [--noise-step K] [--out DIR]\n",
+                 "[--pref-steps N] [--pref-lr X] [--beta X] [--noise-step K] [--score logit|prob|logprob] [--detach-weights 0|1]\n                [--form additive|multiplicative] [--sft-weight X] [--out DIR]\n",
                  why);
     std::exit(2);
 }
@@ -61,6 +61,10 @@ cli parse(int argc, char** argv) {
         else if (k == "--beta") need(x > 0), c.s.beta = x;
         else if (k == "--noise-step") need(x >= 0 && x < 1000), c.s.noise_step = static_cast<int>(x);
         else if (k == "--out") c.out = v;
+        else if (k == "--score") c.s.score = tpo::parse_score_kind(v);
+        else if (k == "--form") c.s.form = tpo::parse_sequence_form(v);
+        else if (k == "--sft-weight") need(x >= 0), c.s.sft_weight = x;
+        else if (k == "--detach-weights") need(x == 0 || x == 1), c.s.detach_weights = x == 1;
         else usage(("unknown option " + k).c_str());
     }
     return c;
@@ -94,10 +98,10 @@ private:
     std::chrono::steady_clock::time_point shown_{};
 };
 
-std::string pm(const std::vector<double>& x, double scale = 100.0) {
+std::string pm(const std::vector<double>& x, double scale = 100.0, int decimals = 1) {
     const toy::mean_std m = toy::summarise(x);
     char buf[64];
-    std::snprintf(buf, sizeof buf, "%5.1f ± %4.1f", scale * m.mean, scale * m.std);
+    std::snprintf(buf, sizeof buf, "%5.*f ± %4.*f", decimals, scale * m.mean, decimals, scale * m.std);
     return buf;
 }
 
@@ -126,36 +130,42 @@ toy::plot::series average_curve(const std::vector<std::vector<toy::curve_point>>
     return s;
 }
 
-void heatmap(const std::vector<toy::caption_weights>& examples, double a, const std::string& path) {
+void heatmap(const std::vector<toy::caption_weights>& before, const std::vector<toy::caption_weights>& after, double a,
+             int k, const std::string& path) {
     using namespace toy::plot;
     const int cell_w = 62, cell_h = 30, left = 90;
     const int w = left + cell_w * (toy::max_length - 1) + 20;
-    const int h = 70 + static_cast<int>(examples.size()) * (2 * cell_h + 16) + 40;
+    const int h = 70 + static_cast<int>(before.size() + after.size()) * (2 * cell_h + 16) + 2 * 24 + 40;
     canvas cv(w, h);
-    cv.text(10, 8, "TPO token weights c after TPO (clean vs diffusion-noised image, k=500)", black, 2);
+    cv.text(10, 8, "TPO token weights c (clean vs diffusion-noised image, k=" + std::to_string(k) + ")", black, 2);
     cv.text(10, 34, "red: c above " + short_number(0.5 + a) + " (weighs more), blue: below; boxed: the hallucinated object in the rejected caption",
             black);
     int y = 56;
-    for (const auto& ex : examples) {
-        for (int side = 0; side < 2; ++side) {
-            const toy::caption& c = side == 0 ? ex.chosen : ex.rejected;
-            const auto& wts = side == 0 ? ex.chosen_weight : ex.rejected_weight;
-            cv.text(10, y + 10, side == 0 ? "chosen" : "rejected", black, 1);
-            for (std::size_t t = 0; t < wts.size(); ++t) {
-                const int x0 = left + static_cast<int>(t) * cell_w;
-                cv.rect(x0, y, x0 + cell_w - 2, y + cell_h - 2, diverging(wts[t], a, 1 + a));
-                if (side == 1 && c[t + 1] == ex.hallucinated_token) {
-                    cv.line(x0, y, x0 + cell_w - 3, y, black, 2);
-                    cv.line(x0, y + cell_h - 3, x0 + cell_w - 3, y + cell_h - 3, black, 2);
-                    cv.line(x0, y, x0, y + cell_h - 3, black, 2);
-                    cv.line(x0 + cell_w - 3, y, x0 + cell_w - 3, y + cell_h - 3, black, 2);
+    for (int panel = 0; panel < 2; ++panel) {
+        const auto& examples = panel == 0 ? before : after;
+        cv.text(10, y, panel == 0 ? "at the SFT checkpoint (where TPO starts)" : "after TPO", black, 2);
+        y += 24;
+        for (const auto& ex : examples) {
+            for (int side = 0; side < 2; ++side) {
+                const toy::caption& c = side == 0 ? ex.chosen : ex.rejected;
+                const auto& wts = side == 0 ? ex.chosen_weight : ex.rejected_weight;
+                cv.text(10, y + 10, side == 0 ? "chosen" : "rejected", black, 1);
+                for (std::size_t t = 0; t < wts.size(); ++t) {
+                    const int x0 = left + static_cast<int>(t) * cell_w;
+                    cv.rect(x0, y, x0 + cell_w - 2, y + cell_h - 2, diverging(wts[t], a, 1 + a));
+                    if (side == 1 && c[t + 1] == ex.hallucinated_token) {
+                        cv.line(x0, y, x0 + cell_w - 3, y, black, 2);
+                        cv.line(x0, y + cell_h - 3, x0 + cell_w - 3, y + cell_h - 3, black, 2);
+                        cv.line(x0, y, x0, y + cell_h - 3, black, 2);
+                        cv.line(x0 + cell_w - 3, y, x0 + cell_w - 3, y + cell_h - 3, black, 2);
+                    }
+                    cv.text(x0 + 4, y + 4, toy::words[c[t + 1]], black);
+                    cv.text(x0 + 4, y + 16, short_number(wts[t]), black);
                 }
-                cv.text(x0 + 4, y + 4, toy::words[c[t + 1]], black);
-                cv.text(x0 + 4, y + 16, short_number(wts[t]), black);
+                y += cell_h;
             }
-            y += cell_h;
+            y += 16;
         }
-        y += 16;
     }
     // Colour bar.
     for (int i = 0; i < 200; ++i) cv.rect(left + i, y, left + i + 1, y + 12, diverging(a + i / 199.0, a, 1 + a));
@@ -211,19 +221,31 @@ int main(int argc, char** argv) {
     };
     std::printf("\nHeld-out scenes (%d per seed, shapes drawn independently), greedy captions; mean ± std over %d seeds, %%\n\n",
                 c.s.eval_images, c.seeds);
-    std::printf("| model | CHAIR_i ↓ | CHAIR_s ↓ | recall ↑ | objects/caption | grammatical |\n");
-    std::printf("|---|---|---|---|---|---|\n");
+    std::printf("| model | CHAIR_i ↓ | CHAIR_s ↓ | recall ↑ | objects/caption | grammatical | partner share of hallucinations |\n");
+    std::printf("|---|---|---|---|---|---|---|\n");
     const std::pair<const char*, toy::hallucination_metrics toy::run_result::*> rows[] = {
         {"base (init)", &toy::run_result::base}, {"SFT", &toy::run_result::sft}, {"DPO", &toy::run_result::dpo},
-        {"TPO", &toy::run_result::tpo}};
+        {"TPO", &toy::run_result::tpo}, {"SFT, biased world", &toy::run_result::sft_in_distribution}};
     for (auto [name, member] : rows) {
-        std::printf("| %-11s | %s | %s | %s | %s | %s |\n", name,
+        std::printf("| %-11s | %s | %s | %s | %s | %s | %s |\n", name,
                     pm(column([&](const auto& r) { return (r.*member).chair_i; })).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).chair_s; })).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).recall; })).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).mentions_per_caption; }), 1.0).c_str(),
-                    pm(column([&](const auto& r) { return (r.*member).well_formed; })).c_str());
+                    pm(column([&](const auto& r) { return (r.*member).well_formed; })).c_str(),
+                    pm(column([&](const auto& r) { return (r.*member).cooccurrence; })).c_str());
     }
+    auto last_mean = [](const std::vector<toy::curve_point>& c, std::size_t n) {
+        double acc = 0;
+        const std::size_t from = c.size() > n ? c.size() - n : 0;
+        for (std::size_t i = from; i < c.size(); ++i) acc += c[i].value;
+        return c.size() > from ? acc / static_cast<double>(c.size() - from) : 0.0;
+    };
+    for (auto [name, member] : {std::pair{"DPO", &toy::run_result::dpo_curves}, std::pair{"TPO", &toy::run_result::tpo_curves}})
+        std::printf("%s, last 50 steps: reward accuracy %s %%, chosen reward β·Δ_w %s, rejected reward β·Δ_l %s\n", name,
+                    pm(column([&](const auto& r) { return last_mean((r.*member).accuracy, 50); })).c_str(),
+                    pm(column([&](const auto& r) { return last_mean((r.*member).chosen_reward, 50); }), 1.0, 2).c_str(),
+                    pm(column([&](const auto& r) { return last_mean((r.*member).rejected_reward, 50); }), 1.0, 2).c_str());
     std::printf("\nPer seed CHAIR_i (SFT → DPO / TPO):");
     for (const auto& r : results) std::printf("  %.1f → %.1f / %.1f", 100 * r.sft.chair_i, 100 * r.dpo.chair_i, 100 * r.tpo.chair_i);
     std::printf("\n");
@@ -234,7 +256,7 @@ int main(int argc, char** argv) {
                     c.s.a, 1 + c.s.a, when);
         std::printf("| caption | function words | attributes (colours) | objects (shapes) | hallucinated object |\n");
         std::printf("|---|---|---|---|---|\n");
-        auto cell = [&](auto pick) { return pm(column([&](const auto& r) { return pick(r.*member); }), 1.0); };
+        auto cell = [&](auto pick) { return pm(column([&](const auto& r) { return pick(r.*member); }), 1.0, 2); };
         std::printf("| chosen   | %s | %s | %s | — |\n", cell([](auto& w) { return w.chosen[0]; }).c_str(),
                     cell([](auto& w) { return w.chosen[1]; }).c_str(), cell([](auto& w) { return w.chosen[2]; }).c_str());
         std::printf("| rejected | %s | %s | %s (true ones) | %s |\n", cell([](auto& w) { return w.rejected[0]; }).c_str(),
@@ -273,7 +295,7 @@ int main(int argc, char** argv) {
                    {average_curve(dpo_chair, "DPO", dpo_colour, 1), average_curve(tpo_chair, "TPO", tpo_colour, 1)});
         if (!cv.save(c.out + "/curves.png")) std::fprintf(stderr, "toy_lvlm: could not write curves.png\n");
     }
-    heatmap(results.front().examples, c.s.a, c.out + "/token_weights.png");
+    heatmap(results.front().examples_before, results.front().examples, c.s.a, c.s.noise_step, c.out + "/token_weights.png");
     {
         std::ofstream csv(c.out + "/results.csv");
         csv << "seed,model,chair_i,chair_s,recall,objects_per_caption,grammatical\n";

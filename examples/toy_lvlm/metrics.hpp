@@ -17,10 +17,12 @@ struct hallucination_metrics {
     double chair_i = 0, chair_s = 0, recall = 0;
     double mentions_per_caption = 0;
     double well_formed = 0;  // fraction of captions that parse as the caption grammar
+    double cooccurrence = 0; // share of hallucinated mentions that are the partner of a present shape
 };
 
 inline hallucination_metrics measure(const std::vector<scene>& scenes, const std::vector<caption>& captions) {
     hallucination_metrics m;
+    double partner_hallucinations = 0;
     double mentioned = 0, hallucinated = 0, present = 0, recalled = 0, bad_captions = 0, formed = 0;
     for (std::size_t i = 0; i < scenes.size(); ++i) {
         std::set<int> said;
@@ -31,6 +33,7 @@ inline hallucination_metrics measure(const std::vector<scene>& scenes, const std
             mentioned += 1;
             if (!scenes[i].has(s)) {
                 hallucinated += 1;
+                partner_hallucinations += scenes[i].has(partner(s)) ? 1 : 0;
                 any = true;
             }
         }
@@ -47,6 +50,7 @@ inline hallucination_metrics measure(const std::vector<scene>& scenes, const std
     m.recall = present > 0 ? recalled / present : 0.0;
     m.mentions_per_caption = n > 0 ? mentioned / n : 0.0;
     m.well_formed = n > 0 ? formed / n : 0.0;
+    m.cooccurrence = hallucinated > 0 ? partner_hallucinations / hallucinated : 0.0;
     return m;
 }
 

@@ -80,6 +80,10 @@ struct series {
 
 inline std::string short_number(double v) {
     char buf[32];
+    if (v == std::round(v) && std::abs(v) < 1e9) {
+        std::snprintf(buf, sizeof buf, "%.0f", v);
+        return buf;
+    }
     std::snprintf(buf, sizeof buf, std::abs(v) >= 100 ? "%.0f" : std::abs(v) >= 10 ? "%.1f" : "%.2f", v);
     return buf;
 }

@@ -33,13 +33,17 @@ using real = float;  // the training precision; the gradient test instantiates t
 
 struct settings {
     std::uint64_t seed = 1;
-    int sft_steps = 1200, sft_batch = 32;
+    int sft_steps = 3000, sft_batch = 32;
     double sft_lr = 3e-3;
     int pref_steps = 300, pref_batch = 16;
-    double pref_lr = 5e-4;
+    double pref_lr = 1e-4;
     double beta = 0.1;      // SPEC §7: the official β
     double a = 0.5;         // calibration margin
     int noise_step = 500;   // diffusion step k of the corruption (official: 500)
+    tpo::score_kind score = tpo::score_kind::logit;  // official
+    bool detach_weights = false;                     // official: gradients flow through c
+    tpo::sequence_form form = tpo::sequence_form::additive;  // official: A = Σ (ℓ + log c)
+    double sft_weight = 0;  // > 0 adds the library's `sft` term on the chosen captions (RPO/MPO-style)
     int pref_pairs = 2000;  // size of the fixed preference set
     int eval_images = 600;
     int probe_images = 200;  // evaluated during preference training for the curves
@@ -65,6 +69,7 @@ struct curve_point {
 };
 struct preference_curves {
     std::vector<curve_point> loss, accuracy, margin, chair_i, recall;
+    std::vector<curve_point> chosen_reward, rejected_reward;  // batch means of β·Δ (SPEC §4)
 };
 
 /// Mean TPO weight c per token class (SPEC §3.3), measured on the current policy.
@@ -82,10 +87,11 @@ struct caption_weights {
 
 struct run_result {
     hallucination_metrics base, sft, dpo, tpo;
+    hallucination_metrics sft_in_distribution;  // SFT on held-out scenes of its own (biased) world
     std::vector<curve_point> sft_loss;
     preference_curves dpo_curves, tpo_curves;
     weight_stats weights_before, weights_after;  // at the SFT checkpoint and after TPO
-    std::vector<caption_weights> examples;       // TPO weights of a few held-out pairs, after TPO
+    std::vector<caption_weights> examples_before, examples;  // TPO weights of a few held-out pairs: SFT, after TPO
     std::vector<std::pair<std::string, std::string>> sample_captions;  // truth, TPO caption
 };
 
@@ -106,6 +112,7 @@ public:
         world eval_world(s_.seed * 1000 + 3, {.biased = false});
         world probe_world(s_.seed * 1000 + 4, {.biased = false});
         world stats_world(s_.seed * 1000 + 5, {.biased = false});
+        world biased_eval_world(s_.seed * 1000 + 8, {.biased = true});
 
         auto eval_set = held_out(eval_world, s_.eval_images);
         probe_ = held_out(probe_world, s_.probe_images);
@@ -118,7 +125,10 @@ public:
         out.base = evaluate(theta, eval_set);
         out.sft_loss = supervised(theta, sft_world, progress);
         out.sft = evaluate(theta, eval_set);
+        out.sft_in_distribution = evaluate(theta, held_out(biased_eval_world, s_.eval_images));
         out.weights_before = token_weights(theta, stats_pairs, nullptr);
+        const std::vector<preference_pair> shown(stats_pairs.begin(), stats_pairs.begin() + 4);
+        token_weights(theta, shown, &out.examples_before);
 
         parameters<real> dpo = theta;
         out.dpo_curves = prefer(dpo, theta, method::dpo, progress);
@@ -127,7 +137,6 @@ public:
         parameters<real> tpo = theta;
         out.tpo_curves = prefer(tpo, theta, method::tpo, progress);
         out.tpo = evaluate(tpo, eval_set);
-        std::vector<preference_pair> shown(stats_pairs.begin(), stats_pairs.begin() + 6);
         out.weights_after = token_weights(tpo, stats_pairs, nullptr);
         token_weights(tpo, shown, &out.examples);
 
@@ -216,6 +225,10 @@ public:
         o.weighting = m == method::tpo ? tpo::token_weighting::self_calibrated : tpo::token_weighting::none;
         o.hyper.beta = s_.beta;
         o.a = s_.a;
+        o.score = s_.score;
+        o.detach_weights = s_.detach_weights;
+        o.form = s_.form;
+        if (s_.sft_weight > 0) o.losses.push_back({tpo::loss_type::sft, s_.sft_weight});
         return o;
     }
 
@@ -324,6 +337,13 @@ public:
             curves.loss.push_back({step, r.loss});
             curves.accuracy.push_back({step, r.reward_accuracy});
             curves.margin.push_back({step, r.reward_margin});
+            auto mean = [](const std::vector<double>& v) {
+                double acc = 0;
+                for (double x : v) acc += x;
+                return v.empty() ? 0.0 : acc / static_cast<double>(v.size());
+            };
+            curves.chosen_reward.push_back({step, mean(r.chosen_rewards)});
+            curves.rejected_reward.push_back({step, mean(r.rejected_rewards)});
             smoothed = step == 0 ? r.loss : 0.95 * smoothed + 0.05 * r.loss;
             if ((step + 1) % s_.probe_every == 0 || step + 1 == s_.pref_steps) probe(step + 1);
             if (progress) progress(name, step + 1, s_.pref_steps, smoothed);
@@ -353,7 +373,7 @@ public:
                     const int y = c[t + 1];
                     const real* clean = &z[((static_cast<std::size_t>(2 * side) * P + i) * L + t) * V];
                     const real* corrupted = &z[((static_cast<std::size_t>(2 * side + 1) * P + i) * L + t) * V];
-                    const double s = static_cast<double>(clean[y]) - static_cast<double>(corrupted[y]);  // SPEC §3.2, logit score
+                    const double s = visual_score(clean, corrupted, y);
                     const double w = tpo::reward::calibrate(side == 0 ? tpo::response_side::chosen : tpo::response_side::rejected, s, s_.a).value;
                     int k = static_cast<int>(classify(y));
                     if (side == 1 && y == pair.hallucinated_token) {
@@ -376,6 +396,16 @@ public:
     }
 
 private:
+    /// SPEC §3.2's s = g(z)[y] − g(z̃)[y] for one row pair, through the library's own function.
+    double visual_score(const real* clean, const real* corrupted, int y) const {
+        auto stats = [&](const real* z) {
+            tpo::math::online_logsumexp<double> lse, unused;
+            for (int v = 0; v < vocab_size; ++v) lse.add(static_cast<double>(z[v]));
+            return tpo::finish_row(lse, unused, static_cast<double>(z[y]), 0.0, y);
+        };
+        return tpo::reward::visual_score(s_.score, stats(clean), stats(corrupted));
+    }
+
     settings s_;
     lvlm<real> model_;
     tpo_backend backend_{};
