@@ -6,6 +6,7 @@
 // (or TPO_THRUST_TBB defined, for programs that link TBB and pick the system explicitly).
 
 #include <thrust/copy.h>
+#include <thrust/execution_policy.h>
 #include <thrust/detail/config.h>
 #include <thrust/for_each.h>
 #include <thrust/iterator/counting_iterator.h>
@@ -54,24 +55,40 @@ struct host_system {
         return h;
     }
 
+    /// Work below these sizes runs on the calling thread: waking a thread team (or spawning TBB
+    /// tasks) for a pass over the P pairs, or over a few short rows, costs more than the pass.
+    static constexpr index_t parallel_items = 256;
+    static constexpr index_t parallel_elements = index_t{1} << 14;
+
     template <class F>
     static void for_each(no_context, index_t n, const F& f) {
+        run(n, f, n >= parallel_items);
+    }
+
+    template <class F>
+    static void run(index_t n, const F& f, bool parallel) {
         if (n <= 0) return;
-        ::thrust::for_each(Policy{}, ::thrust::counting_iterator<index_t>(0), ::thrust::counting_iterator<index_t>(n),
-                           f);
+        const ::thrust::counting_iterator<index_t> first(0), last(n);
+        if (parallel)
+            ::thrust::for_each(Policy{}, first, last, f);
+        else
+            ::thrust::for_each(::thrust::seq, first, last, f);
     }
 
     template <class T, class I>
-    static void row_statistics(no_context ctx, logits_view<const T> z, labels_view<const I> labels,
+    static void row_statistics(no_context, logits_view<const T> z, labels_view<const I> labels,
                                row_alignment align, bool with_doubled, row_stats* out) {
         const index_t scored = align.scored_rows(z.length);
-        for_each(ctx, z.sequences * scored, row_statistics_op<T, I>{z, labels, align, scored, with_doubled, out});
+        const index_t rows = z.sequences * scored;
+        run(rows, row_statistics_op<T, I>{z, labels, align, scored, with_doubled, out},
+            rows > 1 && rows * z.vocab >= parallel_elements);
     }
 
     template <class T, class G>
-    static void row_gradient(no_context ctx, logits_view<const T> z, const row_coefficients* coefficients,
+    static void row_gradient(no_context, logits_view<const T> z, const row_coefficients* coefficients,
                              index_t scored, logits_view<G> grad) {
-        for_each(ctx, z.sequences * z.length, row_gradient_op<T, G>{z, coefficients, scored, grad});
+        const index_t rows = z.rows();
+        run(rows, row_gradient_op<T, G>{z, coefficients, scored, grad}, rows > 1 && rows * z.vocab >= parallel_elements);
     }
 };
 
