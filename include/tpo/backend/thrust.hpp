@@ -10,7 +10,8 @@
 //   tpo::backend::thrust<thrust::cpp::tag>     sequential
 //
 // Memory stays where the caller's data lives: views hold pointers in the system's memory (device
-// pointers on CUDA), the backend's scratch is a Thrust vector in that memory, results stay there,
+// pointers on CUDA), the backend's O(S·L) scratch is in that memory (a Thrust vector of the system;
+// stream-ordered device memory on CUDA, thrust/cuda_buffer.cuh), results stay there,
 // and only to_host() (the O(P) results the objective reports) copies back. On CUDA everything is
 // ordered on the stream given to the constructor; to_host() is the only synchronisation.
 

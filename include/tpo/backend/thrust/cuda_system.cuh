@@ -1,6 +1,7 @@
 #pragma once
-// Thrust's CUDA system as a tpo backend (nvcc only): device memory, work ordered on one
-// user-given stream, the row passes as the kernels of thrust/cuda_rows.cuh.
+// Thrust's CUDA system as a tpo backend (nvcc only): stream-ordered device scratch
+// (thrust/cuda_buffer.cuh), work ordered on one user-given stream, the row passes as the kernels
+// of thrust/cuda_rows.cuh.
 //
 // Nothing here waits for the GPU except to_host(), which the objective calls for its O(P)
 // results. Launch errors are reported as tpo::error where they happen; errors of the kernels
@@ -11,11 +12,11 @@
 #include <thrust/for_each.h>
 #include <thrust/iterator/counting_iterator.h>
 #include <thrust/system/cuda/execution_policy.h>
-#include <thrust/system/cuda/vector.h>
 #include <thrust/system_error.h>
 
 #include <vector>
 
+#include "tpo/backend/thrust/cuda_buffer.cuh"
 #include "tpo/backend/thrust/cuda_rows.cuh"
 #include "tpo/backend/thrust/host_systems.hpp"
 #include "tpo/core/error.hpp"
@@ -24,12 +25,6 @@ TPO_BEGIN_NAMESPACE
 namespace backend::thrust_detail {
 
 namespace cuda {
-
-inline void check(cudaError_t status, const char* what) {
-    if (status != cudaSuccess)
-        throw error(detail::concat("thrust backend (CUDA): ", what, ": ", cudaGetErrorName(status), " (",
-                                   cudaGetErrorString(status), ")"));
-}
 
 /// The kernels read the caller's pointers directly: host memory the device cannot reach is a
 /// usage error, reported before a launch would fault.
@@ -45,29 +40,23 @@ inline void require_device_accessible(const void* p, const char* what) {
 
 }  // namespace cuda
 
-template <class T>
-using cuda_vector = ::thrust::cuda::vector<T>;
-
 template <>
 struct system<::thrust::cuda::tag> {
     using context = cudaStream_t;
 
     template <class T>
-    using vector = cuda_vector<T>;
+    using vector = cuda::device_buffer<T>;
 
     template <class T>
     static vector<T> allocate(cudaStream_t stream, index_t n) {
-        // Allocated and value-initialised as the concept asks; Thrust orders the fill before any later
-        // work on any blocking stream. Scratch is O(S·L) at most.
-        (void)stream;
-        return vector<T>(static_cast<std::size_t>(n));
+        return vector<T>(n, stream);
     }
 
     template <class T>
     static std::vector<T> to_host(cudaStream_t stream, const vector<T>& b) {
         std::vector<T> h(b.size());
         if (!h.empty())
-            cuda::check(cudaMemcpyAsync(h.data(), ::thrust::raw_pointer_cast(b.data()), h.size() * sizeof(T),
+            cuda::check(cudaMemcpyAsync(h.data(), b.data(), h.size() * sizeof(T),
                                         cudaMemcpyDeviceToHost, stream),
                         "copy of a result to the host");
         cuda::check(cudaStreamSynchronize(stream), "stream synchronisation");
