@@ -85,7 +85,12 @@ private:
     context_type context_{};
 };
 
+static_assert(tensor_backend<thrust<::thrust::cpp::tag>>);
+// Thrust's default device system is CUDA, which only nvcc can build: a host compiler without a
+// THRUST_DEVICE_SYSTEM of OMP, TBB or CPP still gets the explicitly named host systems.
+#if THRUST_DEVICE_SYSTEM != THRUST_DEVICE_SYSTEM_CUDA || defined(__CUDACC__)
 static_assert(tensor_backend<thrust<>>);
+#endif
 
 }  // namespace backend
 TPO_END_NAMESPACE
