@@ -7,6 +7,7 @@
 // through the same code: identical logits give h = 0 exactly (SPEC §7).
 // Scratch is O(S·L) row statistics; the O(S·L·V) memory is the caller's inputs and gradients.
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
