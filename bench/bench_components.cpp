@@ -51,7 +51,7 @@ void row_statistics(benchmark::State& state) {
     const tpo::logits_view<const T> z{w.roles[0].data(), w.dims.sequences, w.dims.length, w.dims.vocab};
     const tpo::labels_view<const std::int64_t> y{w.labels.data(), w.dims.sequences, w.dims.length};
     for (auto _ : state) {
-        backend.row_statistics(z, y, tpo::row_alignment{}, false, stats.data());
+        backend.row_statistics(z, y, tpo::row_alignment{}, tpo::row_reduction::logsumexp, stats.data());
         benchmark::DoNotOptimize(stats.data());
     }
     state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(z.size() * sizeof(T)));
@@ -66,7 +66,7 @@ void gradient_write(benchmark::State& state) {
     const tpo::labels_view<const std::int64_t> y{w.labels.data(), w.dims.sequences, w.dims.length};
     const index_t scored = w.dims.length - 1;
     std::vector<tpo::row_stats> stats(static_cast<std::size_t>(w.dims.sequences * scored));
-    backend.row_statistics(z, y, tpo::row_alignment{}, false, stats.data());
+    backend.row_statistics(z, y, tpo::row_alignment{}, tpo::row_reduction::logsumexp, stats.data());
     std::vector<tpo::row_coefficients> coefficients(stats.size());
     for (std::size_t r = 0; r < stats.size(); ++r) coefficients[r] = {0.01, 0.01, stats[r].lse, stats[r].label};
     const tpo::logits_view<T> g{w.grad_clean.data(), w.dims.sequences, w.dims.length, w.dims.vocab};

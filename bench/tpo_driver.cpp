@@ -1,8 +1,11 @@
 // Our side of bench/compare_pytorch: a long-lived process that holds one TPO workload and answers
 // commands on stdin, so the script can interleave our runs with PyTorch's.
 //
-//   tpo_driver tpo S L V fp32|bf16 THREADS   commands: run → "time_s loss", rss → "peak_rss_bytes
-//                                            input_bytes gradient_bytes", quit
+//   tpo_driver tpo S L V fp32|bf16 THREADS [checked|lean]
+//                                            commands: run → "time_s loss", rss → "peak_rss_bytes
+//                                            input_bytes gradient_bytes", quit. `lean` sets
+//                                            check_unused_logits = false (noisy rows read at the
+//                                            label only); `checked`, the library's default, scans them.
 //   tpo_driver bandwidth GIB THREADS         commands: run → "seconds bytes" of one read sweep
 //
 // The bandwidth probe lives in its own process so that its buffer never counts in the peak
@@ -28,7 +31,7 @@ double now() {
 }
 
 template <class T>
-int serve_tpo(tpo_bench::shape dims, int threads) {
+int serve_tpo(tpo_bench::shape dims, int threads, bool lean) {
     tpo_bench::workload<T> w(dims);
     tpo::backend::cpu backend(threads);
     const auto batch = w.batch();
@@ -37,7 +40,9 @@ int serve_tpo(tpo_bench::shape dims, int threads) {
     for (std::string command; std::getline(std::cin, command);) {
         if (command == "run") {
             const double start = now();
-            tpo::objective<tpo::backend::cpu> objective(backend, tpo_bench::tpo_options());
+            tpo::objective_options options = tpo_bench::tpo_options();
+            options.check_unused_logits = !lean;
+            tpo::objective<tpo::backend::cpu> objective(backend, options);
             const tpo::objective_result r = objective.forward(batch);
             objective.backward(batch, grads);
             const double seconds = now() - start;
@@ -97,22 +102,28 @@ int serve_bandwidth(double gib, int threads) {
 
 int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
-    if (mode == "tpo" && argc == 7) {
+    if (mode == "tpo" && (argc == 7 || argc == 8)) {
         const tpo_bench::shape dims{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4])};
         const std::string dtype = argv[5];
         const int threads = std::atoi(argv[6]);
+        const std::string checks = argc == 8 ? argv[7] : "checked";
+        if (checks != "checked" && checks != "lean") {
+            std::fprintf(stderr, "tpo_driver: '%s', expected checked or lean\n", checks.c_str());
+            return 2;
+        }
+        const bool lean = checks == "lean";
         if (dims.sequences < 2 || dims.sequences % 2 != 0 || dims.length < 2 || dims.vocab < 1 || threads < 1) {
             std::fprintf(stderr, "tpo_driver: bad shape or thread count\n");
             return 2;
         }
-        if (dtype == "fp32") return serve_tpo<float>(dims, threads);
-        if (dtype == "bf16") return serve_tpo<tpo::bfloat16>(dims, threads);
+        if (dtype == "fp32") return serve_tpo<float>(dims, threads, lean);
+        if (dtype == "bf16") return serve_tpo<tpo::bfloat16>(dims, threads, lean);
         std::fprintf(stderr, "tpo_driver: dtype '%s', expected fp32 or bf16\n", dtype.c_str());
         return 2;
     }
     if (mode == "bandwidth" && argc == 4) return serve_bandwidth(std::atof(argv[2]), std::atoi(argv[3]));
     std::fprintf(stderr,
-                 "usage: tpo_driver tpo S L V fp32|bf16 THREADS\n"
+                 "usage: tpo_driver tpo S L V fp32|bf16 THREADS [checked|lean]\n"
                  "       tpo_driver bandwidth GIB THREADS\n");
     return 2;
 }

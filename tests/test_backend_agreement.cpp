@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "support/batch.hpp"
 #include "support/tested_backend.hpp"
@@ -50,6 +51,9 @@ std::vector<std::pair<const char*, tpo::objective_options>> option_cases() {
     std::vector<std::pair<const char*, tpo::objective_options>> cases;
     tpo::objective_options o;
     cases.emplace_back("tpo default", o);
+    o.check_unused_logits = false;
+    cases.emplace_back("tpo default, noisy rows read at the label only", o);
+    o = {};
     o.score = tpo::score_kind::prob;
     o.form = tpo::sequence_form::multiplicative;
     cases.emplace_back("tpo prob multiplicative", o);
@@ -107,6 +111,53 @@ TEST_CASE("backend agrees with the reference backend for every input element typ
         agree_on<tpo::bfloat16, float>(rng, vocab);
         agree_on<tpo::float16, float>(rng, vocab);
     }
+}
+
+TEST_CASE("row statistics agree with the reference backend for every row reduction", "[backend][agreement]") {
+    tested_backend backend;
+    tpo::backend::reference oracle;
+    std::mt19937_64 rng(17);
+    const auto data64 = random_batch<double>(rng, 3, 6, 6, 300, 3.0, 0.3);
+    auto check = [&](const auto& data) {
+        using T = typename std::decay_t<decltype(data.chosen.policy)>::value_type;
+        auto z = data.chosen.batch().policy;
+        auto y = data.chosen.batch().labels;
+        for (const bool shift : {true, false}) {
+            tpo::row_alignment align;
+            align.shift = shift;
+            const auto rows = static_cast<std::size_t>(z.sequences * align.scored_rows(z.length));
+            for (auto reduction : {tpo::row_reduction::label, tpo::row_reduction::finiteness,
+                                   tpo::row_reduction::logsumexp, tpo::row_reduction::logsumexp_and_doubled}) {
+                INFO("element " << tpo::element_name<T>() << ", reduction " << static_cast<int>(reduction)
+                                << ", shift " << shift);
+                auto a = backend.template allocate<tpo::row_stats>(static_cast<tpo::index_t>(rows));
+                std::vector<tpo::row_stats> b(rows);
+                backend.row_statistics(z, y, align, reduction, backend.raw(a));
+                oracle.row_statistics(z, y, align, reduction, b.data());
+                const std::vector<tpo::row_stats> ours = backend.to_host(a);
+                for (std::size_t r = 0; r < rows; ++r) {
+                    INFO("row " << r);
+                    CHECK(ours[r].status == b[r].status);
+                    CHECK(ours[r].label == b[r].label);
+                    if (b[r].status != tpo::row_status::ok) continue;  // the other fields are not defined
+                    CHECK(ours[r].label_logit == b[r].label_logit);
+                    const double tol = std::is_same_v<T, double> ? 1e-12 : 2e-6;
+                    if (tpo::needs_logsumexp(reduction))
+                        CHECK(std::abs(ours[r].lse - b[r].lse) <= tol * std::max(1.0, std::abs(b[r].lse)));
+                    if (reduction == tpo::row_reduction::logsumexp_and_doubled)
+                        CHECK(std::abs(ours[r].lse_doubled - b[r].lse_doubled) <=
+                              tol * std::max(1.0, std::abs(b[r].lse_doubled)));
+                }
+            }
+        }
+    };
+    check(data64);
+    check(convert<float>(data64));
+    check(convert<tpo::bfloat16>(data64));
+    auto poisoned = convert<float>(data64);
+    for (std::size_t i = 5; i < poisoned.chosen.policy.size(); i += 977)
+        poisoned.chosen.policy[i] = std::numeric_limits<float>::infinity();
+    check(poisoned);
 }
 
 TEST_CASE("backend writes 16-bit gradients that round the reference's", "[backend][agreement]") {

@@ -93,6 +93,47 @@ TEST_CASE("NaN or Inf in any logits tensor", "[bad-input]") {
         }
 }
 
+TEST_CASE("with check_unused_logits off, the noisy logits are checked where the result reads them",
+          "[bad-input]") {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const char* role[] = {"", "policy noisy logits", "", "reference noisy logits"};
+    tpo::objective_options lean;
+    lean.check_unused_logits = false;
+    for (int k : {1, 3}) {
+        const auto clean = good_batch();
+        // Rejected row (sequence 1, t = 1) is scored against the label at position 2.
+        const std::int64_t label = clean.rejected.labels[1 * 3 + 2];
+        const std::size_t row = (1 * 3 + 1) * 5;
+        const std::size_t elsewhere = row + static_cast<std::size_t>((label + 1) % 5);
+        INFO("rejected " << role[k] << ", label " << label);
+
+        // The logit score reads z~[y] only: a NaN elsewhere changes no bit of the result...
+        tested_backend backend;
+        auto dirty = clean;
+        dirty.rejected.tensor(k)[elsewhere] = nan;
+        gradient_data<double> g_clean(clean), g_dirty(dirty);
+        auto v_clean = g_clean.views();
+        auto v_dirty = g_dirty.views();
+        const auto a = tpo::evaluate(backend, lean, clean.batch(), &v_clean);
+        const auto b = tpo::evaluate(backend, lean, dirty.batch(), &v_dirty);
+        CHECK(a.loss == b.loss);
+        CHECK(a.losses == b.losses);
+        for (int t = 0; t < 4; ++t) CHECK(g_clean.tensor(t) == g_dirty.tensor(t));
+        // ...but the default still reports it,
+        expect_error([&](auto& d, auto&) { d.rejected.tensor(k)[elsewhere] = nan; },
+                     std::string("rejected ") + role[k] + " at sequence 1, position 2: the row holds a NaN");
+        // a NaN the result reads is an error either way,
+        expect_error([&](auto& d, auto&) { d.rejected.tensor(k)[row + static_cast<std::size_t>(label)] = nan; },
+                     std::string("rejected ") + role[k] + " at sequence 1, position 2: the row holds a NaN", lean);
+        // and scores that use probabilities read the whole row.
+        tpo::objective_options lean_prob = lean;
+        lean_prob.score = tpo::score_kind::prob;
+        expect_error([&](auto& d, auto&) { d.rejected.tensor(k)[elsewhere] = nan; },
+                     std::string("rejected ") + role[k] + " at sequence 1, position 2: the row holds a NaN",
+                     lean_prob);
+    }
+}
+
 TEST_CASE("hyperparameters out of range", "[bad-input]") {
     auto with = [](auto&& edit) {
         tpo::objective_options o;

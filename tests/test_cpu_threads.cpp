@@ -136,7 +136,7 @@ TEST_CASE("cpu backend: the row primitives are bit-identical across thread count
 
     tpo::backend::reference oracle;
     std::vector<tpo::row_stats> expected(static_cast<std::size_t>(S * scored));
-    oracle.row_statistics(zv, yv, align, true, expected.data());
+    oracle.row_statistics(zv, yv, align, tpo::row_reduction::logsumexp_and_doubled, expected.data());
     std::vector<tpo::row_coefficients> coefficients(expected.size());
     for (std::size_t r = 0; r < expected.size(); ++r) {
         const bool ok = expected[r].status == tpo::row_status::ok;
@@ -151,7 +151,7 @@ TEST_CASE("cpu backend: the row primitives are bit-identical across thread count
     for (int threads : {1, 2, 4}) {
         tpo::backend::cpu backend(threads);
         std::vector<tpo::row_stats> s(expected.size());
-        backend.row_statistics(zv, yv, align, true, s.data());
+        backend.row_statistics(zv, yv, align, tpo::row_reduction::logsumexp_and_doubled, s.data());
         std::vector<float> g(z.size(), 123.0f);
         backend.row_gradient(zv, coefficients.data(), scored, tpo::logits_view<float>{g.data(), S, L, V});
         stats.push_back(std::move(s));
@@ -276,4 +276,49 @@ TEST_CASE("cpu backend: diffusion noise is bit-identical for 1, 2 and 4 threads"
         worst = std::max(worst, std::abs(outs[0][i] - expected[i]) / std::max(1.0f, std::abs(expected[i])));
     INFO("largest relative difference " << worst);
     CHECK(worst <= 4 * 1.2e-7f);
+}
+
+TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu][exp]") {
+    namespace cd = tpo::backend::cpu_detail;
+    using P = cd::packet_t<float>;
+    constexpr int W = static_cast<int>(cd::packet_width<float>);
+    auto exp_of = [](std::vector<float> x) {
+        x.resize((x.size() + W - 1) / W * W, 0.0f);
+        std::vector<float> y(x.size());
+        for (std::size_t i = 0; i < x.size(); i += W)
+            Eigen::internal::pstoreu(y.data() + i, cd::fast_exp(Eigen::internal::ploadu<P>(x.data() + i)));
+        return y;
+    };
+#if defined(__AVX512F__)
+    const float lowest = -104.0f;  // subnormal results are rounded, not clamped, on this path
+#else
+    const float lowest = -87.0f;   // Eigen's pexp clamps below the smallest normal
+#endif
+    std::vector<float> x;
+    for (double v = lowest; v <= 88.0; v += 1.0 / 4096) x.push_back(static_cast<float>(v));
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> inside(-0.35f, 0.35f);  // the polynomial's own interval
+    for (int k = 0; k < 200000; ++k) x.push_back(inside(rng));
+    const std::vector<float> y = exp_of(x);
+    double worst_ulps = 0;
+    float worst_at = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        const double exact = std::exp(static_cast<double>(x[i]));
+        const float e = static_cast<float>(exact);
+        // One ulp of the correctly rounded result; at the bottom of the subnormals, their spacing.
+        const double ulp = std::max(static_cast<double>(std::nextafter(e, INFINITY) - e), 0x1p-149);
+        const double ulps = std::abs(static_cast<double>(y[i]) - exact) / ulp;
+        if (ulps > worst_ulps) {
+            worst_ulps = ulps;
+            worst_at = x[i];
+        }
+    }
+    INFO("worst: " << worst_ulps << " ulps at x = " << worst_at);
+    CHECK(worst_ulps <= 2.0);
+    CHECK(exp_of({0.0f})[0] == 1.0f);
+    CHECK(std::isnan(exp_of({std::nanf("")})[0]));
+#if defined(__AVX512F__)
+    CHECK(exp_of({-INFINITY})[0] == 0.0f);
+    CHECK(exp_of({-120.0f})[0] == 0.0f);
+#endif
 }

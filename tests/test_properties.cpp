@@ -233,3 +233,24 @@ TEST_CASE("results do not depend on the batch order", "[property]") {
         }
     });
 }
+
+TEST_CASE("reading the noisy logits at the label only changes no bit of a result", "[property]") {
+    rc::prop("check_unused_logits on and off agree exactly on finite inputs", [] {
+        const random_case c = *gen_case();
+        const auto data = make(c, *rc::gen::element(1.0, 30.0));
+        tpo::objective_options strict = gen_options();
+        tpo::objective_options lean = strict;
+        lean.check_unused_logits = false;
+        tested_backend backend;
+        gradient_data<double> gs(data), gl(data);
+        auto vs = gs.views();
+        auto vl = gl.views();
+        const auto a = tpo::evaluate(backend, strict, data.batch(), &vs);
+        const auto b = tpo::evaluate(backend, lean, data.batch(), &vl);
+        RC_ASSERT(a.loss == b.loss);
+        RC_ASSERT(a.losses == b.losses);
+        RC_ASSERT(a.mean_visual_score_chosen == b.mean_visual_score_chosen);
+        RC_ASSERT(a.mean_visual_score_rejected == b.mean_visual_score_rejected);
+        for (int k = 0; k < 4; ++k) RC_ASSERT(gs.tensor(k) == gl.tensor(k));
+    });
+}

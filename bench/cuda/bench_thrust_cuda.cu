@@ -150,7 +150,7 @@ void run(const workload& w, cudaStream_t stream, double copy_bw, int repeats) {
         for (int side = 0; side < 2; ++side) {
             for (int k = 0; k < 4; ++k)
                 gpu.row_statistics(z(4 * side + k), tpo::labels_view<const std::int64_t>(tpo::labels_of(labels[side], w.pairs, w.length)),
-                                   align, false, gpu.raw(stats));
+                                   align, tpo::row_reduction::logsumexp, gpu.raw(stats));
             for (int k = 0; k < 2; ++k) gpu.row_gradient(z(4 * side + k), gpu.raw(coefficients), align.scored_rows(w.length), g(2 * side + k));
         }
     };

@@ -199,9 +199,10 @@ inline int run(std::ostream& out) {
         const tpo::index_t scored = align.scored_rows(length);
         std::vector<tpo::row_stats> clean(pairs * scored), noisy_rows(pairs * scored);
         backend.row_statistics(view(d.policy), tpo::labels_view<const std::int64_t>{d.labels.data(), pairs, length},
-                               align, false, clean.data());
+                               align, tpo::row_reduction::logsumexp, clean.data());
         backend.row_statistics(view(d.policy_noisy),
-                               tpo::labels_view<const std::int64_t>{d.labels.data(), pairs, length}, align, false,
+                               tpo::labels_view<const std::int64_t>{d.labels.data(), pairs, length}, align,
+                               tpo::row_reduction::logsumexp,
                                noisy_rows.data());
         for (tpo::index_t p = 0; p < pairs; ++p) {
             out << "   pair " << p << (which == tpo::response_side::chosen ? " chosen:  " : " rejected:") << " ";

@@ -5,10 +5,12 @@
 //   raw(buffer)          the buffer's raw pointer, as functors see it
 //   to_host(buffer)      a host copy (small results only)
 //   for_each(n, f)       f(i) for i in [0, n), any order, f a host/device functor
-//   row_statistics(...)  one pass over every scored logits row: online log-sum-exp (of z and,
-//                        when asked, 2z), the label's logit, label and finiteness checks
+//   row_statistics(...)  one pass over every scored logits row doing what its row_reduction asks:
+//                        the label's logit and label check always, then a finiteness scan, the
+//                        online log-sum-exp of z, and of 2z (reward/row_stats.hpp)
 //   row_gradient(...)    one pass writing ∂L/∂z[v] = alpha·δ(v=y) − beta·exp(z[v] − lse) for every
-//                        row, zero for rows that are not scored
+//                        row, zero for rows that are not scored; rows with beta = 0 are written
+//                        without reading the logits
 //
 // Everything else (scores, weights, losses, gradient coefficients) is written once in functors
 // that run through for_each, so a new backend (CUDA, vocabulary-sharded, ...) adds these
@@ -36,7 +38,7 @@ concept tensor_backend = requires(B& b, index_t n, typename B::template buffer<d
     { b.raw(buf) } -> std::same_as<double*>;
     { b.to_host(buf) } -> std::same_as<std::vector<double>>;
     b.for_each(n, detail::concept_probe_functor{});
-    b.row_statistics(z, y, align, true, stats);
+    b.row_statistics(z, y, align, row_reduction::logsumexp, stats);
     b.row_gradient(z, coefficients, n, grad);
 };
 

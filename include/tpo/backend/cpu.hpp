@@ -83,10 +83,10 @@ public:
 
     template <class T, class I>
     void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
-                        bool with_doubled, row_stats* out) const {
+                        row_reduction reduction, row_stats* out) const {
         const index_t scored = align.scored_rows(z.length);
         const index_t rows = z.sequences * scored;
-        [[maybe_unused]] const bool parallel = use_threads(rows, z.vocab);
+        [[maybe_unused]] const bool parallel = use_threads(rows, reads_row(reduction) ? z.vocab : 1);
 #if defined(_OPENMP)
 #  pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
 #endif
@@ -102,8 +102,19 @@ public:
                 continue;
             }
             const T* row = z.row(s, t);
-            out[r] = with_doubled ? cpu_detail::row_statistics_of<true>(row, z.vocab, label)
-                                  : cpu_detail::row_statistics_of<false>(row, z.vocab, label);
+            switch (reduction) {
+            case row_reduction::label: out[r] = row_without_logsumexp(widen<double>(row[label]), 0.0, label); break;
+            case row_reduction::finiteness:
+                out[r] = row_without_logsumexp(widen<double>(row[label]), cpu_detail::finite_probe_of(row, z.vocab),
+                                               label);
+                break;
+            case row_reduction::logsumexp:
+                out[r] = cpu_detail::row_statistics_of<false>(row, z.vocab, label);
+                break;
+            case row_reduction::logsumexp_and_doubled:
+                out[r] = cpu_detail::row_statistics_of<true>(row, z.vocab, label);
+                break;
+            }
         }
     }
 

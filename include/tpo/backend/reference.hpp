@@ -36,7 +36,7 @@ public:
 
     template <class T, class I>
     void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
-                        bool with_doubled, row_stats* out) const {
+                        row_reduction reduction, row_stats* out) const {
         const index_t scored = align.scored_rows(z.length);
         for (index_t s = 0; s < z.sequences; ++s)
             for (index_t t = 0; t < scored; ++t) {
@@ -50,15 +50,17 @@ public:
                     continue;
                 }
                 const T* row = z.row(s, t);
+                const double label_logit = widen<double>(row[label]);
                 math::online_logsumexp<double> lse, lse_doubled;
                 double probe = 0;
-                for (index_t v = 0; v < z.vocab; ++v) {
+                for (index_t v = 0; v < (reads_row(reduction) ? z.vocab : 0); ++v) {
                     const double x = widen<double>(row[v]);
-                    lse.add(x);
-                    if (with_doubled) lse_doubled.add(2.0 * x);
+                    if (needs_logsumexp(reduction)) lse.add(x);
+                    if (reduction == row_reduction::logsumexp_and_doubled) lse_doubled.add(2.0 * x);
                     probe += x - x;
                 }
-                r = finish_row(lse, lse_doubled, widen<double>(row[label]), probe, label);
+                r = needs_logsumexp(reduction) ? finish_row(lse, lse_doubled, label_logit, probe, label)
+                                               : row_without_logsumexp(label_logit, probe, label);
             }
     }
 
@@ -75,7 +77,7 @@ public:
                 }
                 const T* row = z.row(s, t);
                 for (index_t v = 0; v < z.vocab; ++v) {
-                    const double p = std::exp(widen<double>(row[v]) - c->lse);
+                    const double p = c->beta == 0 ? 0.0 : std::exp(widen<double>(row[v]) - c->lse);
                     out[v] = narrow<G>((v == c->label ? c->alpha : 0.0) - c->beta * p);
                 }
             }

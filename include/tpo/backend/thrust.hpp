@@ -71,8 +71,8 @@ public:
 
     template <class T, class I>
     void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
-                        bool with_doubled, row_stats* out) const {
-        system::row_statistics(context_, z, labels, align, with_doubled, out);
+                        row_reduction reduction, row_stats* out) const {
+        system::row_statistics(context_, z, labels, align, reduction, out);
     }
 
     template <class T, class G>

@@ -238,16 +238,24 @@ private:
         state.length = s.policy.length;
         state.scored = align.scored_rows(s.policy.length);
         const index_t rows = s.policy.sequences * state.scored;
-        auto pass = [&](auto z, bool doubled) {
+        auto pass = [&](auto z, row_reduction reduction) {
             stats_buffer out = backend_.template allocate<row_stats>(rows);
-            if (rows > 0) backend_.row_statistics(z, s.labels, align, doubled, backend_.raw(out));
+            if (rows > 0) backend_.row_statistics(z, s.labels, align, reduction, backend_.raw(out));
             return out;
         };
-        state.policy = pass(s.policy, options_.use_weighting);
-        state.reference = pass(s.reference, false);
-        state.policy_noisy = noisy ? pass(s.policy_noisy, false) : stats_buffer{};
-        state.reference_noisy = noisy ? pass(s.reference_noisy, false) : stats_buffer{};
+        state.policy = pass(s.policy, options_.use_weighting ? row_reduction::logsumexp_and_doubled
+                                                             : row_reduction::logsumexp);
+        state.reference = pass(s.reference, row_reduction::logsumexp);
+        state.policy_noisy = noisy ? pass(s.policy_noisy, noisy_reduction()) : stats_buffer{};
+        state.reference_noisy = noisy ? pass(s.reference_noisy, noisy_reduction()) : stats_buffer{};
         state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
+    }
+
+    /// The noisy rows need their log-sum-exp only when the score uses probabilities.
+    row_reduction noisy_reduction() const {
+        if (options_.score != score_kind::logit) return row_reduction::logsumexp;
+        return options_.check_inputs && options_.check_unused_logits ? row_reduction::finiteness
+                                                                     : row_reduction::label;
     }
 
     loss::side_rows rows(side_state& s) {

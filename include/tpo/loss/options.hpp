@@ -49,6 +49,12 @@ struct objective_options {
 
     /// Check labels, non-finite logits and caller weights (costs one small device→host copy).
     bool check_inputs = true;
+    /// With the `logit` score the loss and its gradients depend on the noisy logits only through
+    /// z̃[y] (SPEC §5). true: every noisy row is still scanned for NaN/Inf, so a broken corrupted-image
+    /// pass is reported even where it does not change the result (one read of each noisy tensor,
+    /// no exponential). false: only the label entries of the noisy tensors are read and checked,
+    /// which saves two of the seven tensor-sized memory transfers of a TPO step.
+    bool check_unused_logits = true;
 };
 
 inline bool uses_label_smoothing(loss_type t) {

@@ -42,8 +42,8 @@ token_outputs<T> score_tokens(tpo::logits_view<const T> clean, tpo::logits_view<
     const auto rows = static_cast<std::size_t>(clean.sequences * scored);
     std::vector<tpo::row_stats> clean_stats(rows), noisy_stats(rows);
     if (rows) {
-        backend.row_statistics(clean, labels, o.alignment, false, clean_stats.data());
-        backend.row_statistics(noisy, labels, o.alignment, false, noisy_stats.data());
+        backend.row_statistics(clean, labels, o.alignment, tpo::row_reduction::logsumexp, clean_stats.data());
+        backend.row_statistics(noisy, labels, o.alignment, tpo::row_reduction::logsumexp, noisy_stats.data());
     }
     token_outputs<T> out{std::vector<T>(rows, T(0)), std::vector<T>(rows, T(0)), std::vector<T>(rows, T(0)),
                          std::vector<std::uint8_t>(rows, 0)};

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "tpo/backend/cpu/fast_exp.hpp"
 #include "tpo/backend/cpu/simd.hpp"
 #include "tpo/math/online_logsumexp.hpp"
 #include "tpo/reward/row_stats.hpp"
@@ -68,8 +69,8 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
         P s0 = zero, s1 = zero, d0 = zero, d1 = zero;
         index_t i = 0;
         for (; i + 2 * W <= full; i += 2 * W) {
-            const P e0 = ei::pexp(ei::psub(ei::ploadu<P>(x + i), shift));
-            const P e1 = ei::pexp(ei::psub(ei::ploadu<P>(x + i + W), shift));
+            const P e0 = fast_exp(ei::psub(ei::ploadu<P>(x + i), shift));
+            const P e1 = fast_exp(ei::psub(ei::ploadu<P>(x + i + W), shift));
             s0 = ei::padd(s0, e0);
             s1 = ei::padd(s1, e1);
             if constexpr (Doubled) {
@@ -78,13 +79,13 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
             }
         }
         for (; i < full; i += W) {
-            const P e = ei::pexp(ei::psub(ei::ploadu<P>(x + i), shift));
+            const P e = fast_exp(ei::psub(ei::ploadu<P>(x + i), shift));
             s0 = ei::padd(s0, e);
             if constexpr (Doubled) d0 = ei::padd(d0, ei::pmul(e, e));
         }
         if (rest > 0) {
-            // Padding lanes are zeroed rather than left to exp(−∞), which Eigen clamps to ~1e-38.
-            ei::pstore(tail, ei::pexp(ei::psub(v_tail, shift)));
+            // Padding lanes are zeroed rather than left to exp(−∞), which is not exactly 0 on every target.
+            ei::pstore(tail, fast_exp(ei::psub(v_tail, shift)));
             for (index_t k = rest; k < W; ++k) tail[k] = A(0);
             const P e = ei::pload<P>(tail);
             s1 = ei::padd(s1, e);
@@ -103,6 +104,34 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
     }
     const double finite_probe = static_cast<double>(ei::predux(probe)) + static_cast<double>(probe_tail);
     return finish_row(lse, lse_doubled, widen<double>(row[label]), finite_probe, label);
+}
+
+/// Σ (x − x) over a row: 0 unless it holds a NaN or an Inf. A read of the row and nothing else.
+template <class T>
+double finite_probe_of(const T* row, index_t vocab) {
+    using A = accumulate_t<T>;
+    using P = packet_t<A>;
+    constexpr index_t W = packet_width<A>;
+    alignas(64) A buffer[block_size];
+    P p0 = ei::pset1<P>(A(0)), p1 = p0;
+    A probe_tail = 0;
+    for (index_t start = 0; start < vocab; start += block_size) {
+        const index_t n = std::min(block_size, vocab - start);
+        const A* x = load_block(row + start, n, buffer);
+        const index_t full = n - n % W;
+        index_t i = 0;
+        for (; i + 2 * W <= full; i += 2 * W) {
+            const P v0 = ei::ploadu<P>(x + i), v1 = ei::ploadu<P>(x + i + W);
+            p0 = ei::padd(p0, ei::psub(v0, v0));
+            p1 = ei::padd(p1, ei::psub(v1, v1));
+        }
+        for (; i < full; i += W) {
+            const P v = ei::ploadu<P>(x + i);
+            p0 = ei::padd(p0, ei::psub(v, v));
+        }
+        for (; i < n; ++i) probe_tail += x[i] - x[i];
+    }
+    return static_cast<double>(ei::predux(ei::padd(p0, p1))) + static_cast<double>(probe_tail);
 }
 
 /// A row of zeros (a row that is not scored), written without reading its logits.
@@ -131,14 +160,14 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
     constexpr index_t W = packet_width<A>;
 
     const index_t label = c.label;
-    // The label's entry in double from the logit itself, as the oracle computes it.
-    const G at_label = narrow<G>(c.alpha - c.beta * std::exp(widen<double>(row[label]) - c.lse));
-    if (c.beta == 0) {
+    if (c.beta == 0) {  // the row is not read: its lse may not even have been computed
         zero_row(out, vocab, stream);
         if (stream) store_fence();
         out[label] = narrow<G>(c.alpha);
         return;
     }
+    // The label's entry in double from the logit itself, as the oracle computes it.
+    const G at_label = narrow<G>(c.alpha - c.beta * std::exp(widen<double>(row[label]) - c.lse));
 
     // lse split in two: x − hi − lo keeps the exponent's argument accurate to float epsilon
     // even when lse itself is large.
@@ -156,13 +185,13 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
         const index_t full = n - n % W;
         for (index_t i = 0; i < full; i += W) {
             const P v = ei::ploadu<P>(x + i);
-            ei::pstore(values + i, ei::pmul(minus_beta, ei::pexp(ei::psub(ei::psub(v, p_hi), p_lo))));
+            ei::pstore(values + i, ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo))));
         }
         if (full < n) {
             alignas(64) A tail[W];
             for (index_t k = 0; k < W; ++k) tail[k] = full + k < n ? x[full + k] : A(0);
             const P v = ei::pload<P>(tail);
-            ei::pstore(values + full, ei::pmul(minus_beta, ei::pexp(ei::psub(ei::psub(v, p_hi), p_lo))));
+            ei::pstore(values + full, ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo))));
         }
         G* block_out;
         if constexpr (std::is_same_v<G, A>) {

@@ -4,8 +4,9 @@
 // One row per block of 256 threads (a warp per row when V is small), so a row is read by a whole
 // block in coalesced 16-byte loads and every load is independent of the others:
 //   row_statistics_kernel  one read of the row: each thread folds its packs into an online
-//                          log-sum-exp state (thrust/row_pass.hpp: fold_run, one exponential per
-//                          value, 2z for free), CUB merges the states, one thread gathers z[y];
+//                          log-sum-exp state (thrust/row_pass.hpp: fold, one exponential per
+//                          value, 2z for free; no exponential for a finiteness scan), CUB merges
+//                          the states, one thread gathers z[y];
 //   row_gradient_kernel    one read and one write: alpha·δ(v=y) − beta·exp(z[v] − lse).
 // 16-bit inputs are read as they are (8 per load) and widened to float in registers; a softmax
 // is never stored. Reductions run in a fixed order, so identical rows give identical bits (the
@@ -66,7 +67,7 @@ __device__ TPO_FORCE_INLINE State reduce_row(const State& state, int group) {
     }
 }
 
-template <int RowThreads, bool Doubled, class T, class I>
+template <int RowThreads, row_reduction Reduction, class T, class I>
 __global__ void __launch_bounds__(block_threads)
     row_statistics_kernel(logits_view<const T> z, labels_view<const I> labels, row_alignment align, index_t scored,
                           row_stats* out) {
@@ -90,21 +91,21 @@ __global__ void __launch_bounds__(block_threads)
     Acc x[n];
     for (index_t v = lane; v < split.head; v += RowThreads) {
         x[0] = widen<Acc>(row[v]);
-        fold_run<Doubled>(state, x, 1);
+        fold<Reduction>(state, x, 1);
     }
     const auto* packs = reinterpret_cast<const pack<T, n>*>(row + split.head);
     for (index_t p = lane; p < split.packs; p += RowThreads) {
         const pack<T, n> loaded = packs[p];
 #pragma unroll
         for (int k = 0; k < n; ++k) x[k] = widen<Acc>(loaded.v[k]);
-        fold_run<Doubled>(state, x, n);
+        fold<Reduction>(state, x, n);
     }
     for (index_t v = split.tail + lane; v < z.vocab; v += RowThreads) {
         x[0] = widen<Acc>(row[v]);
-        fold_run<Doubled>(state, x, 1);
+        fold<Reduction>(state, x, 1);
     }
     const lse_state<Acc> total = reduce_row<RowThreads>(state, group);
-    if (lane == 0) out[r] = finish(total, row, label);
+    if (lane == 0) out[r] = finish<Reduction>(total, row, label);
 }
 
 template <int RowThreads, class T, class G>
@@ -121,16 +122,19 @@ __global__ void __launch_bounds__(block_threads)
     const T* row = z.row(s, t);
     G* out = grad.row(s, t);
     const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
-    // Unscored rows are written, never read.
-    const bool zero = c == nullptr || c->label < 0;
-    const C alpha = zero ? C(0) : static_cast<C>(c->alpha);
-    const C beta = zero ? C(0) : static_cast<C>(c->beta);
-    const C lse = zero ? C(0) : static_cast<C>(c->lse);
-    const index_t label = zero ? -1 : c->label;
+    // Unscored rows, and rows with beta = 0 (whose lse may not have been computed), are written,
+    // never read.
+    const bool scored_row = c != nullptr && c->label >= 0;
+    const C alpha = scored_row ? static_cast<C>(c->alpha) : C(0);
+    const C beta = scored_row ? static_cast<C>(c->beta) : C(0);
+    const C lse = scored_row ? static_cast<C>(c->lse) : C(0);
+    const index_t label = scored_row ? c->label : -1;
+    const bool zero = beta == C(0);
     auto value = [&](index_t v, T x) {
         using std::exp;
-        if (zero) return narrow<G>(C(0));
-        return narrow<G>((v == label ? alpha : C(0)) - beta * exp(widen<C>(x) - lse));
+        const C at_label = v == label ? alpha : C(0);
+        if (zero) return narrow<G>(at_label);
+        return narrow<G>(at_label - beta * exp(widen<C>(x) - lse));
     };
 
     const row_split split = split_row(row, z.vocab);

@@ -76,25 +76,40 @@ struct system<::thrust::cuda::tag> {
 
     template <class T, class I>
     static void row_statistics(cudaStream_t stream, logits_view<const T> z, labels_view<const I> labels,
-                               row_alignment align, bool with_doubled, row_stats* out) {
+                               row_alignment align, row_reduction reduction, row_stats* out) {
         const index_t scored = align.scored_rows(z.length);
         const index_t rows = z.sequences * scored;
         if (rows <= 0) return;
         cuda::require_device_accessible(z.data, "logits");
         cuda::require_device_accessible(labels.data, "labels");
+        switch (reduction) {
+        case row_reduction::label:  // one gather per row: a thread per row
+            for_each(stream, rows, row_statistics_op<T, I>{z, labels, align, scored, reduction, out});
+            return;
+        case row_reduction::finiteness:
+            launch_row_statistics<row_reduction::finiteness>(stream, z, labels, align, scored, out);
+            return;
+        case row_reduction::logsumexp:
+            launch_row_statistics<row_reduction::logsumexp>(stream, z, labels, align, scored, out);
+            return;
+        case row_reduction::logsumexp_and_doubled:
+            launch_row_statistics<row_reduction::logsumexp_and_doubled>(stream, z, labels, align, scored, out);
+            return;
+        }
+    }
+
+    template <row_reduction Reduction, class T, class I>
+    static void launch_row_statistics(cudaStream_t stream, logits_view<const T> z, labels_view<const I> labels,
+                                      row_alignment align, index_t scored, row_stats* out) {
+        const index_t rows = z.sequences * scored;
         const bool warp = cuda::use_warp_rows<T>(z.vocab);
         const unsigned int grid = cuda::grid_for(rows, warp ? 32 : cuda::block_threads);
         constexpr unsigned int block = cuda::block_threads;
-        if (warp && with_doubled)
-            cuda::row_statistics_kernel<32, true><<<grid, block, 0, stream>>>(z, labels, align, scored, out);
-        else if (warp)
-            cuda::row_statistics_kernel<32, false><<<grid, block, 0, stream>>>(z, labels, align, scored, out);
-        else if (with_doubled)
-            cuda::row_statistics_kernel<cuda::block_threads, true><<<grid, block, 0, stream>>>(z, labels, align,
-                                                                                               scored, out);
+        if (warp)
+            cuda::row_statistics_kernel<32, Reduction><<<grid, block, 0, stream>>>(z, labels, align, scored, out);
         else
-            cuda::row_statistics_kernel<cuda::block_threads, false><<<grid, block, 0, stream>>>(z, labels, align,
-                                                                                                scored, out);
+            cuda::row_statistics_kernel<cuda::block_threads, Reduction>
+                <<<grid, block, 0, stream>>>(z, labels, align, scored, out);
         cuda::check(cudaGetLastError(), "launch of the row statistics kernel");
     }
 

@@ -77,11 +77,12 @@ struct host_system {
 
     template <class T, class I>
     static void row_statistics(no_context, logits_view<const T> z, labels_view<const I> labels,
-                               row_alignment align, bool with_doubled, row_stats* out) {
+                               row_alignment align, row_reduction reduction, row_stats* out) {
         const index_t scored = align.scored_rows(z.length);
         const index_t rows = z.sequences * scored;
-        run(rows, row_statistics_op<T, I>{z, labels, align, scored, with_doubled, out},
-            rows > 1 && rows * z.vocab >= parallel_elements);
+        const index_t read_per_row = reads_row(reduction) ? z.vocab : 1;
+        run(rows, row_statistics_op<T, I>{z, labels, align, scored, reduction, out},
+            rows > 1 && rows * read_per_row >= parallel_elements);
     }
 
     template <class T, class G>

@@ -94,11 +94,27 @@ TPO_HOST_DEVICE TPO_FORCE_INLINE void fold_run(lse_state<Acc>& state, const Acc*
     }
 }
 
+/// Folds n widened values into `state` as the reduction asks: the finiteness probe alone, or the
+/// log-sum-exp (and that of 2z) with it.
+template <row_reduction Reduction, class Acc>
+TPO_HOST_DEVICE TPO_FORCE_INLINE void fold(lse_state<Acc>& state, const Acc* x, int n) {
+    if constexpr (Reduction == row_reduction::finiteness) {
+        Acc probe = Acc(0);
+        for (int k = 0; k < n; ++k) probe += x[k] - x[k];
+        state.probe += probe;
+    } else {
+        fold_run<Reduction == row_reduction::logsumexp_and_doubled>(state, x, n);
+    }
+}
+
 /// A row's statistics from its accumulated state (finish_row decides the status).
-template <class Acc, class T>
+template <row_reduction Reduction, class Acc, class T>
 TPO_HOST_DEVICE TPO_FORCE_INLINE row_stats finish(const lse_state<Acc>& state, const T* row, std::int64_t label) {
     const lse_state<double> w = state.widened();
-    return finish_row(w.lse, w.doubled, widen<double>(row[label]), w.probe, label);
+    if constexpr (needs_logsumexp(Reduction))
+        return finish_row(w.lse, w.doubled, widen<double>(row[label]), w.probe, label);
+    else
+        return row_without_logsumexp(widen<double>(row[label]), w.probe, label);
 }
 
 /// The status-only statistics of a row that is not read (masked or out-of-range label).
@@ -120,7 +136,7 @@ struct row_statistics_op {
     labels_view<const I> labels;
     row_alignment align;
     index_t scored;
-    bool with_doubled;
+    row_reduction reduction;
     row_stats* out;
 
     TPO_HOST_DEVICE void operator()(index_t r) const {
@@ -132,11 +148,18 @@ struct row_statistics_op {
             return;
         }
         const T* row = z.row(s, t);
-        out[r] = with_doubled ? finish(accumulate<true>(row), row, label) : finish(accumulate<false>(row), row, label);
+        switch (reduction) {
+        case row_reduction::label: out[r] = row_without_logsumexp(widen<double>(row[label]), 0.0, label); break;
+        case row_reduction::finiteness: out[r] = statistics<row_reduction::finiteness>(row, label); break;
+        case row_reduction::logsumexp: out[r] = statistics<row_reduction::logsumexp>(row, label); break;
+        case row_reduction::logsumexp_and_doubled:
+            out[r] = statistics<row_reduction::logsumexp_and_doubled>(row, label);
+            break;
+        }
     }
 
-    template <bool Doubled>
-    TPO_HOST_DEVICE lse_state<double> accumulate(const T* row) const {
+    template <row_reduction Reduction>
+    TPO_HOST_DEVICE row_stats statistics(const T* row, std::int64_t label) const {
         using Acc = accumulate_t<T>;
         lse_state<double> total;
         Acc x[run_length];
@@ -147,11 +170,11 @@ struct row_statistics_op {
             for (index_t v = chunk; v < chunk_end; v += run_length) {
                 const int n = chunk_end - v < run_length ? static_cast<int>(chunk_end - v) : run_length;
                 for (int k = 0; k < n; ++k) x[k] = widen<Acc>(row[v + k]);
-                fold_run<Doubled>(partial, x, n);
+                fold<Reduction>(partial, x, n);
             }
             total.merge(partial.widened());
         }
-        return total;
+        return finish<Reduction>(total, row, label);
     }
 };
 
@@ -171,6 +194,11 @@ struct row_gradient_op {
         const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
         if (!c || c->label < 0) {
             for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(C(0));
+            return;
+        }
+        if (c->beta == 0) {  // written without reading the row: its lse may not have been computed
+            for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(C(0));
+            out[c->label] = narrow<G>(static_cast<C>(c->alpha));
             return;
         }
         const T* row = z.row(s, t);
