@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include <tpo/backend/cpu.hpp>
@@ -321,4 +322,48 @@ TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu]
     CHECK(exp_of({-INFINITY})[0] == 0.0f);
     CHECK(exp_of({-120.0f})[0] == 0.0f);
 #endif
+}
+
+TEST_CASE("the fused pass over a clean and a noisy tensor equals two separate passes, bit for bit", "[cpu][pair]") {
+    std::mt19937_64 rng(21);
+    const index_t S = 3, L = 9, V = 2500;  // V spans three blocks, the last one partial
+    auto check = [&](const auto& clean, const auto& noisy, const std::vector<std::int64_t>& labels) {
+        using T = typename std::decay_t<decltype(clean)>::value_type;
+        const tpo::logits_view<const T> zc{clean.data(), S, L, V}, zn{noisy.data(), S, L, V};
+        const tpo::labels_view<const std::int64_t> y{labels.data(), S, L};
+        using R = tpo::row_reduction;
+        for (int threads : {1, 2}) {
+            tpo::backend::cpu backend(threads);
+            for (R first : {R::label, R::finiteness, R::logsumexp, R::logsumexp_and_doubled})
+                for (R second : {R::label, R::finiteness, R::logsumexp, R::logsumexp_and_doubled}) {
+                    INFO("reductions " << static_cast<int>(first) << ", " << static_cast<int>(second) << ", threads "
+                                       << threads << ", element " << tpo::element_name<T>());
+                    const tpo::row_alignment align{};
+                    const auto rows = static_cast<std::size_t>(S * align.scored_rows(L));
+                    std::vector<tpo::row_stats> a(rows), b(rows), c(rows), d(rows);
+                    backend.row_statistics_pair(zc, first, a.data(), zn, second, b.data(), y, align);
+                    backend.row_statistics(zc, y, align, first, c.data());
+                    backend.row_statistics(zn, y, align, second, d.data());
+                    CHECK(same_bits(a, c));
+                    CHECK(same_bits(b, d));
+                }
+        }
+    };
+    std::normal_distribution<float> normal(0.0f, 4.0f);
+    std::vector<float> clean(static_cast<std::size_t>(S * L * V)), noisy(clean.size());
+    for (auto& x : clean) x = normal(rng);
+    for (auto& x : noisy) x = normal(rng);
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(S * L));
+    for (auto& y : labels) y = static_cast<std::int64_t>(rng() % V);
+    labels[4] = -100;
+    labels[7] = V + 3;  // out of range: a status, not a read
+    noisy[(0 * L + 2) * V + 1700] = std::numeric_limits<float>::quiet_NaN();
+    clean[(1 * L + 5) * V + 10] = std::numeric_limits<float>::infinity();
+    check(clean, noisy, labels);
+    std::vector<tpo::bfloat16> clean16(clean.size()), noisy16(noisy.size());
+    for (std::size_t i = 0; i < clean.size(); ++i) {
+        clean16[i] = tpo::narrow<tpo::bfloat16>(clean[i]);
+        noisy16[i] = tpo::narrow<tpo::bfloat16>(noisy[i]);
+    }
+    check(clean16, noisy16, labels);
 }

@@ -42,4 +42,14 @@ concept tensor_backend = requires(B& b, index_t n, typename B::template buffer<d
     b.row_gradient(z, coefficients, n, grad);
 };
 
+/// Optional: a backend that can read two tensors of one shape (a model's clean and noisy logits)
+/// in one pass provides row_statistics_pair, with results equal to two row_statistics calls;
+/// the objective uses it when present.
+template <class B, class T, class U, class I>
+concept fused_row_statistics = requires(B& b, logits_view<const T> first, logits_view<const U> second,
+                                        labels_view<const I> y, row_alignment align, row_reduction r,
+                                        row_stats* stats) {
+    b.row_statistics_pair(first, r, stats, second, r, stats, y, align);
+};
+
 TPO_END_NAMESPACE

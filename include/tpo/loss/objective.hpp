@@ -243,11 +243,31 @@ private:
             if (rows > 0) backend_.row_statistics(z, s.labels, align, reduction, backend_.raw(out));
             return out;
         };
-        state.policy = pass(s.policy, options_.use_weighting ? row_reduction::logsumexp_and_doubled
-                                                             : row_reduction::logsumexp);
-        state.reference = pass(s.reference, row_reduction::logsumexp);
-        state.policy_noisy = noisy ? pass(s.policy_noisy, noisy_reduction()) : stats_buffer{};
-        state.reference_noisy = noisy ? pass(s.reference_noisy, noisy_reduction()) : stats_buffer{};
+        // A model's clean and noisy logits in one pass where the backend can fuse them.
+        auto pair = [&]<class Z>(logits_view<const Z> clean, row_reduction clean_reduction, stats_buffer& clean_out,
+                                 logits_view<const Z> noisy_z, stats_buffer& noisy_out) {
+            if constexpr (fused_row_statistics<B, Z, Z, I>) {
+                clean_out = backend_.template allocate<row_stats>(rows);
+                noisy_out = backend_.template allocate<row_stats>(rows);
+                if (rows > 0)
+                    backend_.row_statistics_pair(clean, clean_reduction, backend_.raw(clean_out), noisy_z,
+                                                 noisy_reduction(), backend_.raw(noisy_out), s.labels, align);
+            } else {
+                clean_out = pass(clean, clean_reduction);
+                noisy_out = pass(noisy_z, noisy_reduction());
+            }
+        };
+        const row_reduction policy_reduction =
+            options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
+        if (noisy) {
+            pair(s.policy, policy_reduction, state.policy, s.policy_noisy, state.policy_noisy);
+            pair(s.reference, row_reduction::logsumexp, state.reference, s.reference_noisy, state.reference_noisy);
+        } else {
+            state.policy = pass(s.policy, policy_reduction);
+            state.reference = pass(s.reference, row_reduction::logsumexp);
+            state.policy_noisy = stats_buffer{};
+            state.reference_noisy = stats_buffer{};
+        }
         state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
     }
 

@@ -3,7 +3,7 @@
 //
 // A row is read block by block (cpu_detail::block_size elements, which stay in L1): one sweep of
 // the block finds its maximum and probes for NaN/Inf, a second sweep over the cached block sums
-// exp(x − running max). The running state is the online log-sum-exp of SPEC §3.1 taken per block,
+// exp(x − running max) (row_accumulator). The running state is the online log-sum-exp of SPEC §3.1 taken per block,
 // so there is one exponential per element and memory is read once. Block sums accumulate in the
 // element's accumulation type (float for 16/32-bit inputs, a few hundred terms per lane) and the
 // row total in double, so rows of 150k entries keep float-epsilon accuracy.
@@ -25,46 +25,98 @@ namespace backend::cpu_detail {
 
 namespace ei = Eigen::internal;
 
-/// Log-sum-exp of z (and of 2z when Doubled), the label's logit and the finiteness probe of one row.
-template <bool Doubled, class T>
-row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
+/// What a row pass accumulates, block by block, for one row_reduction: nothing for `label`, the
+/// finiteness probe for `finiteness`, the online log-sum-exp (of z, and of 2z) with the probe
+/// otherwise. Blocks arrive in order and each is reduced in a fixed order, so a row's result does
+/// not depend on whether its blocks were interleaved with another row's (row_pair_statistics).
+template <row_reduction Reduction, class T>
+class row_accumulator {
     using A = accumulate_t<T>;
     using P = packet_t<A>;
-    constexpr index_t W = packet_width<A>;
-    constexpr A neg_inf = -std::numeric_limits<A>::infinity();
+    static constexpr index_t W = packet_width<A>;
+    static constexpr bool doubled = Reduction == row_reduction::logsumexp_and_doubled;
+    static constexpr A neg_inf = -std::numeric_limits<A>::infinity();
 
-    alignas(64) A buffer[block_size];
-    alignas(64) A tail[W];
-    A running_max = neg_inf;
-    double sum = 0, sum_doubled = 0;  // Σ exp(x − max), Σ exp(2x − 2·max)
-    P probe = ei::pset1<P>(A(0));
-    A probe_tail = 0;
+public:
+    /// Folds elements [start, start + n) of the row, n ≤ block_size.
+    void add(const T* row, index_t start, index_t n) {
+        if constexpr (Reduction == row_reduction::label) {
+            return;
+        } else {
+            const A* x = load_block(row + start, n, buffer_);
+            if constexpr (Reduction == row_reduction::finiteness)
+                add_probe(x, n);
+            else
+                add_logsumexp(x, n);
+        }
+    }
 
-    for (index_t start = 0; start < vocab; start += block_size) {
-        const index_t n = std::min(block_size, vocab - start);
-        const A* x = load_block(row + start, n, buffer);
+    row_stats finish(const T* row, std::int64_t label) const {
+        const double label_logit = widen<double>(row[label]);
+        const double probe = static_cast<double>(ei::predux(probe_)) + static_cast<double>(probe_tail_);
+        if constexpr (!needs_logsumexp(Reduction)) {
+            return row_without_logsumexp(label_logit, probe, label);
+        } else {
+            math::online_logsumexp<double> lse, lse_doubled;
+            lse.max = static_cast<double>(running_max_);
+            lse.sum = sum_;
+            if constexpr (doubled) {
+                lse_doubled.max = 2.0 * static_cast<double>(running_max_);
+                lse_doubled.sum = sum_doubled_;
+            }
+            return finish_row(lse, lse_doubled, label_logit, probe, label);
+        }
+    }
+
+private:
+    // Packet members are may_alias types: every reduction runs on locals, stored back once per block.
+    void add_probe(const A* x, index_t n) {
+        const index_t full = n - n % W;
+        P p0 = probe_, p1 = ei::pset1<P>(A(0));
+        index_t i = 0;
+        for (; i + 2 * W <= full; i += 2 * W) {
+            const P v0 = ei::ploadu<P>(x + i), v1 = ei::ploadu<P>(x + i + W);
+            p0 = ei::padd(p0, ei::psub(v0, v0));  // 0 unless v holds a NaN or an Inf
+            p1 = ei::padd(p1, ei::psub(v1, v1));
+        }
+        for (; i < full; i += W) {
+            const P v = ei::ploadu<P>(x + i);
+            p0 = ei::padd(p0, ei::psub(v, v));
+        }
+        probe_ = ei::padd(p0, p1);
+        A tail_probe = probe_tail_;
+        for (; i < n; ++i) tail_probe += x[i] - x[i];
+        probe_tail_ = tail_probe;
+    }
+
+    // One sweep of the cached block finds its maximum and probes for NaN/Inf, a second sums
+    // exp(x − running max): one exponential per element, memory read once.
+    void add_logsumexp(const A* x, index_t n) {
+        alignas(64) A tail[W];
         const index_t full = n - n % W;
         const index_t rest = n - full;
         for (index_t k = 0; k < W; ++k) tail[k] = k < rest ? x[full + k] : neg_inf;
 
         P block_max = ei::pset1<P>(neg_inf);
+        P probe = probe_;
         for (index_t i = 0; i < full; i += W) {
             const P v = ei::ploadu<P>(x + i);
             block_max = ei::pmax(block_max, v);
-            probe = ei::padd(probe, ei::psub(v, v));  // 0 unless v holds a NaN or an Inf
+            probe = ei::padd(probe, ei::psub(v, v));
         }
-        for (index_t k = 0; k < rest; ++k) probe_tail += tail[k] - tail[k];
+        probe_ = probe;
+        for (index_t k = 0; k < rest; ++k) probe_tail_ += tail[k] - tail[k];
         const P v_tail = ei::pload<P>(tail);
         block_max = ei::pmax(block_max, v_tail);
         const A m = ei::predux_max(block_max);
-        if (m > running_max) {
-            const double scale = std::exp(static_cast<double>(running_max) - static_cast<double>(m));
-            sum *= scale;
-            sum_doubled *= scale * scale;
-            running_max = m;
+        if (m > running_max_) {
+            const double scale = std::exp(static_cast<double>(running_max_) - static_cast<double>(m));
+            sum_ *= scale;
+            sum_doubled_ *= scale * scale;
+            running_max_ = m;
         }
 
-        const P shift = ei::pset1<P>(running_max);
+        const P shift = ei::pset1<P>(running_max_);
         const P zero = ei::pset1<P>(A(0));
         P s0 = zero, s1 = zero, d0 = zero, d1 = zero;
         index_t i = 0;
@@ -73,7 +125,7 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
             const P e1 = fast_exp(ei::psub(ei::ploadu<P>(x + i + W), shift));
             s0 = ei::padd(s0, e0);
             s1 = ei::padd(s1, e1);
-            if constexpr (Doubled) {
+            if constexpr (doubled) {
                 d0 = ei::padd(d0, ei::pmul(e0, e0));
                 d1 = ei::padd(d1, ei::pmul(e1, e1));
             }
@@ -81,7 +133,7 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
         for (; i < full; i += W) {
             const P e = fast_exp(ei::psub(ei::ploadu<P>(x + i), shift));
             s0 = ei::padd(s0, e);
-            if constexpr (Doubled) d0 = ei::padd(d0, ei::pmul(e, e));
+            if constexpr (doubled) d0 = ei::padd(d0, ei::pmul(e, e));
         }
         if (rest > 0) {
             // Padding lanes are zeroed rather than left to exp(−∞), which is not exactly 0 on every target.
@@ -89,49 +141,53 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
             for (index_t k = rest; k < W; ++k) tail[k] = A(0);
             const P e = ei::pload<P>(tail);
             s1 = ei::padd(s1, e);
-            if constexpr (Doubled) d1 = ei::padd(d1, ei::pmul(e, e));
+            if constexpr (doubled) d1 = ei::padd(d1, ei::pmul(e, e));
         }
-        sum += static_cast<double>(ei::predux(ei::padd(s0, s1)));
-        if constexpr (Doubled) sum_doubled += static_cast<double>(ei::predux(ei::padd(d0, d1)));
+        sum_ += static_cast<double>(ei::predux(ei::padd(s0, s1)));
+        if constexpr (doubled) sum_doubled_ += static_cast<double>(ei::predux(ei::padd(d0, d1)));
     }
 
-    math::online_logsumexp<double> lse, lse_doubled;
-    lse.max = static_cast<double>(running_max);
-    lse.sum = sum;
-    if constexpr (Doubled) {
-        lse_doubled.max = 2.0 * static_cast<double>(running_max);
-        lse_doubled.sum = sum_doubled;
-    }
-    const double finite_probe = static_cast<double>(ei::predux(probe)) + static_cast<double>(probe_tail);
-    return finish_row(lse, lse_doubled, widen<double>(row[label]), finite_probe, label);
+    alignas(64) A buffer_[std::is_same_v<T, A> ? 1 : block_size];  // widened 16-bit block
+    A running_max_ = neg_inf;
+    double sum_ = 0, sum_doubled_ = 0;  // Σ exp(x − max), Σ exp(2x − 2·max)
+    P probe_ = ei::pset1<P>(A(0));
+    A probe_tail_ = 0;
+};
+
+/// One row's statistics for `Reduction`.
+template <row_reduction Reduction, class T>
+row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
+    row_accumulator<Reduction, T> acc;
+    for (index_t start = 0; start < vocab; start += block_size) acc.add(row, start, std::min(block_size, vocab - start));
+    return acc.finish(row, label);
 }
 
-/// Σ (x − x) over a row: 0 unless it holds a NaN or an Inf. A read of the row and nothing else.
-template <class T>
-double finite_probe_of(const T* row, index_t vocab) {
-    using A = accumulate_t<T>;
-    using P = packet_t<A>;
-    constexpr index_t W = packet_width<A>;
-    alignas(64) A buffer[block_size];
-    P p0 = ei::pset1<P>(A(0)), p1 = p0;
-    A probe_tail = 0;
+/// The statistics of two rows of the same length in one pass, their blocks interleaved: the row
+/// whose pass is bound by exponentials (the clean logits) and the row that is mostly read (the
+/// noisy logits' finiteness scan) share the time, instead of the core waiting on one and then
+/// on the memory for the other. Results are those of row_statistics_of, bit for bit.
+template <row_reduction First, row_reduction Second, class T, class U>
+void row_pair_statistics_of(const T* first, const U* second, index_t vocab, std::int64_t label, row_stats& first_out,
+                            row_stats& second_out) {
+    row_accumulator<First, T> a;
+    row_accumulator<Second, U> b;
     for (index_t start = 0; start < vocab; start += block_size) {
         const index_t n = std::min(block_size, vocab - start);
-        const A* x = load_block(row + start, n, buffer);
-        const index_t full = n - n % W;
-        index_t i = 0;
-        for (; i + 2 * W <= full; i += 2 * W) {
-            const P v0 = ei::ploadu<P>(x + i), v1 = ei::ploadu<P>(x + i + W);
-            p0 = ei::padd(p0, ei::psub(v0, v0));
-            p1 = ei::padd(p1, ei::psub(v1, v1));
+#if defined(__SSE2__)
+        if (start + block_size < vocab) {
+            const char* next_a = reinterpret_cast<const char*>(first + start + block_size);
+            const char* next_b = reinterpret_cast<const char*>(second + start + block_size);
+            const index_t bytes_a = std::min(block_size, vocab - start - block_size) * static_cast<index_t>(sizeof(T));
+            const index_t bytes_b = std::min(block_size, vocab - start - block_size) * static_cast<index_t>(sizeof(U));
+            for (index_t k = 0; k < bytes_b; k += 64) _mm_prefetch(next_b + k, _MM_HINT_T0);
+            for (index_t k = 0; k < bytes_a; k += 64) _mm_prefetch(next_a + k, _MM_HINT_T0);
         }
-        for (; i < full; i += W) {
-            const P v = ei::ploadu<P>(x + i);
-            p0 = ei::padd(p0, ei::psub(v, v));
-        }
-        for (; i < n; ++i) probe_tail += x[i] - x[i];
+#endif
+        a.add(first, start, n);
+        b.add(second, start, n);
     }
-    return static_cast<double>(ei::predux(ei::padd(p0, p1))) + static_cast<double>(probe_tail);
+    first_out = a.finish(first, label);
+    second_out = b.finish(second, label);
 }
 
 /// A row of zeros (a row that is not scored), written without reading its logits.
