@@ -243,25 +243,13 @@ private:
             if (rows > 0) backend_.row_statistics(z, s.labels, align, reduction, backend_.raw(out));
             return out;
         };
-        // A model's clean and noisy logits in one pass where the backend can fuse them.
-        auto pair = [&]<class Z>(logits_view<const Z> clean, row_reduction clean_reduction, stats_buffer& clean_out,
-                                 logits_view<const Z> noisy_z, stats_buffer& noisy_out) {
-            if constexpr (fused_row_statistics<B, Z, Z, I>) {
-                clean_out = backend_.template allocate<row_stats>(rows);
-                noisy_out = backend_.template allocate<row_stats>(rows);
-                if (rows > 0)
-                    backend_.row_statistics_pair(clean, clean_reduction, backend_.raw(clean_out), noisy_z,
-                                                 noisy_reduction(), backend_.raw(noisy_out), s.labels, align);
-            } else {
-                clean_out = pass(clean, clean_reduction);
-                noisy_out = pass(noisy_z, noisy_reduction());
-            }
-        };
         const row_reduction policy_reduction =
             options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
         if (noisy) {
-            pair(s.policy, policy_reduction, state.policy, s.policy_noisy, state.policy_noisy);
-            pair(s.reference, row_reduction::logsumexp, state.reference, s.reference_noisy, state.reference_noisy);
+            clean_and_noisy(s.policy, policy_reduction, state.policy, s.policy_noisy, state.policy_noisy, s.labels,
+                            rows);
+            clean_and_noisy(s.reference, row_reduction::logsumexp, state.reference, s.reference_noisy,
+                            state.reference_noisy, s.labels, rows);
         } else {
             state.policy = pass(s.policy, policy_reduction);
             state.reference = pass(s.reference, row_reduction::logsumexp);
@@ -269,6 +257,24 @@ private:
             state.reference_noisy = stats_buffer{};
         }
         state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
+    }
+
+    /// A model's clean and noisy logits, in one pass where the backend can fuse them.
+    template <class Z, class I>
+    void clean_and_noisy(logits_view<const Z> clean, row_reduction clean_reduction, stats_buffer& clean_out,
+                         logits_view<const Z> noisy, stats_buffer& noisy_out, labels_view<const I> labels,
+                         index_t rows) {
+        const row_alignment align = options_.alignment;
+        clean_out = backend_.template allocate<row_stats>(rows);
+        noisy_out = backend_.template allocate<row_stats>(rows);
+        if (rows == 0) return;
+        if constexpr (fused_row_statistics<B, Z, Z, I>) {
+            backend_.row_statistics_pair(clean, clean_reduction, backend_.raw(clean_out), noisy, noisy_reduction(),
+                                         backend_.raw(noisy_out), labels, align);
+        } else {
+            backend_.row_statistics(clean, labels, align, clean_reduction, backend_.raw(clean_out));
+            backend_.row_statistics(noisy, labels, align, noisy_reduction(), backend_.raw(noisy_out));
+        }
     }
 
     /// The noisy rows need their log-sum-exp only when the score uses probabilities.
