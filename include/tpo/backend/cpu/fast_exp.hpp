@@ -1,7 +1,7 @@
 #pragma once
 // The float exponential of the CPU backend's row kernels. Every logit costs one exponential, and
 // on one core the exponentials, not memory, bound the row passes; so where AVX-512 is available
-// the kernels use this 12-instruction form instead of Eigen's pexp (18 instructions):
+// the kernels use this 12-instruction form instead of Eigen's pexp (about 18):
 //
 //   n = round(x / ln 2), r = x − n·ln 2 (two-part ln 2, |r| ≤ ln2/2),
 //   exp(x) = 2^n · p(r) with p a degree-6 polynomial, p(0) = 1, and 2^n applied by vscalefps,

@@ -1,12 +1,13 @@
 #pragma once
 // The two O(V) row kernels of the CPU backend, vectorised with Eigen's packet math.
 //
-// A row is read block by block (cpu_detail::block_size elements, which stay in L1): one sweep of
-// the block finds its maximum and probes for NaN/Inf, a second sweep over the cached block sums
-// exp(x − running max) (row_accumulator). The running state is the online log-sum-exp of SPEC §3.1 taken per block,
-// so there is one exponential per element and memory is read once. Block sums accumulate in the
-// element's accumulation type (float for 16/32-bit inputs, a few hundred terms per lane) and the
-// row total in double, so rows of 150k entries keep float-epsilon accuracy.
+// A row is read block by block (cpu_detail::block_size elements, which stay in L1) by a
+// row_accumulator: one sweep of the block finds its maximum and probes for NaN/Inf, a second sweep
+// over the cached block sums exp(x − running max). The running state is the online log-sum-exp of
+// SPEC §3.1 taken per block, so there is one exponential per element and memory is read once.
+// Block sums accumulate in the element's accumulation type (float for 16/32-bit inputs, a few
+// hundred terms per lane) and the row total in double, so rows of 150k entries keep float-epsilon
+// accuracy.
 //
 // Every reduction runs in a fixed order inside one row, and rows never share state: results are
 // bit-identical whatever the thread count.
