@@ -60,7 +60,8 @@ TPO_HOST_DEVICE inline row_status classify_label(std::int64_t label, index_t voc
     return row_status::ok;
 }
 
-/// The statistics of a row taken without its log-sum-exp (row_reduction::label or ::finiteness).
+/// The statistics of a row taken without its log-sum-exp (row_reduction::label or
+/// row_reduction::finiteness).
 /// `finite_probe` is Σ (x − x) over the entries that were read (0 when only z[y] was).
 TPO_HOST_DEVICE inline row_stats row_without_logsumexp(double label_logit, double finite_probe, std::int64_t label) {
     row_stats r;
