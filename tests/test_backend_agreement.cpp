@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "support/agreement.hpp"
 #include "support/batch.hpp"
 #include "support/tested_backend.hpp"
 
@@ -19,14 +20,6 @@ namespace {
 template <class T>
 constexpr double tolerance() {
     return std::is_same_v<T, double> ? 1e-12 : 2e-5;
-}
-
-void check_close(const std::vector<double>& a, const std::vector<double>& b, double tol, const char* what) {
-    REQUIRE(a.size() == b.size());
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        INFO(what << "[" << i << "]: " << a[i] << " vs reference " << b[i]);
-        CHECK(std::abs(a[i] - b[i]) <= tol * std::max(1.0, std::abs(b[i])));
-    }
 }
 
 template <class G>
@@ -45,34 +38,6 @@ void check_gradient_close(const std::vector<G>& a, const std::vector<G>& b, doub
     }
     INFO(what << ": worst difference " << worst << " at " << at << ", gradient scale " << scale);
     CHECK(worst <= tol * std::max(scale, 1e-30));
-}
-
-std::vector<std::pair<const char*, tpo::objective_options>> option_cases() {
-    std::vector<std::pair<const char*, tpo::objective_options>> cases;
-    tpo::objective_options o;
-    cases.emplace_back("tpo default", o);
-    o.check_unused_logits = false;
-    cases.emplace_back("tpo default, noisy rows read at the label only", o);
-    o = {};
-    o.score = tpo::score_kind::prob;
-    o.form = tpo::sequence_form::multiplicative;
-    cases.emplace_back("tpo prob multiplicative", o);
-    o = {};
-    o.score = tpo::score_kind::logprob;
-    o.use_weighting = true;
-    o.ld_alpha = 0.5;
-    o.average = true;
-    cases.emplace_back("tpo logprob wpo ld average", o);
-    o = {};
-    o.weighting = tpo::token_weighting::none;
-    o.losses = {{tpo::loss_type::sigmoid, 0.8}, {tpo::loss_type::bco_pair, 0.2}, {tpo::loss_type::sft, 1.0}};
-    cases.emplace_back("dpo mpo", o);
-    o = {};
-    o.weighting = tpo::token_weighting::caller;
-    o.form = tpo::sequence_form::multiplicative;
-    o.alignment.shift = false;
-    cases.emplace_back("caller weights no shift", o);
-    return cases;
 }
 
 template <class T, class G>

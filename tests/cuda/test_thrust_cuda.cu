@@ -19,6 +19,7 @@
 #include <tpo/backend/thrust.hpp>
 #include <tpo/tpo.hpp>
 
+#include "support/agreement.hpp"
 #include "support/batch.hpp"
 
 using namespace tpo_test;
@@ -76,39 +77,6 @@ struct device_gradients {
         return h;
     }
 };
-
-std::vector<std::pair<const char*, tpo::objective_options>> option_cases() {
-    std::vector<std::pair<const char*, tpo::objective_options>> cases;
-    tpo::objective_options o;
-    cases.emplace_back("tpo default", o);
-    o.score = tpo::score_kind::prob;
-    o.form = tpo::sequence_form::multiplicative;
-    cases.emplace_back("tpo prob multiplicative", o);
-    o = {};
-    o.score = tpo::score_kind::logprob;
-    o.use_weighting = true;
-    o.ld_alpha = 0.5;
-    o.average = true;
-    cases.emplace_back("tpo logprob wpo ld average", o);
-    o = {};
-    o.weighting = tpo::token_weighting::none;
-    o.losses = {{tpo::loss_type::sigmoid, 0.8}, {tpo::loss_type::bco_pair, 0.2}, {tpo::loss_type::sft, 1.0}};
-    cases.emplace_back("dpo mpo", o);
-    o = {};
-    o.weighting = tpo::token_weighting::caller;
-    o.alignment.shift = false;
-    o.losses = {{tpo::loss_type::aot, 1.0}};
-    cases.emplace_back("caller weights no shift aot", o);
-    return cases;
-}
-
-void check_close(const std::vector<double>& a, const std::vector<double>& b, double tol, const char* what) {
-    REQUIRE(a.size() == b.size());
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        INFO(what << "[" << i << "]: " << a[i] << " vs reference " << b[i]);
-        CHECK(std::abs(a[i] - b[i]) <= tol * std::max(1.0, std::abs(b[i])));
-    }
-}
 
 template <class T, class G>
 void agree_on(std::mt19937_64& rng, index_t vocab, index_t length) {
