@@ -43,7 +43,9 @@ constexpr const char* dtype_name() {
     return std::is_same_v<T, float> ? "fp32" : "bf16";
 }
 
-template <class T>
+// One logits tensor reduced as `Reduction` asks: the log-sum-exp pass of the clean logits, or the
+// NaN/Inf scan the noisy logits get under the logit score.
+template <class T, tpo::row_reduction Reduction>
 void row_statistics(benchmark::State& state) {
     auto& w = workload_for<T>(state.range(0));
     tpo::backend::cpu backend(static_cast<int>(state.range(1)));
@@ -51,10 +53,31 @@ void row_statistics(benchmark::State& state) {
     const tpo::logits_view<const T> z{w.roles[0].data(), w.dims.sequences, w.dims.length, w.dims.vocab};
     const tpo::labels_view<const std::int64_t> y{w.labels.data(), w.dims.sequences, w.dims.length};
     for (auto _ : state) {
-        backend.row_statistics(z, y, tpo::row_alignment{}, tpo::row_reduction::logsumexp, stats.data());
+        backend.row_statistics(z, y, tpo::row_alignment{}, Reduction, stats.data());
         benchmark::DoNotOptimize(stats.data());
     }
     state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(z.size() * sizeof(T)));
+    label(state, w.dims, dtype_name<T>());
+}
+
+// A model's clean (log-sum-exp) and noisy (scan) logits in the one pass the forward uses; compare
+// with the two row_statistics figures.
+template <class T>
+void row_statistics_pair(benchmark::State& state) {
+    auto& w = workload_for<T>(state.range(0));
+    tpo::backend::cpu backend(static_cast<int>(state.range(1)));
+    std::vector<tpo::row_stats> clean(static_cast<std::size_t>(w.dims.sequences * (w.dims.length - 1)));
+    std::vector<tpo::row_stats> noisy(clean.size());
+    const tpo::logits_view<const T> z{w.roles[0].data(), w.dims.sequences, w.dims.length, w.dims.vocab};
+    const tpo::logits_view<const T> zn{w.roles[1].data(), w.dims.sequences, w.dims.length, w.dims.vocab};
+    const tpo::labels_view<const std::int64_t> y{w.labels.data(), w.dims.sequences, w.dims.length};
+    for (auto _ : state) {
+        backend.row_statistics_pair(z, tpo::row_reduction::logsumexp, clean.data(), zn,
+                                    tpo::row_reduction::finiteness, noisy.data(), y, tpo::row_alignment{});
+        benchmark::DoNotOptimize(clean.data());
+        benchmark::DoNotOptimize(noisy.data());
+    }
+    state.SetBytesProcessed(state.iterations() * 2 * static_cast<std::int64_t>(z.size() * sizeof(T)));
     label(state, w.dims, dtype_name<T>());
 }
 
@@ -138,8 +161,12 @@ void shapes_and_threads(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(diffusion_noise<float>)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(diffusion_noise<std::uint8_t>)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(row_statistics<float>)->Apply(shapes_and_threads);
-BENCHMARK(row_statistics<tpo::bfloat16>)->Apply(shapes_and_threads);
+BENCHMARK(row_statistics<float, tpo::row_reduction::logsumexp>)->Apply(shapes_and_threads);
+BENCHMARK(row_statistics<tpo::bfloat16, tpo::row_reduction::logsumexp>)->Apply(shapes_and_threads);
+BENCHMARK(row_statistics<float, tpo::row_reduction::finiteness>)->Apply(shapes_and_threads);
+BENCHMARK(row_statistics<tpo::bfloat16, tpo::row_reduction::finiteness>)->Apply(shapes_and_threads);
+BENCHMARK(row_statistics_pair<float>)->Apply(shapes_and_threads);
+BENCHMARK(row_statistics_pair<tpo::bfloat16>)->Apply(shapes_and_threads);
 BENCHMARK(gradient_write<float>)->Apply(shapes_and_threads);
 BENCHMARK(gradient_write<tpo::bfloat16>)->Apply(shapes_and_threads);
 BENCHMARK(tpo_forward<float>)->Apply(shapes_and_threads);

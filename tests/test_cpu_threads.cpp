@@ -279,27 +279,45 @@ TEST_CASE("cpu backend: diffusion noise is bit-identical for 1, 2 and 4 threads"
     CHECK(worst <= 4 * 1.2e-7f);
 }
 
-TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu][exp]") {
+namespace {
+
+// Applies one of the row kernels' packet exponentials to every element (zero-padded to whole packets).
+template <class Exp>
+std::vector<float> packet_exp(std::vector<float> x, Exp exp) {
     namespace cd = tpo::backend::cpu_detail;
     using P = cd::packet_t<float>;
-    constexpr int W = static_cast<int>(cd::packet_width<float>);
+    constexpr std::size_t W = cd::packet_width<float>;
+    const std::size_t n = x.size();
+    x.resize((n + W - 1) / W * W, 0.0f);
+    std::vector<float> y(x.size());
+    for (std::size_t i = 0; i < x.size(); i += W)
+        Eigen::internal::pstoreu(y.data() + i, exp(Eigen::internal::ploadu<P>(x.data() + i)));
+    y.resize(n);
+    return y;
+}
+
+// x on a 1/4096 grid over [lowest, highest] plus random points inside the polynomials' interval.
+std::vector<float> exp_test_points(float lowest, float highest) {
+    std::vector<float> x;
+    for (double v = lowest; v <= highest; v += 1.0 / 4096) x.push_back(static_cast<float>(v));
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> inside(-0.35f, 0.35f);
+    for (int k = 0; k < 200000; ++k) x.push_back(inside(rng));
+    return x;
+}
+
+}  // namespace
+
+TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu][exp]") {
     auto exp_of = [](std::vector<float> x) {
-        x.resize((x.size() + W - 1) / W * W, 0.0f);
-        std::vector<float> y(x.size());
-        for (std::size_t i = 0; i < x.size(); i += W)
-            Eigen::internal::pstoreu(y.data() + i, cd::fast_exp(Eigen::internal::ploadu<P>(x.data() + i)));
-        return y;
+        return packet_exp(std::move(x), [](const auto& p) { return tpo::backend::cpu_detail::fast_exp(p); });
     };
 #if defined(__AVX512F__)
     const float lowest = -104.0f;  // subnormal results are rounded, not clamped, on this path
 #else
     const float lowest = -87.0f;   // Eigen's pexp clamps below the smallest normal
 #endif
-    std::vector<float> x;
-    for (double v = lowest; v <= 88.0; v += 1.0 / 4096) x.push_back(static_cast<float>(v));
-    std::mt19937 rng(3);
-    std::uniform_real_distribution<float> inside(-0.35f, 0.35f);  // the polynomial's own interval
-    for (int k = 0; k < 200000; ++k) x.push_back(inside(rng));
+    const std::vector<float> x = exp_test_points(lowest, 88.0f);
     const std::vector<float> y = exp_of(x);
     double worst_ulps = 0;
     float worst_at = 0;
@@ -321,6 +339,40 @@ TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu]
 #if defined(__AVX512F__)
     CHECK(exp_of({-INFINITY})[0] == 0.0f);
     CHECK(exp_of({-120.0f})[0] == 0.0f);
+#endif
+}
+
+TEST_CASE("the log-sum-exp summand exponential is within its error bound", "[cpu][exp]") {
+    auto exp_of = [](std::vector<float> x) {
+        return packet_exp(std::move(x),
+                          [](const auto& p) { return tpo::backend::cpu_detail::fast_exp_summand(p); });
+    };
+    // Its arguments are x − row max ≤ 0. The bound (fast_exp.hpp): the degree-5 polynomial's
+    // 1.44 eps (scripts/fit-exp-polynomial 5), half an eps for rounding r, and |n|·|ln 2 − float(ln 2)|
+    // from the one-part ln 2, n = round(x / ln 2). Down to −87, where results stop being normal.
+    const std::vector<float> x = exp_test_points(-87.0f, 0.0f);
+    const std::vector<float> y = exp_of(x);
+    const double eps = std::numeric_limits<float>::epsilon();
+    const double ln2_error = std::abs(std::log(2.0) - static_cast<double>(static_cast<float>(std::log(2.0))));
+    double worst = -1;  // as a fraction of the bound
+    float worst_at = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        if (x[i] > 0) continue;
+        const double exact = std::exp(static_cast<double>(x[i]));
+        const double n = std::nearbyint(static_cast<double>(x[i]) / std::log(2.0));
+        const double bound = 1.94 * eps + std::abs(n) * ln2_error;
+        const double fraction = std::abs(static_cast<double>(y[i]) - exact) / exact / bound;
+        if (fraction > worst) {
+            worst = fraction;
+            worst_at = x[i];
+        }
+    }
+    INFO("worst: " << worst << " of the bound at x = " << worst_at);
+    CHECK(worst <= 1.0);
+    CHECK(exp_of({0.0f})[0] == 1.0f);
+    CHECK(std::isnan(exp_of({std::nanf("")})[0]));
+#if defined(__AVX512F__)
+    CHECK(exp_of({-INFINITY})[0] == 0.0f);
 #endif
 }
 

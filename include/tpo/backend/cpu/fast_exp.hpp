@@ -1,16 +1,22 @@
 #pragma once
-// The float exponential of the CPU backend's row kernels. Every logit costs one exponential, and
+// The float exponentials of the CPU backend's row kernels. Every logit costs one exponential, and
 // on one core the exponentials, not memory, bound the row passes; so where AVX-512 is available
-// the kernels use this 12-instruction form instead of Eigen's pexp (about 18):
+// the kernels use these forms instead of Eigen's pexp (about 18 instructions):
 //
-//   n = round(x / ln 2), r = x − n·ln 2 (two-part ln 2, |r| ≤ ln2/2),
-//   exp(x) = 2^n · p(r) with p a degree-6 polynomial, p(0) = 1, and 2^n applied by vscalefps,
+//   n = round(x / ln 2), r = x − n·ln 2, exp(x) = 2^n · p(r) with p(0) = 1, 2^n applied by
+//   vscalefps (which also rounds subnormal results correctly; Eigen clamps them to ~1e-38).
 //
-// which also rounds subnormal results correctly (Eigen clamps them to ~1e-38). The coefficients
-// come from scripts/fit-exp-polynomial (a minimax fit of the relative error, rounded to float);
-// over [−ln2/2, ln2/2] the polynomial is within 0.84 float epsilon of exp, so the result is within
-// about one ulp, like Eigen's. NaN propagates; −∞ and anything below −104 give 0.
-// Other targets and double use Eigen's pexp.
+// - fast_exp (values that are written out, the gradient): ln 2 in two parts, degree-6 p; within
+//   about one ulp of exp, like Eigen's.
+// - fast_exp_summand (terms of a log-sum-exp, x ≤ 0): ln 2 as one float, degree-5 p, two fewer
+//   multiply-adds (the row pass is ~15 % faster). The one-part ln 2 adds |n|·2e-9 relative error,
+//   which grows only where the term is below e^-20 of the row's largest and so cannot reach the sum
+//   at float precision; near the maximum the error is within 2 eps, like the rounding of the float
+//   block sums themselves.
+//
+// The coefficients come from scripts/fit-exp-polynomial (minimax fits of the relative error,
+// rounded to float). NaN propagates; −∞ and anything below −104 give 0.
+// Other targets and double use Eigen's pexp for both.
 
 #include <Eigen/Core>
 
@@ -25,6 +31,11 @@ namespace backend::cpu_detail {
 
 template <class Packet>
 inline Packet fast_exp(const Packet& x) {
+    return Eigen::internal::pexp(x);
+}
+
+template <class Packet>
+inline Packet fast_exp_summand(const Packet& x) {
     return Eigen::internal::pexp(x);
 }
 
@@ -45,6 +56,21 @@ inline __m512 fast_exp<__m512>(const __m512& x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.55541ap-3f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffffcp-2f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+template <>
+inline __m512 fast_exp_summand<__m512>(const __m512& x) {
+    const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e43p-1f), clamped);
+    __m512 p = _mm512_set1_ps(0x1.0fa832p-7f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.573a54p-5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555a6ap-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffdc6p-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffff6p-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }

@@ -2,8 +2,8 @@
 // The two O(V) row kernels of the CPU backend, vectorised with Eigen's packet math.
 //
 // A row is read block by block (cpu_detail::block_size elements, which stay in L1) by a
-// row_accumulator: one sweep of the block finds its maximum and probes for NaN/Inf, a second sweep
-// over the cached block sums exp(x − running max). The running state is the online log-sum-exp of
+// row_accumulator: one sweep of the block finds its maximum and minimum (the −∞ probe), a second
+// sweep over the cached block sums exp(x − running max) (NaN and +∞ make the sum NaN). The running state is the online log-sum-exp of
 // SPEC §3.1 taken per block, so there is one exponential per element and memory is read once.
 // Block sums accumulate in the element's accumulation type (float for 16/32-bit inputs, a few
 // hundred terms per lane) and the row total in double, so rows of 150k entries keep float-epsilon
@@ -12,6 +12,7 @@
 // Every reduction runs in a fixed order inside one row, and rows never share state: results are
 // bit-identical whatever the thread count.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -54,10 +55,12 @@ public:
 
     row_stats finish(const T* row, std::int64_t label) const {
         const double label_logit = widen<double>(row[label]);
-        const double probe = static_cast<double>(ei::predux(probe_)) + static_cast<double>(probe_tail_);
         if constexpr (!needs_logsumexp(Reduction)) {
+            const double probe = static_cast<double>(ei::predux(probe_)) + static_cast<double>(probe_tail_);
             return row_without_logsumexp(label_logit, probe, label);
         } else {
+            const A lowest = std::min(ei::predux_min(lowest_), lowest_tail_);
+            const double probe = lowest == neg_inf ? 1.0 : 0.0;
             math::online_logsumexp<double> lse, lse_doubled;
             lse.max = static_cast<double>(running_max_);
             lse.sum = sum_;
@@ -90,8 +93,9 @@ private:
         probe_tail_ = tail_probe;
     }
 
-    // One sweep of the cached block finds its maximum and probes for NaN/Inf, a second sums
-    // exp(x − running max): one exponential per element, memory read once.
+    // One sweep of the cached block finds its maximum and its minimum, a second sums
+    // exp(x − running max): one exponential per element, memory read once. A NaN or +∞ anywhere
+    // makes the sum NaN, so the only non-finite value left to detect is −∞, which the minimum shows.
     void add_logsumexp(const A* x, index_t n) {
         alignas(64) A tail[W];
         const index_t full = n - n % W;
@@ -99,14 +103,14 @@ private:
         for (index_t k = 0; k < W; ++k) tail[k] = k < rest ? x[full + k] : neg_inf;
 
         P block_max = ei::pset1<P>(neg_inf);
-        P probe = probe_;
+        P lowest = lowest_;
         for (index_t i = 0; i < full; i += W) {
             const P v = ei::ploadu<P>(x + i);
             block_max = ei::pmax(block_max, v);
-            probe = ei::padd(probe, ei::psub(v, v));
+            lowest = ei::pmin(lowest, v);
         }
-        probe_ = probe;
-        for (index_t k = 0; k < rest; ++k) probe_tail_ += tail[k] - tail[k];
+        lowest_ = lowest;
+        for (index_t k = 0; k < rest; ++k) lowest_tail_ = std::min(lowest_tail_, tail[k]);
         const P v_tail = ei::pload<P>(tail);
         block_max = ei::pmax(block_max, v_tail);
         const A m = ei::predux_max(block_max);
@@ -122,8 +126,8 @@ private:
         P s0 = zero, s1 = zero, d0 = zero, d1 = zero;
         index_t i = 0;
         for (; i + 2 * W <= full; i += 2 * W) {
-            const P e0 = fast_exp(ei::psub(ei::ploadu<P>(x + i), shift));
-            const P e1 = fast_exp(ei::psub(ei::ploadu<P>(x + i + W), shift));
+            const P e0 = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i), shift));
+            const P e1 = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i + W), shift));
             s0 = ei::padd(s0, e0);
             s1 = ei::padd(s1, e1);
             if constexpr (doubled) {
@@ -132,13 +136,13 @@ private:
             }
         }
         for (; i < full; i += W) {
-            const P e = fast_exp(ei::psub(ei::ploadu<P>(x + i), shift));
+            const P e = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i), shift));
             s0 = ei::padd(s0, e);
             if constexpr (doubled) d0 = ei::padd(d0, ei::pmul(e, e));
         }
         if (rest > 0) {
             // Padding lanes are zeroed rather than left to exp(−∞), which is not exactly 0 on every target.
-            ei::pstore(tail, fast_exp(ei::psub(v_tail, shift)));
+            ei::pstore(tail, fast_exp_summand(ei::psub(v_tail, shift)));
             for (index_t k = rest; k < W; ++k) tail[k] = A(0);
             const P e = ei::pload<P>(tail);
             s1 = ei::padd(s1, e);
@@ -151,8 +155,10 @@ private:
     alignas(64) A buffer_[std::is_same_v<T, A> ? 1 : block_size];  // widened 16-bit block
     A running_max_ = neg_inf;
     double sum_ = 0, sum_doubled_ = 0;  // Σ exp(x − max), Σ exp(2x − 2·max)
-    P probe_ = ei::pset1<P>(A(0));
+    P probe_ = ei::pset1<P>(A(0));  // Σ (x − x) of the finiteness scan: 0 unless a NaN or ±∞ was read
     A probe_tail_ = 0;
+    P lowest_ = ei::pset1<P>(A(0));  // of the log-sum-exp sweep: −∞ shows as −∞ (NaN and +∞ reach the sum)
+    A lowest_tail_ = 0;
 };
 
 /// One row's statistics for `Reduction`.
@@ -161,34 +167,6 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
     row_accumulator<Reduction, T> acc;
     for (index_t start = 0; start < vocab; start += block_size) acc.add(row, start, std::min(block_size, vocab - start));
     return acc.finish(row, label);
-}
-
-/// The statistics of two rows of the same length in one pass, their blocks interleaved: the row
-/// whose pass is bound by exponentials (the clean logits) and the row that is mostly read (the
-/// noisy logits' finiteness scan) share the time, instead of the core waiting on one and then
-/// on the memory for the other. Results are those of row_statistics_of, bit for bit.
-template <row_reduction First, row_reduction Second, class T, class U>
-void row_pair_statistics_of(const T* first, const U* second, index_t vocab, std::int64_t label, row_stats& first_out,
-                            row_stats& second_out) {
-    row_accumulator<First, T> a;
-    row_accumulator<Second, U> b;
-    for (index_t start = 0; start < vocab; start += block_size) {
-        const index_t n = std::min(block_size, vocab - start);
-#if defined(__SSE2__)
-        if (start + block_size < vocab) {
-            const char* next_a = reinterpret_cast<const char*>(first + start + block_size);
-            const char* next_b = reinterpret_cast<const char*>(second + start + block_size);
-            const index_t bytes_a = std::min(block_size, vocab - start - block_size) * static_cast<index_t>(sizeof(T));
-            const index_t bytes_b = std::min(block_size, vocab - start - block_size) * static_cast<index_t>(sizeof(U));
-            for (index_t k = 0; k < bytes_b; k += 64) _mm_prefetch(next_b + k, _MM_HINT_T0);
-            for (index_t k = 0; k < bytes_a; k += 64) _mm_prefetch(next_a + k, _MM_HINT_T0);
-        }
-#endif
-        a.add(first, start, n);
-        b.add(second, start, n);
-    }
-    first_out = a.finish(first, label);
-    second_out = b.finish(second, label);
 }
 
 /// A row of zeros (a row that is not scored), written without reading its logits.
