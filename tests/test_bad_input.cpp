@@ -181,6 +181,24 @@ TEST_CASE("caller-supplied weights are checked", "[bad-input]") {
     expect_error([](auto&, auto& b) { b.rejected.weights.length = 7; }, "rejected token weights: shape (2, 7)", o);
 }
 
+TEST_CASE("precomputed reference scores are checked", "[bad-input]") {
+    const double scores[2] = {-3.0, -4.0};
+    const double bad[2] = {-3.0, std::numeric_limits<double>::quiet_NaN()};
+    auto given = [](const double* values, tpo::index_t n) {
+        return [values, n](auto&, auto& b) {
+            b.rejected.reference = {};
+            b.rejected.reference_noisy = {};
+            b.rejected.reference_scores = {values, n};
+        };
+    };
+    expect_error(given(scores, 3), "rejected reference scores: 3 values, expected one per sequence (2)");
+    expect_error(given(bad, 2), "rejected reference scores: nan at sequence 1 is not finite");
+    expect_error([&](auto&, auto& b) { b.chosen.reference_scores = {scores, 2}; },
+                 "chosen reference: both logits and precomputed scores given; give one");
+    // Without the scores, the reference logits are required as before.
+    expect_error([](auto&, auto& b) { b.chosen.reference = {}; }, "chosen reference logits: shape (0, 0, 0)");
+}
+
 TEST_CASE("gradient outputs must match their inputs", "[bad-input]") {
     tested_backend backend;
     auto data = good_batch();

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
+#include <utility>
 
 #include "support/batch.hpp"
 #include "support/tested_backend.hpp"
@@ -231,6 +233,37 @@ TEST_CASE("results do not depend on the batch order", "[property]") {
             RC_ASSERT(close(b.chosen_rewards[i], a.chosen_rewards[order[i]]));
             RC_ASSERT(close(b.policy_rejected_scores[i], a.policy_rejected_scores[order[i]]));
         }
+    });
+}
+
+TEST_CASE("precomputed reference scores change no bit of a result", "[property]") {
+    rc::prop("a batch with the reference logits and one with the A_ref a forward reported agree exactly", [] {
+        const random_case c = *gen_case();
+        const auto data = make(c);
+        tpo::objective_options o = gen_options();
+        o.ld_alpha = *rc::gen::element(std::optional<double>{}, std::optional<double>{0.5});
+        o.use_weighting = *rc::gen::arbitrary<bool>();
+        tested_backend backend;
+        gradient_data<double> g_logits(data), g_scores(data);
+        auto v_logits = g_logits.views();
+        auto v_scores = g_scores.views();
+        const auto a = tpo::evaluate(backend, o, data.batch(), &v_logits);
+        auto batch = data.batch();
+        for (auto [side, scores] : {std::pair{&batch.chosen, &a.reference_chosen_scores},
+                                    std::pair{&batch.rejected, &a.reference_rejected_scores}}) {
+            side->reference = {};
+            side->reference_noisy = {};
+            side->reference_scores = {scores->data(), static_cast<index_t>(scores->size())};
+        }
+        const auto b = tpo::evaluate(backend, o, batch, &v_scores);
+        RC_ASSERT(a.loss == b.loss);
+        RC_ASSERT(a.losses == b.losses);
+        RC_ASSERT(a.chosen_rewards == b.chosen_rewards);
+        RC_ASSERT(a.rejected_rewards == b.rejected_rewards);
+        RC_ASSERT(a.reference_chosen_scores == b.reference_chosen_scores);
+        RC_ASSERT(a.mean_visual_score_chosen == b.mean_visual_score_chosen);
+        RC_ASSERT(a.grad_policy_chosen_scores == b.grad_policy_chosen_scores);
+        for (int k = 0; k < 4; ++k) RC_ASSERT(g_logits.tensor(k) == g_scores.tensor(k));
     });
 }
 

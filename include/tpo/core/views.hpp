@@ -54,6 +54,16 @@ struct token_values_view {
     TPO_HOST_DEVICE operator token_values_view<const T>() const { return {data, sequences, length}; }
 };
 
+/// One real value per sequence `(S)` (precomputed reference sequence scores).
+template <class T>
+struct sequence_values_view {
+    T* data = nullptr;
+    index_t sequences = 0;
+
+    TPO_HOST_DEVICE bool empty() const { return data == nullptr; }
+    TPO_HOST_DEVICE operator sequence_values_view<const T>() const { return {data, sequences}; }
+};
+
 /// How a sequence's rows pair with its labels (SPEC §1): with the causal shift, logits row `t`
 /// is scored against label `t + 1`, so a length-L sequence has L−1 scored rows.
 struct row_alignment {

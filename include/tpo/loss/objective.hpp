@@ -24,6 +24,11 @@ TPO_BEGIN_NAMESPACE
 
 /// One side (chosen or rejected) of a preference batch: `(P, L, V)` logits and `(P, L)` labels.
 /// The noisy tensors are needed with self-calibrated weights only; `weights` with caller weights only.
+/// The reference model enters either through its logits or, precomputed, through its sequence
+/// scores A_ref (`reference_scores`, one per sequence, in backend memory): a reference model that
+/// does not train gives the same A_ref every epoch, so a trainer may compute them once (as
+/// objective_result::reference_*_scores of a forward under the same options and labels) and spare
+/// two reference forwards and their logits each step. Give one or the other, not both.
 template <class T, class I, class R = T>
 struct side_batch {
     logits_view<const T> policy{};
@@ -32,6 +37,7 @@ struct side_batch {
     logits_view<const R> reference_noisy{};
     labels_view<const I> labels{};
     token_values_view<const float> weights{};
+    sequence_values_view<const double> reference_scores{};
 };
 
 template <class T, class I, class R = T>
@@ -183,6 +189,7 @@ private:
         index_t scored = 0;
         stats_buffer policy, policy_noisy, reference, reference_noisy;
         const float* weights = nullptr;
+        const double* reference_scores = nullptr;  // given A_ref; the reference buffers are then unused
     };
 
     template <class T, class I, class R>
@@ -190,13 +197,25 @@ private:
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         auto check_side = [&](const side_batch<T, I, R>& s, const char* side) {
             detail::check_logits(s.policy, side, "policy logits");
-            detail::check_logits(s.reference, side, "reference logits");
-            detail::check_same_shape(s.policy, s.reference, side, "policy logits", "reference logits");
+            const bool given_scores = !s.reference_scores.empty();
+            if (given_scores) {
+                detail::require<shape_error>(s.reference.empty() && s.reference_noisy.empty(), side,
+                                             " reference: both logits and precomputed scores given; give one");
+                detail::require<shape_error>(s.reference_scores.sequences == s.policy.sequences, side,
+                                             " reference scores: ", s.reference_scores.sequences,
+                                             " values, expected one per sequence (", s.policy.sequences, ")");
+            } else {
+                detail::check_logits(s.reference, side, "reference logits");
+                detail::check_same_shape(s.policy, s.reference, side, "policy logits", "reference logits");
+            }
             if (noisy) {
                 detail::check_logits(s.policy_noisy, side, "policy noisy logits");
-                detail::check_logits(s.reference_noisy, side, "reference noisy logits");
                 detail::check_same_shape(s.policy, s.policy_noisy, side, "policy logits", "policy noisy logits");
-                detail::check_same_shape(s.policy, s.reference_noisy, side, "policy logits", "reference noisy logits");
+                if (!given_scores) {
+                    detail::check_logits(s.reference_noisy, side, "reference noisy logits");
+                    detail::check_same_shape(s.policy, s.reference_noisy, side, "policy logits",
+                                             "reference noisy logits");
+                }
             }
             detail::require<shape_error>(s.labels.data != nullptr, side, " labels: null data pointer");
             detail::require<shape_error>(s.labels.sequences == s.policy.sequences && s.labels.length == s.policy.length,
@@ -245,16 +264,20 @@ private:
         };
         const row_reduction policy_reduction =
             options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
+        const bool reference_rows = s.reference_scores.empty();
+        state.reference_scores = s.reference_scores.data;
+        state.reference = stats_buffer{};
+        state.reference_noisy = stats_buffer{};
         if (noisy) {
             clean_and_noisy(s.policy, policy_reduction, state.policy, s.policy_noisy, state.policy_noisy, s.labels,
                             rows);
-            clean_and_noisy(s.reference, row_reduction::logsumexp, state.reference, s.reference_noisy,
-                            state.reference_noisy, s.labels, rows);
+            if (reference_rows)
+                clean_and_noisy(s.reference, row_reduction::logsumexp, state.reference, s.reference_noisy,
+                                state.reference_noisy, s.labels, rows);
         } else {
             state.policy = pass(s.policy, policy_reduction);
-            state.reference = pass(s.reference, row_reduction::logsumexp);
+            if (reference_rows) state.reference = pass(s.reference, row_reduction::logsumexp);
             state.policy_noisy = stats_buffer{};
-            state.reference_noisy = stats_buffer{};
         }
         state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
     }
@@ -286,13 +309,15 @@ private:
 
     loss::side_rows rows(side_state& s) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
+        const bool reference_rows = s.reference_scores == nullptr;
         return {s.length,
                 s.scored,
                 backend_.raw(s.policy),
                 noisy ? backend_.raw(s.policy_noisy) : nullptr,
-                backend_.raw(s.reference),
-                noisy ? backend_.raw(s.reference_noisy) : nullptr,
-                s.weights};
+                reference_rows ? backend_.raw(s.reference) : nullptr,
+                reference_rows && noisy ? backend_.raw(s.reference_noisy) : nullptr,
+                s.weights,
+                s.reference_scores};
     }
 
     void report_input_problems(const std::vector<loss::sequence_summary>& summaries) const {
@@ -312,6 +337,9 @@ private:
                                                  options_.alignment.ignore_index));
             case loss::input_problem::non_finite_logits:
                 throw value_error(detail::concat(where, ": the row holds a NaN or an infinite logit"));
+            case loss::input_problem::non_finite_reference_score:
+                throw value_error(detail::concat(side, " reference scores: ", s.problem_value, " at sequence ",
+                                                 sequence, " is not finite"));
             case loss::input_problem::bad_weight:
                 throw value_error(detail::concat(where, ": weight ", s.problem_value, ", expected a finite value",
                                                  options_.form == sequence_form::additive ? " > 0" : ""));

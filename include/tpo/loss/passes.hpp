@@ -22,7 +22,13 @@ namespace loss {
 /// Which of a side's tensors an input error was found in.
 enum class tensor_role : std::int32_t { policy, policy_noisy, reference, reference_noisy, weights };
 
-enum class input_problem : std::int32_t { none = 0, label_out_of_range, non_finite_logits, bad_weight };
+enum class input_problem : std::int32_t {
+    none = 0,
+    label_out_of_range,
+    non_finite_logits,
+    bad_weight,
+    non_finite_reference_score
+};
 
 struct sequence_summary {
     double tokens = 0;             // valid (scored) tokens n
@@ -43,9 +49,10 @@ struct side_rows {
     index_t scored = 0;       // rows per sequence that are scored (L−1 with the shift)
     const row_stats* policy = nullptr;
     const row_stats* policy_noisy = nullptr;
-    const row_stats* reference = nullptr;
+    const row_stats* reference = nullptr;  // unused when the reference scores are given
     const row_stats* reference_noisy = nullptr;
     const float* weights = nullptr;  // caller weights (P, L), indexed at the label position
+    const double* reference_scores = nullptr;  // precomputed A_ref (P), instead of reference rows
 };
 
 /// Options the O(S·L) stages need, flattened for device capture.
@@ -92,10 +99,17 @@ TPO_HOST_DEVICE inline index_t count_valid_rows(const token_settings& ts, const 
                                                 sequence_summary& out) {
     index_t valid = 0;
     const bool noisy = ts.weighting == token_weighting::self_calibrated;
+    const bool reference_rows = side.reference_scores == nullptr;
+    if (!reference_rows && !math::is_finite(side.reference_scores[s])) {
+        out.problem = input_problem::non_finite_reference_score;
+        out.problem_tensor = tensor_role::reference;
+        out.problem_value = side.reference_scores[s];
+    }
     for (index_t t = 0; t < side.scored; ++t) {
         const index_t r = s * side.scored + t;
-        const row_stats* rows[4] = {side.policy + r, noisy ? side.policy_noisy + r : nullptr, side.reference + r,
-                                    noisy ? side.reference_noisy + r : nullptr};
+        const row_stats* rows[4] = {side.policy + r, noisy ? side.policy_noisy + r : nullptr,
+                                    reference_rows ? side.reference + r : nullptr,
+                                    reference_rows && noisy ? side.reference_noisy + r : nullptr};
         for (int k = 0; k < 4; ++k) {
             if (!rows[k]) continue;
             const row_status st = rows[k]->status;
@@ -157,10 +171,12 @@ struct sequence_pass {
                 side.weights ? side.weights + s * side.length + ts.alignment.label_position(t) : nullptr;
             const scored_token pol =
                 score_token(ts, which, side.policy[r], noisy ? side.policy_noisy + r : nullptr, weight);
-            const scored_token ref =
-                score_token(ts, which, side.reference[r], noisy ? side.reference_noisy + r : nullptr, weight);
             out.policy_score += lambda * pol.term.value;
-            out.reference_score += lambda * ref.term.value;
+            if (!side.reference_scores) {
+                const scored_token ref =
+                    score_token(ts, which, side.reference[r], noisy ? side.reference_noisy + r : nullptr, weight);
+                out.reference_score += lambda * ref.term.value;
+            }
             out.visual_score_sum += pol.score;
             out.sft_logp_sum += pol.logp;
             const row_stats& z = side.policy[r];
@@ -174,6 +190,7 @@ struct sequence_pass {
                 out.reference_score /= static_cast<double>(valid);
             }
         }
+        if (side.reference_scores) out.reference_score = side.reference_scores[s];  // final A_ref, as given
     }
 };
 
