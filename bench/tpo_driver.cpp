@@ -1,11 +1,13 @@
 // Our side of bench/compare_pytorch: a long-lived process that holds one TPO workload and answers
 // commands on stdin, so the script can interleave our runs with PyTorch's.
 //
-//   tpo_driver tpo S L V fp32|bf16 THREADS [checked|lean]
+//   tpo_driver tpo S L V fp32|bf16 THREADS [checked|lean] [logits|scores]
 //                                            commands: run → "time_s loss", rss → "peak_rss_bytes
 //                                            input_bytes gradient_bytes", quit. `lean` sets
 //                                            check_unused_logits = false (noisy rows read at the
 //                                            label only); `checked`, the library's default, scans them.
+//                                            `scores`: the reference enters as precomputed sequence
+//                                            scores (workload.hpp), not as its two logits tensors.
 //   tpo_driver bandwidth GIB THREADS         commands: run → "seconds bytes" of one read sweep
 //
 // The bandwidth probe lives in its own process so that its buffer never counts in the peak
@@ -31,8 +33,8 @@ double now() {
 }
 
 template <class T>
-int serve_tpo(tpo_bench::shape dims, int threads, bool lean) {
-    tpo_bench::workload<T> w(dims);
+int serve_tpo(tpo_bench::shape dims, int threads, bool lean, tpo_bench::reference_input reference) {
+    tpo_bench::workload<T> w(dims, true, reference);
     tpo::backend::cpu backend(threads);
     const auto batch = w.batch();
     const auto grads = w.gradients();
@@ -102,7 +104,7 @@ int serve_bandwidth(double gib, int threads) {
 
 int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
-    if (mode == "tpo" && (argc == 7 || argc == 8)) {
+    if (mode == "tpo" && argc >= 7 && argc <= 9) {
         const tpo_bench::shape dims{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4])};
         const std::string dtype = argv[5];
         const int threads = std::atoi(argv[6]);
@@ -112,18 +114,24 @@ int main(int argc, char** argv) {
             return 2;
         }
         const bool lean = checks == "lean";
+        const std::string reference = argc == 9 ? argv[8] : "logits";
+        if (reference != "logits" && reference != "scores") {
+            std::fprintf(stderr, "tpo_driver: '%s', expected logits or scores\n", reference.c_str());
+            return 2;
+        }
+        const auto ref = reference == "scores" ? tpo_bench::reference_input::scores : tpo_bench::reference_input::logits;
         if (dims.sequences < 2 || dims.sequences % 2 != 0 || dims.length < 2 || dims.vocab < 1 || threads < 1) {
             std::fprintf(stderr, "tpo_driver: bad shape or thread count\n");
             return 2;
         }
-        if (dtype == "fp32") return serve_tpo<float>(dims, threads, lean);
-        if (dtype == "bf16") return serve_tpo<tpo::bfloat16>(dims, threads, lean);
+        if (dtype == "fp32") return serve_tpo<float>(dims, threads, lean, ref);
+        if (dtype == "bf16") return serve_tpo<tpo::bfloat16>(dims, threads, lean, ref);
         std::fprintf(stderr, "tpo_driver: dtype '%s', expected fp32 or bf16\n", dtype.c_str());
         return 2;
     }
     if (mode == "bandwidth" && argc == 4) return serve_bandwidth(std::atof(argv[2]), std::atoi(argv[3]));
     std::fprintf(stderr,
-                 "usage: tpo_driver tpo S L V fp32|bf16 THREADS [checked|lean]\n"
+                 "usage: tpo_driver tpo S L V fp32|bf16 THREADS [checked|lean] [logits|scores]\n"
                  "       tpo_driver bandwidth GIB THREADS\n");
     return 2;
 }

@@ -46,21 +46,37 @@ inline std::int64_t hashed_label(index_t s, index_t t, index_t length, index_t v
     return static_cast<std::int64_t>(((s * length + t) * 7919) % vocab);
 }
 
-/// Owns the four input roles and the two gradient outputs of one side pair (chosen, rejected).
+/// A_ref of sequence g (chosen pairs, then rejected) when the reference enters as precomputed
+/// scores: about what the policy's additive score is on these logits, so the loss is not saturated.
+inline double given_reference_score(index_t g, const shape& d) {
+    return -static_cast<double>(d.length - 1) * 9.0 - 0.5 * static_cast<double>(g);
+}
+
+/// How the reference model enters: through its clean and noisy logits, or through precomputed
+/// sequence scores (side_batch::reference_scores), which leaves the policy's two tensors.
+enum class reference_input { logits, scores };
+
+/// Owns the input roles and the two gradient outputs of one side pair (chosen, rejected).
 template <class T>
 struct workload {
     shape dims;
+    reference_input reference;
     // Role k (policy, policy noisy, reference, reference noisy), chosen pairs then rejected pairs:
-    // one allocation per role, so (S, L, V) is contiguous as in a trainer's batch.
+    // one allocation per role, so (S, L, V) is contiguous as in a trainer's batch. Roles 2 and 3
+    // stay empty when the reference enters as scores.
     std::vector<T> roles[4];
+    std::vector<double> reference_scores;
     std::vector<std::int64_t> labels;
     std::vector<T> grad_clean, grad_noisy;
 
-    explicit workload(shape d, bool with_gradients = true) : dims(d) {
-        for (int k = 0; k < 4; ++k) {
+    explicit workload(shape d, bool with_gradients = true, reference_input ref = reference_input::logits)
+        : dims(d), reference(ref) {
+        for (int k = 0; k < roles_held(); ++k) {
             roles[k].resize(static_cast<std::size_t>(d.elements()));
             fill_logits(roles[k], static_cast<std::uint64_t>(k + 1));
         }
+        if (ref == reference_input::scores)
+            for (index_t g = 0; g < d.sequences; ++g) reference_scores.push_back(given_reference_score(g, d));
         labels.resize(static_cast<std::size_t>(d.sequences * d.length));
         for (index_t s = 0; s < d.sequences; ++s)
             for (index_t t = 0; t < d.length; ++t)
@@ -80,15 +96,24 @@ struct workload {
         return {z.data() + side * half(), dims.pairs(), dims.length, dims.vocab};
     }
 
+    int roles_held() const { return reference == reference_input::logits ? 4 : 2; }
+
     tpo::preference_batch<T, std::int64_t> batch() const {
         auto side = [&](int s) {
-            return tpo::side_batch<T, std::int64_t>{view(roles[0], s),
-                                                    view(roles[1], s),
-                                                    view(roles[2], s),
-                                                    view(roles[3], s),
-                                                    {labels.data() + s * dims.pairs() * dims.length, dims.pairs(),
-                                                     dims.length},
-                                                    {}};
+            tpo::side_batch<T, std::int64_t> b{view(roles[0], s),
+                                               view(roles[1], s),
+                                               {},
+                                               {},
+                                               {labels.data() + s * dims.pairs() * dims.length, dims.pairs(),
+                                                dims.length},
+                                               {}};
+            if (reference == reference_input::logits) {
+                b.reference = view(roles[2], s);
+                b.reference_noisy = view(roles[3], s);
+            } else {
+                b.reference_scores = {reference_scores.data() + s * dims.pairs(), dims.pairs()};
+            }
+            return b;
         };
         return {side(0), side(1)};
     }
@@ -98,7 +123,7 @@ struct workload {
     }
 
     /// Bytes of the inputs and of the gradients this workload holds.
-    double input_bytes() const { return 4.0 * static_cast<double>(dims.elements()) * sizeof(T); }
+    double input_bytes() const { return roles_held() * static_cast<double>(dims.elements()) * sizeof(T); }
     double gradient_bytes() const { return 2.0 * static_cast<double>(dims.elements()) * sizeof(T); }
 };
 
