@@ -49,7 +49,7 @@ public:
             if constexpr (Reduction == row_reduction::finiteness)
                 add_probe(x, n);
             else
-                add_logsumexp(x, n);
+                add_logsumexp(x, n, reinterpret_cast<std::uintptr_t>(row + start) + prefetch_distance_bytes);
         }
     }
 
@@ -96,7 +96,10 @@ private:
     // One sweep of the cached block finds its maximum and its minimum, a second sums
     // exp(x − running max): one exponential per element, memory read once. A NaN or +∞ anywhere
     // makes the sum NaN, so the only non-finite value left to detect is −∞, which the minimum shows.
-    void add_logsumexp(const A* x, index_t n) {
+    // `ahead`: the source bytes prefetch_distance_bytes past this block's, asked for while the
+    // exponentials run.
+    void add_logsumexp(const A* x, index_t n, std::uintptr_t ahead) {
+        constexpr std::size_t source_bytes_per_step = 2 * W * sizeof(T);
         alignas(64) A tail[W];
         const index_t full = n - n % W;
         const index_t rest = n - full;
@@ -126,6 +129,7 @@ private:
         P s0 = zero, s1 = zero, d0 = zero, d1 = zero;
         index_t i = 0;
         for (; i + 2 * W <= full; i += 2 * W) {
+            prefetch_lines(ahead + static_cast<std::size_t>(i) * sizeof(T), source_bytes_per_step);
             const P e0 = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i), shift));
             const P e1 = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i + W), shift));
             s0 = ei::padd(s0, e0);

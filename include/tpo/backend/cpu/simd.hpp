@@ -119,6 +119,24 @@ inline void stream_copy(void* dst, const void* src, std::size_t bytes) {
     std::memcpy(d, s, bytes);
 }
 
+/// How far ahead of the element being computed the row kernels ask for memory: at one core the
+/// hardware prefetcher alone leaves the exponential-bound sweeps waiting on memory about a third
+/// of the time; asking 16 KiB ahead, one line per line consumed and while the exponentials run,
+/// made the log-sum-exp pass ~20 % faster (docs/design.md).
+inline constexpr std::size_t prefetch_distance_bytes = 16 * 1024;
+
+/// Asks for the cache lines of [address, address + bytes) into L1. A prefetch never faults, so
+/// addresses past the end of the tensor are harmless; they are integers here so that no pointer
+/// past the allocation is ever formed.
+inline void prefetch_lines(std::uintptr_t address, std::size_t bytes) {
+#if defined(__SSE2__)
+    for (std::size_t k = 0; k < bytes; k += 64) _mm_prefetch(reinterpret_cast<const char*>(address + k), _MM_HINT_T0);
+#else
+    (void)address;
+    (void)bytes;
+#endif
+}
+
 inline void store_fence() {
 #if defined(__SSE2__)
     _mm_sfence();
