@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 
 #include <tpo/backend/cpu.hpp>
 #include <tpo/backend/reference.hpp>
@@ -306,6 +307,17 @@ std::vector<float> exp_test_points(float lowest, float highest) {
     return x;
 }
 
+// The largest error(x[i], y[i], exp(x[i]) in double) and the x where it occurs.
+template <class Error>
+std::pair<double, float> worst_error(const std::vector<float>& x, const std::vector<float>& y, Error error) {
+    std::pair<double, float> worst{-1.0, 0.0f};
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        const double e = error(x[i], static_cast<double>(y[i]), std::exp(static_cast<double>(x[i])));
+        if (e > worst.first) worst = {e, x[i]};
+    }
+    return worst;
+}
+
 }  // namespace
 
 TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu][exp]") {
@@ -318,20 +330,12 @@ TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu]
     const float lowest = -87.0f;   // Eigen's pexp clamps below the smallest normal
 #endif
     const std::vector<float> x = exp_test_points(lowest, 88.0f);
-    const std::vector<float> y = exp_of(x);
-    double worst_ulps = 0;
-    float worst_at = 0;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-        const double exact = std::exp(static_cast<double>(x[i]));
+    const auto [worst_ulps, worst_at] = worst_error(x, exp_of(x), [](float, double y, double exact) {
         const float e = static_cast<float>(exact);
         // One ulp of the correctly rounded result; at the bottom of the subnormals, their spacing.
         const double ulp = std::max(static_cast<double>(std::nextafter(e, INFINITY) - e), 0x1p-149);
-        const double ulps = std::abs(static_cast<double>(y[i]) - exact) / ulp;
-        if (ulps > worst_ulps) {
-            worst_ulps = ulps;
-            worst_at = x[i];
-        }
-    }
+        return std::abs(y - exact) / ulp;
+    });
     INFO("worst: " << worst_ulps << " ulps at x = " << worst_at);
     CHECK(worst_ulps <= 2.0);
     CHECK(exp_of({0.0f})[0] == 1.0f);
@@ -351,22 +355,13 @@ TEST_CASE("the log-sum-exp summand exponential is within its error bound", "[cpu
     // 1.44 eps (scripts/fit-exp-polynomial 5), half an eps for rounding r, and |n|·|ln 2 − float(ln 2)|
     // from the one-part ln 2, n = round(x / ln 2). Down to −87, where results stop being normal.
     const std::vector<float> x = exp_test_points(-87.0f, 0.0f);
-    const std::vector<float> y = exp_of(x);
     const double eps = std::numeric_limits<float>::epsilon();
     const double ln2_error = std::abs(std::log(2.0) - static_cast<double>(static_cast<float>(std::log(2.0))));
-    double worst = -1;  // as a fraction of the bound
-    float worst_at = 0;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-        if (x[i] > 0) continue;
-        const double exact = std::exp(static_cast<double>(x[i]));
-        const double n = std::nearbyint(static_cast<double>(x[i]) / std::log(2.0));
-        const double bound = 1.94 * eps + std::abs(n) * ln2_error;
-        const double fraction = std::abs(static_cast<double>(y[i]) - exact) / exact / bound;
-        if (fraction > worst) {
-            worst = fraction;
-            worst_at = x[i];
-        }
-    }
+    const auto [worst, worst_at] = worst_error(x, exp_of(x), [&](float at, double y, double exact) {
+        if (at > 0) return 0.0;  // the random points inside the interval include positive ones
+        const double n = std::nearbyint(static_cast<double>(at) / std::log(2.0));
+        return std::abs(y - exact) / exact / (1.94 * eps + std::abs(n) * ln2_error);  // fraction of the bound
+    });
     INFO("worst: " << worst << " of the bound at x = " << worst_at);
     CHECK(worst <= 1.0);
     CHECK(exp_of({0.0f})[0] == 1.0f);

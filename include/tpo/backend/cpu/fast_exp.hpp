@@ -18,6 +18,8 @@
 // rounded to float). NaN propagates; −∞ and anything below −104 give 0.
 // Other targets and double use Eigen's pexp for both.
 
+#include <cstddef>
+
 #include <Eigen/Core>
 
 #if defined(__AVX512F__)
@@ -40,39 +42,46 @@ inline Packet fast_exp_summand(const Packet& x) {
 }
 
 #if defined(__AVX512F__)
+namespace avx512_exp {
+
+// n = round(x / ln 2) of x clamped at −104: below it exp(x) is under half the smallest subnormal,
+// and the clamp keeps r finite for −∞. max(lower, x) returns x when x is NaN, so NaN stays NaN.
+struct split {
+    __m512 clamped, n;
+    explicit split(__m512 x)
+        : clamped(_mm512_max_ps(_mm512_set1_ps(-104.0f), x)),
+          n(_mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)) {}
+};
+
+// p(r) by Horner's scheme, highest coefficient first: one fused multiply-add per degree.
+template <std::size_t N>
+inline __m512 horner(__m512 r, const float (&highest_first)[N]) {
+    __m512 p = _mm512_set1_ps(highest_first[0]);
+    for (std::size_t k = 1; k < N; ++k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(highest_first[k]));
+    return p;
+}
+
+}  // namespace avx512_exp
+
 template <>
 inline __m512 fast_exp<__m512>(const __m512& x) {
-    // Below −104, exp(x) is under half the smallest subnormal; the clamp keeps r finite for −∞.
-    // max(lower, x) returns x when x is NaN, so a NaN stays a NaN.
-    const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const avx512_exp::split s(x);
     // ln 2 = 0x1.62e4p-1 + 0x1.7f7d1cp-20 (the first part has 16 significant bits, so n·hi is exact).
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), clamped);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f), r);
-    __m512 p = _mm512_set1_ps(0x1.6ae73p-10f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.126782p-7f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555822p-5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.55541ap-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffffcp-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    __m512 r = _mm512_fnmadd_ps(s.n, _mm512_set1_ps(0x1.62e4p-1f), s.clamped);
+    r = _mm512_fnmadd_ps(s.n, _mm512_set1_ps(0x1.7f7d1cp-20f), r);
+    static constexpr float degree6[] = {0x1.6ae73p-10f, 0x1.126782p-7f, 0x1.555822p-5f, 0x1.55541ap-3f,
+                                        0x1.fffffcp-2f, 1.0f,           1.0f};
+    return _mm512_scalef_ps(avx512_exp::horner(r, degree6), s.n);
 }
 
 template <>
 inline __m512 fast_exp_summand<__m512>(const __m512& x) {
-    const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e43p-1f), clamped);
-    __m512 p = _mm512_set1_ps(0x1.0fa832p-7f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.573a54p-5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.555a6ap-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffdc6p-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0x1.fffff6p-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    const avx512_exp::split s(x);
+    const __m512 r = _mm512_fnmadd_ps(s.n, _mm512_set1_ps(0x1.62e43p-1f), s.clamped);  // float(ln 2)
+    static constexpr float degree5[] = {0x1.0fa832p-7f, 0x1.573a54p-5f, 0x1.555a6ap-3f,
+                                        0x1.fffdc6p-2f, 0x1.fffff6p-1f, 1.0f};
+    return _mm512_scalef_ps(avx512_exp::horner(r, degree5), s.n);
 }
 #endif
 
