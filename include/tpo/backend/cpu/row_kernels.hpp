@@ -214,6 +214,14 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
     const A lo = static_cast<A>(c.lse - static_cast<double>(hi));
     const P p_hi = ei::pset1<P>(hi), p_lo = ei::pset1<P>(lo);
     const P minus_beta = ei::pset1<P>(static_cast<A>(-c.beta));
+    // A 16-bit output keeps 8 (bf16) or 11 (fp16) significant bits, so the summand form's extra
+    // float ulp cannot show in it; only float and double outputs need the ≤ 1 ulp form.
+    auto exp = [](const P& v) {
+        if constexpr (sizeof(G) == 2)
+            return fast_exp_summand(v);
+        else
+            return fast_exp(v);
+    };
 
     alignas(64) A buffer[block_size];
     alignas(64) A values[block_size + W];
@@ -224,13 +232,13 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
         const index_t full = n - n % W;
         for (index_t i = 0; i < full; i += W) {
             const P v = ei::ploadu<P>(x + i);
-            ei::pstore(values + i, ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo))));
+            ei::pstore(values + i, ei::pmul(minus_beta, exp(ei::psub(ei::psub(v, p_hi), p_lo))));
         }
         if (full < n) {
             alignas(64) A tail[W];
             for (index_t k = 0; k < W; ++k) tail[k] = full + k < n ? x[full + k] : A(0);
             const P v = ei::pload<P>(tail);
-            ei::pstore(values + full, ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo))));
+            ei::pstore(values + full, ei::pmul(minus_beta, exp(ei::psub(ei::psub(v, p_hi), p_lo))));
         }
         G* block_out;
         if constexpr (std::is_same_v<G, A>) {
