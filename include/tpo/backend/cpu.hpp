@@ -97,8 +97,8 @@ public:
     /// The statistics of two tensors of one shape (a model's clean and noisy logits) in one pass
     /// over their rows, equal bit for bit to two row_statistics calls: row r of the first tensor,
     /// then row r of the second, in one parallel loop. Interleaving the two rows block by block, so
-    /// that the exponential-bound and the memory-bound sweeps overlap, measured 8–15 % slower on
-    /// one core (docs/design.md).
+    /// that the exponential-bound and the memory-bound sweeps overlap, measured about 10 % slower
+    /// on one core (docs/design.md).
     template <class T, class U, class I>
     void row_statistics_pair(logits_view<const T> first, row_reduction first_reduction, row_stats* first_out,
                              logits_view<const U> second, row_reduction second_reduction, row_stats* second_out,
