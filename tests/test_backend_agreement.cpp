@@ -48,11 +48,8 @@ void agree_on(std::mt19937_64& rng, tpo_test::index_t vocab) {
     const batch_data<T> data = convert<T>(data64);
     for (const auto& [name, options] : option_cases()) {
         INFO("element " << tpo::element_name<T>() << ", V = " << vocab << ", " << name);
-        gradient_data<G> ours(data), theirs(data);
-        auto ours_view = ours.views();
-        auto theirs_view = theirs.views();
-        const auto a = tpo::evaluate(backend, options, data.batch(), &ours_view);
-        const auto b = tpo::evaluate(oracle, options, data.batch(), &theirs_view);
+        auto [a, ours] = evaluate_with_gradients<G>(backend, options, data);
+        auto [b, theirs] = evaluate_with_gradients<G>(oracle, options, data);
         const double tol = tolerance<T>();
         check_close({a.loss, a.reward_accuracy, a.reward_margin}, {b.loss, b.reward_accuracy, b.reward_margin}, tol,
                     "loss, accuracy, margin");

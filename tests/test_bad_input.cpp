@@ -111,11 +111,8 @@ TEST_CASE("with check_unused_logits off, the noisy logits are checked where the 
         tested_backend backend;
         auto dirty = clean;
         dirty.rejected.tensor(k)[elsewhere] = nan;
-        gradient_data<double> g_clean(clean), g_dirty(dirty);
-        auto v_clean = g_clean.views();
-        auto v_dirty = g_dirty.views();
-        const auto a = tpo::evaluate(backend, lean, clean.batch(), &v_clean);
-        const auto b = tpo::evaluate(backend, lean, dirty.batch(), &v_dirty);
+        auto [a, g_clean] = evaluate_with_gradients(backend, lean, clean);
+        auto [b, g_dirty] = evaluate_with_gradients(backend, lean, dirty);
         CHECK(a.loss == b.loss);
         CHECK(a.losses == b.losses);
         for (int t = 0; t < 4; ++t) CHECK(g_clean.tensor(t) == g_dirty.tensor(t));

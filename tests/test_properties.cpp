@@ -244,10 +244,7 @@ TEST_CASE("precomputed reference scores change no bit of a result", "[property]"
         o.ld_alpha = *rc::gen::element(std::optional<double>{}, std::optional<double>{0.5});
         o.use_weighting = *rc::gen::arbitrary<bool>();
         tested_backend backend;
-        gradient_data<double> g_logits(data), g_scores(data);
-        auto v_logits = g_logits.views();
-        auto v_scores = g_scores.views();
-        const auto a = tpo::evaluate(backend, o, data.batch(), &v_logits);
+        auto [a, g_logits] = evaluate_with_gradients(backend, o, data);
         auto batch = data.batch();
         for (auto [side, scores] : {std::pair{&batch.chosen, &a.reference_chosen_scores},
                                     std::pair{&batch.rejected, &a.reference_rejected_scores}}) {
@@ -255,7 +252,7 @@ TEST_CASE("precomputed reference scores change no bit of a result", "[property]"
             side->reference_noisy = {};
             side->reference_scores = {scores->data(), static_cast<index_t>(scores->size())};
         }
-        const auto b = tpo::evaluate(backend, o, batch, &v_scores);
+        auto [b, g_scores] = evaluate_with_gradients(backend, o, data, batch);
         RC_ASSERT(a.loss == b.loss);
         RC_ASSERT(a.losses == b.losses);
         RC_ASSERT(a.chosen_rewards == b.chosen_rewards);
@@ -275,11 +272,8 @@ TEST_CASE("reading the noisy logits at the label only changes no bit of a result
         tpo::objective_options lean = strict;
         lean.check_unused_logits = false;
         tested_backend backend;
-        gradient_data<double> gs(data), gl(data);
-        auto vs = gs.views();
-        auto vl = gl.views();
-        const auto a = tpo::evaluate(backend, strict, data.batch(), &vs);
-        const auto b = tpo::evaluate(backend, lean, data.batch(), &vl);
+        auto [a, gs] = evaluate_with_gradients(backend, strict, data);
+        auto [b, gl] = evaluate_with_gradients(backend, lean, data);
         RC_ASSERT(a.loss == b.loss);
         RC_ASSERT(a.losses == b.losses);
         RC_ASSERT(a.mean_visual_score_chosen == b.mean_visual_score_chosen);

@@ -105,6 +105,28 @@ struct gradient_data {
     }
 };
 
+/// A forward and backward whose gradients went into fresh buffers shaped like the batch.
+template <class G>
+struct evaluated {
+    tpo::objective_result result;
+    gradient_data<G> gradients;
+};
+
+/// Evaluates `batch` (views into `data`, possibly edited) with gradients.
+template <class G = double, class B, class T, class Batch>
+evaluated<G> evaluate_with_gradients(B& backend, const tpo::objective_options& options, const batch_data<T>& data,
+                                     const Batch& batch) {
+    evaluated<G> e{{}, gradient_data<G>(data)};
+    auto views = e.gradients.views();
+    e.result = tpo::evaluate(backend, options, batch, &views);
+    return e;
+}
+
+template <class G = double, class B, class T>
+evaluated<G> evaluate_with_gradients(B& backend, const tpo::objective_options& options, const batch_data<T>& data) {
+    return evaluate_with_gradients<G>(backend, options, data, data.batch());
+}
+
 }  // namespace tpo_test
 
 namespace tpo_test {
