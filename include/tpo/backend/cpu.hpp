@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -85,13 +84,10 @@ public:
     template <class T, class I>
     void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
                         row_reduction reduction, row_stats* out) const {
-        switch (reduction) {
-        case row_reduction::label: return rows_of<row_reduction::label>(z, labels, align, out);
-        case row_reduction::finiteness: return rows_of<row_reduction::finiteness>(z, labels, align, out);
-        case row_reduction::logsumexp: return rows_of<row_reduction::logsumexp>(z, labels, align, out);
-        case row_reduction::logsumexp_and_doubled:
-            return rows_of<row_reduction::logsumexp_and_doubled>(z, labels, align, out);
-        }
+        for_scored_rows(z.sequences, z.length, reads_row(reduction) ? z.vocab : 1, labels, align, z.vocab, out,
+                        nullptr, [&](index_t s, index_t t, std::int64_t label, index_t r) {
+                            out[r] = cpu_detail::row_statistics_of(reduction, z.row(s, t), z.vocab, label);
+                        });
     }
 
     /// The statistics of two tensors of one shape (a model's clean and noisy logits) in one pass
@@ -107,26 +103,15 @@ public:
                                          first.vocab == second.vocab,
                                      "row_statistics_pair: shapes ", shape_string(first), " and ", shape_string(second),
                                      " differ");
-        using R = row_reduction;
-        auto second_is = [&](auto first_tag) {
-            constexpr R F = decltype(first_tag)::value;
-            switch (second_reduction) {
-            case R::label: return pair_rows_of<F, R::label>(first, first_out, second, second_out, labels, align);
-            case R::finiteness:
-                return pair_rows_of<F, R::finiteness>(first, first_out, second, second_out, labels, align);
-            case R::logsumexp:
-                return pair_rows_of<F, R::logsumexp>(first, first_out, second, second_out, labels, align);
-            case R::logsumexp_and_doubled:
-                return pair_rows_of<F, R::logsumexp_and_doubled>(first, first_out, second, second_out, labels, align);
-            }
-        };
-        switch (first_reduction) {
-        case R::logsumexp: return second_is(std::integral_constant<R, R::logsumexp>{});
-        case R::logsumexp_and_doubled: return second_is(std::integral_constant<R, R::logsumexp_and_doubled>{});
-        default:  // nothing to overlap with
-            row_statistics(first, labels, align, first_reduction, first_out);
-            row_statistics(second, labels, align, second_reduction, second_out);
-        }
+        const index_t work_per_row = (reads_row(first_reduction) ? first.vocab : 1) +
+                                     (reads_row(second_reduction) ? second.vocab : 1);
+        for_scored_rows(first.sequences, first.length, work_per_row, labels, align, first.vocab, first_out,
+                        second_out, [&](index_t s, index_t t, std::int64_t label, index_t r) {
+                            first_out[r] =
+                                cpu_detail::row_statistics_of(first_reduction, first.row(s, t), first.vocab, label);
+                            second_out[r] =
+                                cpu_detail::row_statistics_of(second_reduction, second.row(s, t), first.vocab, label);
+                        });
     }
 
     template <class T, class G>
@@ -180,25 +165,6 @@ private:
             }
             row(s, t, label, r);
         }
-    }
-
-    template <row_reduction Reduction, class T, class I>
-    void rows_of(logits_view<const T> z, labels_view<const I> labels, row_alignment align, row_stats* out) const {
-        for_scored_rows(z.sequences, z.length, reads_row(Reduction) ? z.vocab : 1, labels, align, z.vocab, out,
-                        nullptr, [&](index_t s, index_t t, std::int64_t label, index_t r) {
-                            out[r] = cpu_detail::row_statistics_of<Reduction>(z.row(s, t), z.vocab, label);
-                        });
-    }
-
-    template <row_reduction First, row_reduction Second, class T, class U, class I>
-    void pair_rows_of(logits_view<const T> first, row_stats* first_out, logits_view<const U> second,
-                      row_stats* second_out, labels_view<const I> labels, row_alignment align) const {
-        for_scored_rows(first.sequences, first.length, 2 * first.vocab, labels, align, first.vocab, first_out,
-                        second_out, [&](index_t s, index_t t, std::int64_t label, index_t r) {
-                            first_out[r] = cpu_detail::row_statistics_of<First>(first.row(s, t), first.vocab, label);
-                            second_out[r] =
-                                cpu_detail::row_statistics_of<Second>(second.row(s, t), first.vocab, label);
-                        });
     }
 
     static constexpr std::size_t stream_threshold_bytes = std::size_t{32} << 20;

@@ -174,6 +174,19 @@ row_stats row_statistics_of(const T* row, index_t vocab, std::int64_t label) {
     return acc.finish(row, label);
 }
 
+/// The same with the reduction chosen at run time, once per row.
+template <class T>
+row_stats row_statistics_of(row_reduction reduction, const T* row, index_t vocab, std::int64_t label) {
+    switch (reduction) {
+    case row_reduction::label: return row_statistics_of<row_reduction::label>(row, vocab, label);
+    case row_reduction::finiteness: return row_statistics_of<row_reduction::finiteness>(row, vocab, label);
+    case row_reduction::logsumexp: return row_statistics_of<row_reduction::logsumexp>(row, vocab, label);
+    case row_reduction::logsumexp_and_doubled:
+        return row_statistics_of<row_reduction::logsumexp_and_doubled>(row, vocab, label);
+    }
+    return {};
+}
+
 /// A row of zeros (a row that is not scored), written without reading its logits.
 template <class G>
 void zero_row(G* out, index_t vocab, bool stream) {
