@@ -217,6 +217,16 @@ TEST_CASE("cpu backend: vectorised 16-bit conversions equal the scalar ones", "[
         std::memcpy(&x, &u, sizeof x);
         f.push_back(x);
     }
+    // Ties either way, signalling and quiet NaNs, and the subnormal boundary, both in groups of 32
+    // values that hold a subnormal and in groups that do not (where AVX-512 BF16 converts them).
+    for (std::uint32_t high : {0x3f80u, 0x3f81u, 0xbf81u, 0x0080u, 0x8080u, 0x7f7fu, 0x7f80u, 0xff80u, 0x0000u,
+                               0x007fu, 0x807fu})
+        for (std::uint32_t low : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu}) {
+            const std::uint32_t u = high << 16 | low;
+            float x;
+            std::memcpy(&x, &u, sizeof x);
+            f.push_back(x);
+        }
     std::vector<tpo::bfloat16> nb(f.size());
     tpo::backend::cpu_detail::narrow_block(f.data(), static_cast<index_t>(f.size()), nb.data());
     std::size_t bad_n = 0;

@@ -7,6 +7,7 @@
 // branch-free forms below exist only because the scalar conversions do not vectorise.
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -75,14 +76,33 @@ const A* load_block(const T* src, index_t n, A* buffer) {
 template <class G, class A>
 void narrow_block(const A* src, index_t n, G* dst) {
     if constexpr (std::is_same_v<G, bfloat16>) {
-        for (index_t i = 0; i < n; ++i) {
-            const float f = static_cast<float>(src[i]);
-            std::uint32_t u;
-            std::memcpy(&u, &f, sizeof u);
-            const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-            const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            dst[i] = bfloat16::from_bits(static_cast<std::uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded));
+        auto round_to_nearest_even = [&](index_t from, index_t to) {
+            for (index_t i = from; i < to; ++i) {
+                const float f = static_cast<float>(src[i]);
+                std::uint32_t u;
+                std::memcpy(&u, &f, sizeof u);
+                const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+                const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+                dst[i] = bfloat16::from_bits(static_cast<std::uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded));
+            }
+        };
+        index_t i = 0;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<A, float>) {
+            // vcvtne2ps2bf16 rounds and quiets NaN exactly as above, one instruction per 32 values
+            // instead of about seven per 16, but it reads float subnormals as zero: 32 values
+            // holding one take the loop above.
+            constexpr int subnormal = 0x20;  // vfpclassps category
+            for (; i + 32 <= n; i += 32) {
+                const __m512 low = _mm512_loadu_ps(src + i), high = _mm512_loadu_ps(src + i + 16);
+                if ((_mm512_fpclass_ps_mask(low, subnormal) | _mm512_fpclass_ps_mask(high, subnormal)) != 0)
+                    round_to_nearest_even(i, i + 32);
+                else
+                    _mm512_storeu_si512(static_cast<void*>(dst + i), std::bit_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+            }
         }
+#endif
+        round_to_nearest_even(i, n);
     } else {
         for (index_t i = 0; i < n; ++i) dst[i] = narrow<G>(src[i]);
     }
