@@ -116,10 +116,18 @@ TEST_CASE("row statistics agree with the reference backend for every row reducti
     check(data64);
     check(convert<float>(data64));
     check(convert<tpo::bfloat16>(data64));
-    auto poisoned = convert<float>(data64);
-    for (std::size_t i = 5; i < poisoned.chosen.policy.size(); i += 977)
-        poisoned.chosen.policy[i] = std::numeric_limits<float>::infinity();
-    check(poisoned);
+    // +Inf, −Inf and NaN in turn, in every element type: the 16-bit scans test bits, not floats.
+    auto poisoned = [](auto data) {
+        using T = typename std::decay_t<decltype(data.chosen.policy)>::value_type;
+        const float bad[] = {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                             std::numeric_limits<float>::quiet_NaN()};
+        std::size_t k = 0;
+        for (std::size_t i = 5; i < data.chosen.policy.size(); i += 977) data.chosen.policy[i] = T(bad[k++ % 3]);
+        return data;
+    };
+    check(poisoned(convert<float>(data64)));
+    check(poisoned(convert<tpo::bfloat16>(data64)));
+    check(poisoned(convert<tpo::float16>(data64)));
 }
 
 TEST_CASE("backend writes 16-bit gradients that round the reference's", "[backend][agreement]") {

@@ -46,6 +46,10 @@ public:
         if constexpr (Reduction == row_reduction::label) {
             return;
         } else {
+            if constexpr (Reduction == row_reduction::finiteness && sizeof(T) == 2) {
+                non_finite_bits_ |= non_finite_bits(row + start, n);
+                return;
+            }
             const A* x = load_block(row + start, n, buffer_);
             if constexpr (Reduction == row_reduction::finiteness)
                 add_probe(x, n);
@@ -57,7 +61,8 @@ public:
     row_stats finish(const T* row, std::int64_t label) const {
         const double label_logit = widen<double>(row[label]);
         if constexpr (!needs_logsumexp(Reduction)) {
-            const double probe = static_cast<double>(ei::predux(probe_)) + static_cast<double>(probe_tail_);
+            const double probe = static_cast<double>(ei::predux(probe_)) + static_cast<double>(probe_tail_) +
+                                 ((non_finite_bits_ & non_finite_bit) != 0 ? 1.0 : 0.0);
             return row_without_logsumexp(label_logit, probe, label);
         } else {
             const A lowest = std::min(ei::predux_min(lowest_), lowest_tail_);
@@ -162,6 +167,7 @@ private:
     double sum_ = 0, sum_doubled_ = 0;  // Σ exp(x − max), Σ exp(2x − 2·max)
     P probe_ = ei::pset1<P>(A(0));  // Σ (x − x) of the finiteness scan: 0 unless a NaN or ±∞ was read
     A probe_tail_ = 0;
+    std::uint16_t non_finite_bits_ = 0;  // of the scan of 16-bit rows, which reads their bits
     P lowest_ = ei::pset1<P>(A(0));  // of the log-sum-exp sweep: −∞ shows as −∞ (NaN and +∞ reach the sum)
     A lowest_tail_ = 0;
 };

@@ -63,6 +63,21 @@ inline void widen_block(const float16* src, index_t n, float* dst) {
     }
 }
 
+/// For 16-bit floats, whose NaN/Inf test needs no widening: the OR over the block of each
+/// element's magnitude bits plus one exponent step. Bit 15 of the result is set exactly when some
+/// element has an all-ones exponent (NaN or ±Inf); three 16-bit integer operations per element,
+/// 32 elements to a vector.
+template <class T>
+std::uint16_t non_finite_bits(const T* src, index_t n) {
+    static_assert(std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>);
+    constexpr std::uint16_t exponent_step = std::is_same_v<T, bfloat16> ? 0x0080u : 0x0400u;
+    std::uint16_t acc = 0;
+    for (index_t i = 0; i < n; ++i) acc |= static_cast<std::uint16_t>((src[i].bits & 0x7fffu) + exponent_step);
+    return acc;
+}
+
+inline constexpr std::uint16_t non_finite_bit = 0x8000u;
+
 template <class T, class A>
 const A* load_block(const T* src, index_t n, A* buffer) {
     if constexpr (std::is_same_v<T, A>) {
