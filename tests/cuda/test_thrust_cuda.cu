@@ -1,7 +1,8 @@
 // The Thrust backend on a CUDA GPU against the reference backend on the host: the same random
 // batches (copied to the device once), every input element type, row lengths that take the
 // warp-per-row and the block-per-row kernels and misaligned rows, forward values and gradients
-// at the tolerances of the CPU backends; identical errors for bad input; h = 0 exactly at
+// at the tolerances of the CPU backends, and unchanged when the reference enters as precomputed
+// sequence scores; identical errors for bad input; h = 0 exactly at
 // initialisation; device noise within a few ulps of the host's (SPEC §2.2). Needs a GPU to run
 // (scripts/device-check); CI compiles and links it.
 
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -113,6 +115,30 @@ void agree_on(std::mt19937_64& rng, index_t vocab, index_t length) {
             }
             INFO("gradient tensor " << k << ": worst difference " << worst << ", scale " << scale);
             CHECK(worst <= gtol * std::max(scale, 1e-30));
+        }
+
+        // The reference as the sequence scores this backend reported, in device memory: the step
+        // then reads the policy's tensors only and, as on the host (test_properties), changes no bit.
+        thrust::device_vector<double> given_chosen = a.reference_chosen_scores;
+        thrust::device_vector<double> given_rejected = a.reference_rejected_scores;
+        auto scored = device.batch();
+        for (auto [side, given] :
+             {std::pair{&scored.chosen, &given_chosen}, std::pair{&scored.rejected, &given_rejected}}) {
+            side->reference = {};
+            side->reference_noisy = {};
+            side->reference_scores = tpo::sequence_values_of(*given, side->policy.sequences);
+        }
+        device_gradients<G> with_scores(data);
+        auto with_scores_view = with_scores.views();
+        const auto c = tpo::evaluate(gpu, options, scored, &with_scores_view);
+        REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+        CHECK(c.loss == a.loss);
+        CHECK(c.losses == a.losses);
+        CHECK(c.reference_rejected_scores == a.reference_rejected_scores);
+        for (int k = 0; k < 4; ++k) {
+            INFO("gradient tensor " << k << " with reference scores");
+            const std::vector<G> given = with_scores.host(k), computed = ours.host(k);
+            CHECK(std::memcmp(given.data(), computed.data(), given.size() * sizeof(G)) == 0);
         }
     }
     cudaStreamDestroy(stream);

@@ -14,8 +14,9 @@
 // stream-ordered device memory on CUDA, thrust/cuda_buffer.cuh), results stay there,
 // and only to_host() (the O(P) results the objective reports) copies back. On CUDA everything is
 // ordered on the stream given to the constructor; to_host() is the only synchronisation.
-// Tensors held in Thrust vectors become views with tpo::logits_of / labels_of / token_values_of
-// (thrust/views.hpp); raw device pointers are views as they are: logits_view{pointer, S, L, V}.
+// Tensors held in Thrust vectors become views with tpo::logits_of / labels_of / token_values_of /
+// sequence_values_of (thrust/views.hpp); raw device pointers are views as they are:
+// logits_view{pointer, S, L, V}.
 
 #include <thrust/detail/config.h>
 #include <thrust/execution_policy.h>

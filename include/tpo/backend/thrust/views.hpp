@@ -43,4 +43,11 @@ token_values_view<detail::thrust_element_t<Vector>> token_values_of(Vector& v, i
     return {detail::thrust_data(v, sequences * length, "token values"), sequences, length};
 }
 
+/// `(S)` per-sequence values (precomputed reference scores, side_batch::reference_scores) in a
+/// Thrust vector.
+template <class Vector>
+sequence_values_view<detail::thrust_element_t<Vector>> sequence_values_of(Vector& v, index_t sequences) {
+    return {detail::thrust_data(v, sequences, "sequence values"), sequences};
+}
+
 TPO_END_NAMESPACE
