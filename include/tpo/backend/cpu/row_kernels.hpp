@@ -243,6 +243,10 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
             return fast_exp(v);
     };
 
+    // The logits ahead are asked for as in the log-sum-exp sweep: measured in one process,
+    // alternating steps, the backward went from 8.65 to 7.83 ms at two threads and from 16.5 to
+    // 15.0 ms at one (llava fp32).
+    constexpr std::size_t source_bytes_per_step = 2 * W * sizeof(T);
     alignas(64) A buffer[block_size];
     alignas(64) A values[block_size + W];
     alignas(64) G narrowed[std::is_same_v<G, A> ? 1 : block_size];
@@ -250,10 +254,18 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
         const index_t n = std::min(block_size, vocab - start);
         const A* x = load_block(row + start, n, buffer);
         const index_t full = n - n % W;
-        for (index_t i = 0; i < full; i += W) {
+        const std::uintptr_t ahead = reinterpret_cast<std::uintptr_t>(row + start) + prefetch_distance_bytes;
+        auto write = [&](index_t i) {
             const P v = ei::ploadu<P>(x + i);
             ei::pstore(values + i, ei::pmul(minus_beta, exp(ei::psub(ei::psub(v, p_hi), p_lo))));
+        };
+        index_t i = 0;
+        for (; i + 2 * W <= full; i += 2 * W) {
+            prefetch_lines(ahead + static_cast<std::size_t>(i) * sizeof(T), source_bytes_per_step);
+            write(i);
+            write(i + W);
         }
+        for (; i < full; i += W) write(i);
         if (full < n) {
             alignas(64) A tail[W];
             for (index_t k = 0; k < W; ++k) tail[k] = full + k < n ? x[full + k] : A(0);
