@@ -31,7 +31,7 @@ namespace ei = Eigen::internal;
 /// What a row pass accumulates, block by block, for one row_reduction: nothing for `label`, the
 /// finiteness probe for `finiteness`, the online log-sum-exp (of z, and of 2z) with the probe
 /// otherwise. Blocks arrive in order and each is reduced in a fixed order, so a row's result does
-/// not depend on whether its blocks were interleaved with another row's (row_pair_statistics).
+/// not depend on the thread or on what else runs.
 template <row_reduction Reduction, class T>
 class row_accumulator {
     using A = accumulate_t<T>;
