@@ -86,5 +86,6 @@ int main(int argc, char** argv) {
     const auto ref = reference == "scores" ? tpo_bench::reference_input::scores : tpo_bench::reference_input::logits;
     std::printf("%s %s, reference as %s, %d threads, %d alternating rounds\n", shape.c_str(), dtype.c_str(),
                 reference.c_str(), threads, rounds);
-    return dtype == "fp32" ? compare<float>(threads, dims, ref, rounds) : compare<tpo::bfloat16>(threads, dims, ref, rounds);
+    return dtype == "fp32" ? compare<float>(threads, dims, ref, rounds)
+                           : compare<tpo::bfloat16>(threads, dims, ref, rounds);
 }

@@ -113,7 +113,8 @@ void narrow_block(const A* src, index_t n, G* dst) {
                 if ((_mm512_fpclass_ps_mask(low, subnormal) | _mm512_fpclass_ps_mask(high, subnormal)) != 0)
                     round_to_nearest_even(i, i + 32);
                 else
-                    _mm512_storeu_si512(static_cast<void*>(dst + i), std::bit_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+                    _mm512_storeu_si512(static_cast<void*>(dst + i),
+                                        std::bit_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
             }
         }
 #endif
