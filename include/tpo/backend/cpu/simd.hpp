@@ -173,6 +173,14 @@ inline void prefetch_lines(std::uintptr_t address, std::size_t bytes) {
 #endif
 }
 
+/// Asks for the `elements` source elements prefetch_distance_bytes past `at`, which is what a row
+/// sweep reads while it computes on `at`.
+template <class T>
+void prefetch_ahead(const T* at, index_t elements) {
+    prefetch_lines(reinterpret_cast<std::uintptr_t>(at) + prefetch_distance_bytes,
+                   static_cast<std::size_t>(elements) * sizeof(T));
+}
+
 inline void store_fence() {
 #if defined(__SSE2__)
     _mm_sfence();
