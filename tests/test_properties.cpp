@@ -245,13 +245,11 @@ TEST_CASE("precomputed reference scores change no bit of a result", "[property]"
         o.use_weighting = *rc::gen::arbitrary<bool>();
         tested_backend backend;
         auto [a, g_logits] = evaluate_with_gradients(backend, o, data);
-        auto batch = data.batch();
-        for (auto [side, scores] : {std::pair{&batch.chosen, &a.reference_chosen_scores},
-                                    std::pair{&batch.rejected, &a.reference_rejected_scores}}) {
-            side->reference = {};
-            side->reference_noisy = {};
-            side->reference_scores = {scores->data(), static_cast<index_t>(scores->size())};
-        }
+        auto scores = [](const std::vector<double>& v) {
+            return tpo::sequence_values_view<const double>{v.data(), static_cast<index_t>(v.size())};
+        };
+        const auto batch =
+            with_reference_scores(data.batch(), scores(a.reference_chosen_scores), scores(a.reference_rejected_scores));
         auto [b, g_scores] = evaluate_with_gradients(backend, o, data, batch);
         RC_ASSERT(a.loss == b.loss);
         RC_ASSERT(a.losses == b.losses);

@@ -121,13 +121,9 @@ void agree_on(std::mt19937_64& rng, index_t vocab, index_t length) {
         // then reads the policy's tensors only and, as on the host (test_properties), changes no bit.
         thrust::device_vector<double> given_chosen = a.reference_chosen_scores;
         thrust::device_vector<double> given_rejected = a.reference_rejected_scores;
-        auto scored = device.batch();
-        for (auto [side, given] :
-             {std::pair{&scored.chosen, &given_chosen}, std::pair{&scored.rejected, &given_rejected}}) {
-            side->reference = {};
-            side->reference_noisy = {};
-            side->reference_scores = tpo::sequence_values_of(*given, side->policy.sequences);
-        }
+        const auto scored =
+            with_reference_scores(device.batch(), tpo::sequence_values_of(given_chosen, data.chosen.pairs),
+                                  tpo::sequence_values_of(given_rejected, data.rejected.pairs));
         device_gradients<G> with_scores(data);
         auto with_scores_view = with_scores.views();
         const auto c = tpo::evaluate(gpu, options, scored, &with_scores_view);

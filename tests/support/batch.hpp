@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include <tpo/tpo.hpp>
@@ -125,6 +126,20 @@ evaluated<G> evaluate_with_gradients(B& backend, const tpo::objective_options& o
 template <class G = double, class B, class T>
 evaluated<G> evaluate_with_gradients(B& backend, const tpo::objective_options& options, const batch_data<T>& data) {
     return evaluate_with_gradients<G>(backend, options, data, data.batch());
+}
+
+/// The batch with its reference model given as sequence scores (views into the caller's memory:
+/// host or device, as the backend needs) instead of its two logits tensors.
+template <class T, class I>
+tpo::preference_batch<T, I> with_reference_scores(tpo::preference_batch<T, I> batch,
+                                                  tpo::sequence_values_view<const double> chosen,
+                                                  tpo::sequence_values_view<const double> rejected) {
+    for (auto [side, scores] : {std::pair{&batch.chosen, chosen}, std::pair{&batch.rejected, rejected}}) {
+        side->reference = {};
+        side->reference_noisy = {};
+        side->reference_scores = scores;
+    }
+    return batch;
 }
 
 }  // namespace tpo_test
