@@ -1,9 +1,9 @@
 // Two versions of the CPU backend in one process: tpo::backend::cpu_a (a renamed copy of the
 // backend at some git revision, made by scripts/ab-cpu-backend) and tpo::backend::cpu (the working
 // tree), each running the whole TPO step (forward + backward, bench/workload.hpp) in turn on the
-// same buffers. Alternating steps inside one process sees the same memory, the same pages and the
-// same moment of a shared host, so differences of 2–5 % that separate processes hide in this
-// machine's drift become visible.
+// same buffers, timing the forward and the whole step. Alternating steps inside one process sees
+// the same memory, the same pages and the same moment of a shared host, so differences of 2–5 %
+// that separate processes hide in this machine's drift become visible.
 //
 // usage: ab_cpu_backend THREADS [fp32|bf16] [llava|qwen2vl] [scores|logits] [ROUNDS]
 
@@ -24,13 +24,18 @@ namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
+struct step_time {
+    double forward_ms, step_ms;
+};
+
 template <class Backend, class Batch, class Gradients>
-double step_ms(Backend& backend, const Batch& batch, const Gradients& grads) {
+step_time timed_step(Backend& backend, const Batch& batch, const Gradients& grads) {
     const double start = now();
     tpo::objective<Backend> objective(backend, tpo_bench::tpo_options());
     objective.forward(batch);
+    const double forward_end = now();
     objective.backward(batch, grads);
-    return (now() - start) * 1e3;
+    return {(forward_end - start) * 1e3, (now() - start) * 1e3};
 }
 
 struct quartiles {
@@ -50,18 +55,24 @@ int compare(int threads, tpo_bench::shape dims, tpo_bench::reference_input refer
     tpo::backend::cpu b(threads);
     const auto batch = w.batch();
     const auto grads = w.gradients();
-    std::vector<double> ta, tb;
+    std::vector<double> fa, fb, ta, tb;
     for (int round = -2; round < rounds; ++round) {  // two warm-up rounds
-        const double x = step_ms(a, batch, grads), y = step_ms(b, batch, grads);
+        const step_time x = timed_step(a, batch, grads), y = timed_step(b, batch, grads);
         if (round >= 0) {
-            ta.push_back(x);
-            tb.push_back(y);
+            fa.push_back(x.forward_ms);
+            fb.push_back(y.forward_ms);
+            ta.push_back(x.step_ms);
+            tb.push_back(y.step_ms);
         }
     }
-    const quartiles qa(ta), qb(tb);
-    std::printf("A (revision)     median %7.2f ms  (q1 %.2f, q3 %.2f)\n", qa.median, qa.q1, qa.q3);
-    std::printf("B (working tree) median %7.2f ms  (q1 %.2f, q3 %.2f)  B/A %.3f\n", qb.median, qb.q1, qb.q3,
-                qb.median / qa.median);
+    auto report = [](const char* what, const std::vector<double>& times_a, const std::vector<double>& times_b) {
+        const quartiles qa(times_a), qb(times_b);
+        std::printf("%-8s A (revision)     median %7.2f ms  (q1 %.2f, q3 %.2f)\n", what, qa.median, qa.q1, qa.q3);
+        std::printf("%-8s B (working tree) median %7.2f ms  (q1 %.2f, q3 %.2f)  B/A %.3f\n", what, qb.median, qb.q1,
+                    qb.q3, qb.median / qa.median);
+    };
+    report("forward", fa, fb);
+    report("step", ta, tb);
     return 0;
 }
 

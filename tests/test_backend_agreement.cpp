@@ -152,6 +152,54 @@ TEST_CASE("backend writes 16-bit gradients that round the reference's", "[backen
     }
 }
 
+TEST_CASE("−∞ logits add nothing to a row's log-sum-exp, even a whole leading block",
+          "[backend][agreement][edge]") {
+    // A −∞ is still bad input (the row's status says so, and evaluate() reports it unless input
+    // checks are off), but the statistics stay those of the finite entries, not NaN.
+    tested_backend backend;
+    tpo::backend::reference oracle;
+    std::mt19937_64 rng(29);
+    const tpo_test::index_t rows = 3, vocab = 2500, masked = 1100;  // the CPU backend's first block is all −∞
+    std::normal_distribution<double> normal(0.0, 3.0);
+    std::vector<double> z64(static_cast<std::size_t>(rows * vocab));
+    for (std::size_t i = 0; i < z64.size(); ++i)
+        z64[i] = static_cast<tpo_test::index_t>(i) % vocab < masked ? -std::numeric_limits<double>::infinity()
+                                                                     : normal(rng);
+    const std::vector<std::int64_t> labels = {masked, vocab - 1, 2000};
+    auto check = [&](const auto& z) {
+        using T = typename std::decay_t<decltype(z)>::value_type;
+        INFO("element " << tpo::element_name<T>());
+        const tpo::logits_view<const T> view{z.data(), 1, rows, vocab};
+        const tpo::labels_view<const std::int64_t> y{labels.data(), 1, rows};
+        tpo::row_alignment align;
+        align.shift = false;
+        for (auto reduction : {tpo::row_reduction::logsumexp, tpo::row_reduction::logsumexp_and_doubled}) {
+            auto a = backend.template allocate<tpo::row_stats>(rows);
+            std::vector<tpo::row_stats> b(rows);
+            backend.row_statistics(view, y, align, reduction, backend.raw(a));
+            oracle.row_statistics(view, y, align, reduction, b.data());
+            const std::vector<tpo::row_stats> ours = backend.to_host(a);
+            for (tpo_test::index_t r = 0; r < rows; ++r) {
+                auto at = [&](tpo_test::index_t v) { return tpo::widen<double>(z[r * vocab + v]); };
+                double top = -std::numeric_limits<double>::infinity(), sum = 0;
+                for (tpo_test::index_t v = masked; v < vocab; ++v) top = std::max(top, at(v));
+                for (tpo_test::index_t v = masked; v < vocab; ++v) sum += std::exp(at(v) - top);
+                const double expected = top + std::log(sum);
+                CHECK(b[r].status == tpo::row_status::non_finite);
+                CHECK(ours[r].status == tpo::row_status::non_finite);
+                CHECK(b[r].lse == Approx(expected).epsilon(1e-12));
+                CHECK(ours[r].lse == Approx(expected).epsilon(tolerance<T>()));
+            }
+        }
+    };
+    check(z64);
+    std::vector<float> z32(z64.begin(), z64.end());
+    check(z32);
+    std::vector<tpo::bfloat16> z16(z64.size());
+    for (std::size_t i = 0; i < z64.size(); ++i) z16[i] = tpo::narrow<tpo::bfloat16>(z64[i]);
+    check(z16);
+}
+
 TEST_CASE("identical policy and reference logits give h = 0 and a loss of exactly ln 2", "[backend][init]") {
     tested_backend backend;
     std::mt19937_64 rng(11);

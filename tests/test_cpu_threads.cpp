@@ -356,29 +356,45 @@ TEST_CASE("the row kernels' float exponential is within two ulps of exp", "[cpu]
 #endif
 }
 
-TEST_CASE("the log-sum-exp summand exponential is within its error bound", "[cpu][exp]") {
-    auto exp_of = [](std::vector<float> x) {
-        return packet_exp(std::move(x),
-                          [](const auto& p) { return tpo::backend::cpu_detail::fast_exp_summand(p); });
-    };
-    // Its arguments are x − row max ≤ 0. The bound (fast_exp.hpp): the degree-5 polynomial's
-    // 1.44 eps (scripts/fit-exp-polynomial 5), half an eps for rounding r, and |n|·|ln 2 − float(ln 2)|
-    // from the one-part ln 2, n = round(x / ln 2). Down to −87, where results stop being normal.
-    const std::vector<float> x = exp_test_points(-87.0f, 0.0f);
+TEST_CASE("the log-sum-exp terms' exponential is within its error bound", "[cpu][exp]") {
+    // shifted_exp(m)(x) = exp(x − m). The bound (fast_exp.hpp): the degree-5 polynomial's 1.39 eps
+    // (scripts/fit-exp-polynomial 5 exp2, Horner rounding included); ln 2·eps/4 from rounding
+    // f = t + 1 where t ∈ (−1, 0); |x − m|·eps/2 each from rounding x − m and t = (x − m)·log2 e
+    // in float, and |x − m|·|1 − float(log2 e)/log2 e|.
+    // Down to x − m = −87, where results stop being normal.
+    namespace cd = tpo::backend::cpu_detail;
     const double eps = std::numeric_limits<float>::epsilon();
-    const double ln2_error = std::abs(std::log(2.0) - static_cast<double>(static_cast<float>(std::log(2.0))));
-    const auto [worst, worst_at] = worst_error(x, exp_of(x), [&](float at, double y, double exact) {
-        if (at > 0) return 0.0;  // the random points inside the interval include positive ones
-        const double n = std::nearbyint(static_cast<double>(at) / std::log(2.0));
-        return std::abs(y - exact) / exact / (1.94 * eps + std::abs(n) * ln2_error);  // fraction of the bound
-    });
-    INFO("worst: " << worst << " of the bound at x = " << worst_at);
-    CHECK(worst <= 1.0);
-    CHECK(exp_of({0.0f})[0] == 1.0f);
-    CHECK(std::isnan(exp_of({std::nanf("")})[0]));
-#if defined(__AVX512F__)
-    CHECK(exp_of({-INFINITY})[0] == 0.0f);
-#endif
+    const double log2e = 1.0 / std::log(2.0);
+    const double log2e_error = std::abs(1.0 - static_cast<double>(static_cast<float>(log2e)) / log2e);
+    for (const float m : {0.0f, 3.7f, -2.5f, 25.3f, -1000.1f, 12345.6f}) {
+        INFO("m = " << m);
+        const cd::shifted_exp<float> exp_shifted(m);
+        auto exp_of = [&](std::vector<float> x) {
+            return packet_exp(std::move(x), [&](const auto& p) { return exp_shifted(p); });
+        };
+        std::vector<float> x = exp_test_points(-87.0f, 0.0f);
+        for (float& v : x) v = std::min(v, 0.0f) + m;  // x − m ≤ 0, rounded as the kernels' inputs are
+        const std::vector<float> y = exp_of(x);
+        double worst = 0;
+        float worst_at = 0;
+        for (std::size_t i = 0; i < x.size(); ++i) {
+            const double d = static_cast<double>(x[i]) - static_cast<double>(m);
+            if (d < -87.0) continue;
+            const double exact = std::exp(d);
+            const double bound = (1.39 + std::log(2.0) / 4) * eps + std::abs(d) * (eps + log2e_error);
+            const double e = std::abs(static_cast<double>(y[i]) - exact) / exact / bound;  // fraction of the bound
+            if (e > worst) {
+                worst = e;
+                worst_at = x[i];
+            }
+        }
+        INFO("worst: " << worst << " of the bound at x = " << worst_at);
+        CHECK(worst <= 1.0);
+        CHECK(exp_of({m})[0] == 1.0f);
+        CHECK(std::isnan(exp_of({std::nanf("")})[0]));
+        CHECK(exp_of({-INFINITY})[0] == 0.0f);
+        CHECK(exp_of({m - 200.0f})[0] == 0.0f);
+    }
 }
 
 TEST_CASE("the fused pass over a clean and a noisy tensor equals two separate passes, bit for bit", "[cpu][pair]") {

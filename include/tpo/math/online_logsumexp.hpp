@@ -21,7 +21,7 @@ struct online_logsumexp {
         if (x > max) {
             sum = sum * exp(max - x) + R(1);
             max = x;
-        } else {
+        } else if (x != -std::numeric_limits<R>::infinity()) {  // −∞ adds 0, even before any finite x
             sum += exp(x - max);
         }
     }

@@ -2,10 +2,10 @@
 // The two O(V) row kernels of the CPU backend, vectorised with Eigen's packet math.
 //
 // A row is read block by block (cpu_detail::block_size elements, which stay in L1) by a
-// row_accumulator: one sweep of the block finds its maximum and minimum (the −∞ probe), a second
-// sweep over the cached block sums exp(x − running max) (NaN and +∞ make the sum NaN). The running
-// state is the online log-sum-exp of SPEC §3.1 taken per block, so there is one exponential per
-// element and memory is read once.
+// row_accumulator: one sweep of the block finds its maximum, a second sweep over the cached block
+// sums exp(x − running max) (NaN and +∞ make the sum NaN) and finds the minimum (the −∞ probe).
+// The running state is the online log-sum-exp of SPEC §3.1 taken per block, so there is one
+// exponential per element and memory is read once.
 // Block sums accumulate in the element's accumulation type (float for 16/32-bit inputs, a few
 // hundred terms per lane) and the row total in double, so rows of 150k entries keep float-epsilon
 // accuracy.
@@ -99,9 +99,9 @@ private:
         probe_tail_ = tail_probe;
     }
 
-    // One sweep of the cached block finds its maximum and its minimum, a second sums
-    // exp(x − running max): one exponential per element, memory read once. A NaN or +∞ anywhere
-    // makes the sum NaN, so the only non-finite value left to detect is −∞, which the minimum shows.
+    // One sweep of the cached block finds its maximum, a second sums exp(x − running max) and keeps
+    // the minimum: one exponential per element, memory read once. A NaN or +∞ anywhere makes the
+    // sum NaN, so the only non-finite value left to detect is −∞, which the minimum shows.
     // `source`: the block in the row (x may be its widened copy), whose memory ahead is asked for
     // while the exponentials run.
     void add_logsumexp(const A* x, index_t n, const T* source) {
@@ -110,33 +110,37 @@ private:
         const index_t rest = n - full;
         for (index_t k = 0; k < W; ++k) tail[k] = k < rest ? x[full + k] : neg_inf;
 
-        P block_max = ei::pset1<P>(neg_inf);
-        P lowest = lowest_;
-        for (index_t i = 0; i < full; i += W) {
-            const P v = ei::ploadu<P>(x + i);
-            block_max = ei::pmax(block_max, v);
-            lowest = ei::pmin(lowest, v);
+        // Two accumulators: a maximum waits on the one before it.
+        P max0 = ei::pset1<P>(neg_inf), max1 = max0;
+        index_t i = 0;
+        for (; i + 2 * W <= full; i += 2 * W) {
+            max0 = ei::pmax(max0, ei::ploadu<P>(x + i));
+            max1 = ei::pmax(max1, ei::ploadu<P>(x + i + W));
         }
-        lowest_ = lowest;
-        for (index_t k = 0; k < rest; ++k) lowest_tail_ = std::min(lowest_tail_, tail[k]);
+        for (; i < full; i += W) max0 = ei::pmax(max0, ei::ploadu<P>(x + i));
         const P v_tail = ei::pload<P>(tail);
-        block_max = ei::pmax(block_max, v_tail);
-        const A m = ei::predux_max(block_max);
+        const A m = ei::predux_max(ei::pmax(ei::pmax(max0, max1), v_tail));
+        if (m == neg_inf) {
+            add_block_without_finite_values(x, n);
+            return;
+        }
         if (m > running_max_) {
             const double scale = std::exp(static_cast<double>(running_max_) - static_cast<double>(m));
             sum_ *= scale;
             sum_doubled_ *= scale * scale;
             running_max_ = m;
+            exp_shifted_ = shifted_exp<A>(m);
         }
 
-        const P shift = ei::pset1<P>(running_max_);
         const P zero = ei::pset1<P>(A(0));
         P s0 = zero, s1 = zero, d0 = zero, d1 = zero;
-        index_t i = 0;
-        for (; i + 2 * W <= full; i += 2 * W) {
+        P lowest0 = lowest_, lowest1 = lowest_;
+        for (i = 0; i + 2 * W <= full; i += 2 * W) {
             prefetch_ahead(source + i, 2 * W);
-            const P e0 = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i), shift));
-            const P e1 = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i + W), shift));
+            const P v0 = ei::ploadu<P>(x + i), v1 = ei::ploadu<P>(x + i + W);
+            lowest0 = ei::pmin(lowest0, v0);
+            lowest1 = ei::pmin(lowest1, v1);
+            const P e0 = exp_shifted_(v0), e1 = exp_shifted_(v1);
             s0 = ei::padd(s0, e0);
             s1 = ei::padd(s1, e1);
             if constexpr (doubled) {
@@ -145,13 +149,17 @@ private:
             }
         }
         for (; i < full; i += W) {
-            const P e = fast_exp_summand(ei::psub(ei::ploadu<P>(x + i), shift));
+            const P v = ei::ploadu<P>(x + i);
+            lowest0 = ei::pmin(lowest0, v);
+            const P e = exp_shifted_(v);
             s0 = ei::padd(s0, e);
             if constexpr (doubled) d0 = ei::padd(d0, ei::pmul(e, e));
         }
+        lowest_ = ei::pmin(lowest0, lowest1);
         if (rest > 0) {
+            for (index_t k = 0; k < rest; ++k) lowest_tail_ = std::min(lowest_tail_, tail[k]);
             // Padding lanes are zeroed rather than left to exp(−∞), which is not exactly 0 on every target.
-            ei::pstore(tail, fast_exp_summand(ei::psub(v_tail, shift)));
+            ei::pstore(tail, exp_shifted_(v_tail));
             for (index_t k = rest; k < W; ++k) tail[k] = A(0);
             const P e = ei::pload<P>(tail);
             s1 = ei::padd(s1, e);
@@ -161,8 +169,21 @@ private:
         if constexpr (doubled) sum_doubled_ += static_cast<double>(ei::predux(ei::padd(d0, d1)));
     }
 
+    // A block whose maximum is −∞ holds only −∞ and NaN (the packet maximum passes over NaN): −∞
+    // adds nothing to the sums (even before any finite value), NaN must still reach them. Rare, so
+    // scalar.
+    void add_block_without_finite_values(const A* x, index_t n) {
+        for (index_t k = 0; k < n; ++k) {
+            if (std::isnan(x[k]))
+                sum_ = std::numeric_limits<double>::quiet_NaN();
+            else
+                lowest_tail_ = neg_inf;
+        }
+    }
+
     alignas(64) A buffer_[std::is_same_v<T, A> ? 1 : block_size];  // widened 16-bit block
     A running_max_ = neg_inf;
+    shifted_exp<A> exp_shifted_{A(0)};  // exp(x − running_max_), set with it once that is finite
     double sum_ = 0, sum_doubled_ = 0;  // Σ exp(x − max), Σ exp(2x − 2·max)
     P probe_ = ei::pset1<P>(A(0));  // Σ (x − x) of the finiteness scan: 0 unless a NaN or ±∞ was read
     A probe_tail_ = 0;
@@ -231,17 +252,19 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
     // even when lse itself is large.
     const A hi = static_cast<A>(c.lse);
     const A lo = static_cast<A>(c.lse - static_cast<double>(hi));
+    // A 16-bit output keeps 8 (bf16) or 11 (fp16) significant bits, so the log-sum-exp terms'
+    // exponential (a few float ulps, with exp(−lo) folded into the factor) cannot show in it; only
+    // float and double outputs need fast_exp's ≤ 1 ulp.
+    const shifted_exp<A> exp_shifted(hi);
     const P p_hi = ei::pset1<P>(hi), p_lo = ei::pset1<P>(lo);
     const P minus_beta = ei::pset1<P>(static_cast<A>(-c.beta));
-    // A 16-bit output keeps 8 (bf16) or 11 (fp16) significant bits, so the summand form's extra
-    // float ulp cannot show in it; only float and double outputs need the ≤ 1 ulp form.
-    auto exp = [](const P& v) {
+    const P minus_beta_exp_lo = ei::pset1<P>(static_cast<A>(-c.beta * std::exp(-static_cast<double>(lo))));
+    auto gradient = [&](const P& v) {
         if constexpr (sizeof(G) == 2)
-            return fast_exp_summand(v);
+            return ei::pmul(minus_beta_exp_lo, exp_shifted(v));
         else
-            return fast_exp(v);
+            return ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo)));
     };
-    auto gradient = [&](const P& v) { return ei::pmul(minus_beta, exp(ei::psub(ei::psub(v, p_hi), p_lo))); };
 
     alignas(64) A buffer[block_size];
     alignas(64) A values[block_size + W];

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "tpo/core/element.hpp"
@@ -78,7 +79,8 @@ TPO_HOST_DEVICE TPO_FORCE_INLINE void fold_run(lse_state<Acc>& state, const Acc*
     }
     Acc sum = Acc(0), sum_doubled = Acc(0);
     for (int k = 0; k < n; ++k) {
-        const Acc e = exp(x[k] - m);
+        // −∞ (a masked vocabulary entry) adds 0, also to a run with no finite value (m = −∞).
+        const Acc e = x[k] == -std::numeric_limits<Acc>::infinity() ? Acc(0) : exp(x[k] - m);
         sum += e;
         if constexpr (Doubled) sum_doubled += e * e;
     }
