@@ -91,10 +91,7 @@ public:
 #if defined(_OPENMP)
 #  pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
 #endif
-        for (index_t r = 0; r < count; ++r)
-            rows.visit(r, out, [&](index_t s, index_t t, std::int64_t label) {
-                return cpu_detail::row_statistics_of(reduction, z.row(s, t), z.vocab, label);
-            });
+        for (index_t r = 0; r < count; ++r) rows.reduce(r, z, reduction, out);
     }
 
     /// The statistics of two tensors of one shape (a model's clean and noisy logits) in one
@@ -123,14 +120,9 @@ public:
             for (index_t from; (from = next[tensor].fetch_add(claim, std::memory_order_relaxed)) < count;) {
                 for (index_t r = from; r < std::min(count, from + claim); ++r) {
                     if (tensor == 0)
-                        rows.visit(r, first_out, [&](index_t s, index_t t, std::int64_t label) {
-                            return cpu_detail::row_statistics_of(first_reduction, first.row(s, t), first.vocab, label);
-                        });
+                        rows.reduce(r, first, first_reduction, first_out);
                     else
-                        rows.visit(r, second_out, [&](index_t s, index_t t, std::int64_t label) {
-                            return cpu_detail::row_statistics_of(second_reduction, second.row(s, t), second.vocab,
-                                                                 label);
-                        });
+                        rows.reduce(r, second, second_reduction, second_out);
                 }
             }
         };
@@ -169,8 +161,8 @@ public:
     }
 
 private:
-    /// The scored rows of a tensor, numbered r = s·scored + t: visit(r, out, row) stores
-    /// row(s, t, label) in out[r] when the row's label is valid, and the row's status otherwise.
+    /// The scored rows of a tensor, numbered r = s·scored + t: reduce(r, z, reduction, out) stores
+    /// row r's statistics in out[r] when its label is valid, and the row's status otherwise.
     template <class I>
     struct scored_rows {
         labels_view<const I> labels;
@@ -178,8 +170,8 @@ private:
         index_t vocab;
         index_t scored;  // per sequence
 
-        template <class RowFunction>
-        void visit(index_t r, row_stats* out, const RowFunction& row) const {
+        template <class T>
+        void reduce(index_t r, logits_view<const T> z, row_reduction reduction, row_stats* out) const {
             const index_t s = r / scored, t = r % scored;
             const auto label = static_cast<std::int64_t>(labels.at(s, align.label_position(t)));
             const row_status status = classify_label(label, vocab, align.ignore_index);
@@ -190,7 +182,7 @@ private:
                 out[r] = skipped;
                 return;
             }
-            out[r] = row(s, t, label);
+            out[r] = cpu_detail::row_statistics_of(reduction, z.row(s, t), vocab, label);
         }
     };
 

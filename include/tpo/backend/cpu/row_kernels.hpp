@@ -252,19 +252,20 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
     // even when lse itself is large.
     const A hi = static_cast<A>(c.lse);
     const A lo = static_cast<A>(c.lse - static_cast<double>(hi));
-    // A 16-bit output keeps 8 (bf16) or 11 (fp16) significant bits, so the log-sum-exp terms'
-    // exponential (a few float ulps, with exp(−lo) folded into the factor) cannot show in it; only
-    // float and double outputs need fast_exp's ≤ 1 ulp.
-    const shifted_exp<A> exp_shifted(hi);
-    const P p_hi = ei::pset1<P>(hi), p_lo = ei::pset1<P>(lo);
-    const P minus_beta = ei::pset1<P>(static_cast<A>(-c.beta));
-    const P minus_beta_exp_lo = ei::pset1<P>(static_cast<A>(-c.beta * std::exp(-static_cast<double>(lo))));
-    auto gradient = [&](const P& v) {
-        if constexpr (sizeof(G) == 2)
-            return ei::pmul(minus_beta_exp_lo, exp_shifted(v));
-        else
-            return ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo)));
-    };
+    const auto gradient = [&] {
+        if constexpr (sizeof(G) == 2) {
+            // A 16-bit output keeps 8 (bf16) or 11 (fp16) significant bits, so the log-sum-exp
+            // terms' exponential (a few float ulps, exp(−lo) folded into the factor) cannot show in
+            // it; only float and double outputs need fast_exp's ≤ 1 ulp.
+            const shifted_exp<A> exp_shifted(hi);
+            const P factor = ei::pset1<P>(static_cast<A>(-c.beta * std::exp(-static_cast<double>(lo))));
+            return [=](const P& v) { return ei::pmul(factor, exp_shifted(v)); };
+        } else {
+            const P p_hi = ei::pset1<P>(hi), p_lo = ei::pset1<P>(lo);
+            const P minus_beta = ei::pset1<P>(static_cast<A>(-c.beta));
+            return [=](const P& v) { return ei::pmul(minus_beta, fast_exp(ei::psub(ei::psub(v, p_hi), p_lo))); };
+        }
+    }();
 
     alignas(64) A buffer[block_size];
     alignas(64) A values[block_size + W];
