@@ -398,7 +398,7 @@ private:
         auto stats = [&](const real* z) {
             tpo::math::online_logsumexp<double> lse, unused;
             for (int v = 0; v < vocab_size; ++v) lse.add(static_cast<double>(z[v]));
-            return tpo::finish_row(lse, unused, static_cast<double>(z[y]), 0.0, y);
+            return tpo::rows::finish_row(lse, unused, static_cast<double>(z[y]), 0.0, y);
         };
         return tpo::reward::visual_score(s_.score, stats(clean), stats(corrupted));
     }

@@ -11,6 +11,7 @@
 #include "tpo/math/schedule.hpp"
 #include "tpo/reward/options.hpp"
 #include "tpo/reward/row_stats.hpp"
+#include "tpo/rows/rules.hpp"
 #include "tpo/reward/token.hpp"
 #include "tpo/loss/family.hpp"
 #include "tpo/loss/options.hpp"

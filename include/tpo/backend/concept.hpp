@@ -5,16 +5,17 @@
 //   raw(buffer)          the buffer's raw pointer, as functors see it
 //   to_host(buffer)      a host copy (small results only)
 //   for_each(n, f)       f(i) for i in [0, n), any order, f a host/device functor
-//   row_statistics(...)  one pass over every scored logits row doing what its row_reduction asks:
-//                        the label's logit and label check always, then a finiteness scan, the
-//                        online log-sum-exp of z, and of 2z (reward/row_stats.hpp)
-//   row_gradient(...)    one pass writing ∂L/∂z[v] = alpha·δ(v=y) − beta·exp(z[v] − lse) for every
-//                        row, zero for rows that are not scored; rows with beta = 0 are written
-//                        without reading the logits
+//   row_statistics(...)  runs rows::scored_rows over a logits tensor: for every row the plan sends to
+//                        the backend (rows::statistics_of), one pass doing what its row_reduction
+//                        asks: a finiteness scan, the online log-sum-exp of z, and of 2z
+//   row_gradient(...)    runs rows::gradient_rows over a gradient tensor: zero rows, label-only rows
+//                        (β = 0, the logits are not read) and softmax rows α·δ(v=y) − β·exp(z[v] − lse)
 //
-// Everything else (scores, weights, losses, gradient coefficients) is written once in functors
-// that run through for_each, so a new backend (CUDA, vocabulary-sharded, ...) adds these
-// primitives and never touches a formula.
+// Which rows are scored, what a label means and which rows are read are the plans' rules
+// (rows/rules.hpp); a backend supplies how to reduce one row and how to write one row, and how to
+// run them over many. Everything else (scores, weights, losses, gradient coefficients) is written
+// once in functors that run through for_each, so a new backend adds these primitives and never
+// touches a formula or a row rule.
 
 #include <concepts>
 #include <cstdint>
@@ -22,6 +23,7 @@
 
 #include "tpo/core/views.hpp"
 #include "tpo/reward/row_stats.hpp"
+#include "tpo/rows/rules.hpp"
 
 TPO_BEGIN_NAMESPACE
 namespace detail {

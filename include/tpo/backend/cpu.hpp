@@ -85,22 +85,21 @@ public:
     template <class T, class I>
     void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
                         row_reduction reduction, row_stats* out) const {
-        const scored_rows<I> rows{labels, align, z.vocab, align.scored_rows(z.length)};
-        const index_t count = z.sequences * rows.scored;
+        const auto plan = rows::scored_rows<I>::of(labels, align, z.vocab);
+        const index_t count = plan.count();
         [[maybe_unused]] const bool parallel = use_threads(count, reads_row(reduction) ? z.vocab : 1);
 #if defined(_OPENMP)
 #  pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
 #endif
-        for (index_t r = 0; r < count; ++r) rows.reduce(r, z, reduction, out);
+        for (index_t r = 0; r < count; ++r) reduce(plan, r, z, reduction, out);
     }
 
     /// The statistics of two tensors of one shape (a model's clean and noisy logits) in one
     /// parallel pass over both, equal bit for bit to two row_statistics calls. Even-numbered threads
     /// take the first tensor's rows and odd-numbered ones the second's, a few rows per claim, and a
     /// thread whose tensor runs out helps with the other. The clean rows' log-sum-exp is bound by
-    /// exponentials and the noisy rows' NaN/Inf scan by memory, so side by side they overlap: at
-    /// two threads the pair went from 9.5 to 7.5 ms (llava fp32) against running row r of each in
-    /// turn; at one thread this is the two passes in a row, also faster (15.3 → 14.6 ms).
+    /// exponentials and the noisy rows' NaN/Inf scan by memory, so side by side they overlap
+    /// (docs/design.md, docs/performance.md).
     template <class T, class U, class I>
     void row_statistics_pair(logits_view<const T> first, row_reduction first_reduction, row_stats* first_out,
                              logits_view<const U> second, row_reduction second_reduction, row_stats* second_out,
@@ -109,8 +108,8 @@ public:
                                          first.vocab == second.vocab,
                                      "row_statistics_pair: shapes ", shape_string(first), " and ", shape_string(second),
                                      " differ");
-        const scored_rows<I> rows{labels, align, first.vocab, align.scored_rows(first.length)};
-        const index_t count = first.sequences * rows.scored;
+        const auto plan = rows::scored_rows<I>::of(labels, align, first.vocab);
+        const index_t count = plan.count();
         const index_t work_per_row = (reads_row(first_reduction) ? first.vocab : 1) +
                                      (reads_row(second_reduction) ? second.vocab : 1);
         [[maybe_unused]] const bool parallel = use_threads(count, work_per_row);
@@ -120,9 +119,9 @@ public:
             for (index_t from; (from = next[tensor].fetch_add(claim, std::memory_order_relaxed)) < count;) {
                 for (index_t r = from; r < std::min(count, from + claim); ++r) {
                     if (tensor == 0)
-                        rows.reduce(r, first, first_reduction, first_out);
+                        reduce(plan, r, first, first_reduction, first_out);
                     else
-                        rows.reduce(r, second, second_reduction, second_out);
+                        reduce(plan, r, second, second_reduction, second_out);
                 }
             }
         };
@@ -139,52 +138,41 @@ public:
     template <class T, class G>
     void row_gradient(logits_view<const T> z, const row_coefficients* coefficients, index_t scored,
                       logits_view<G> grad) const {
-        const index_t rows = z.sequences * z.length;
+        const rows::gradient_rows plan{z.sequences, z.length, scored, coefficients};
+        const index_t count = plan.count();
         // Stream only what cannot stay in the caches anyway; a small gradient is better left there.
         const bool stream = static_cast<std::size_t>(grad.size()) * sizeof(G) >= stream_threshold_bytes;
-        [[maybe_unused]] const bool parallel = use_threads(rows, z.vocab);
+        [[maybe_unused]] const bool parallel = use_threads(count, z.vocab);
         // Dynamic, because unscored rows cost a write only; in chunks of 32 rows, because threads
-        // alternating row by row measured 4–6 % slower at two threads than long contiguous runs.
+        // alternating row by row were measurably slower than long contiguous runs.
 #if defined(_OPENMP)
 #  pragma omp parallel for schedule(dynamic, 32) num_threads(threads_) if (parallel)
 #endif
-        for (index_t r = 0; r < rows; ++r) {
-            const index_t s = r / z.length, t = r % z.length;
-            G* out = grad.row(s, t);
-            const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
-            if (!c || c->label < 0)
-                cpu_detail::zero_row(out, z.vocab, stream);
-            else
-                cpu_detail::gradient_row(z.row(s, t), z.vocab, *c, out, stream);
+        for (index_t r = 0; r < count; ++r) {
+            const rows::gradient_row row = plan(r);
+            G* out = grad.row(row.sequence, row.position);
+            switch (row.kind) {
+            case rows::gradient_row_kind::zero: cpu_detail::zero_row(out, z.vocab, stream); break;
+            case rows::gradient_row_kind::label_only:
+                cpu_detail::label_only_row(out, z.vocab, row.coefficients, stream);
+                break;
+            case rows::gradient_row_kind::softmax:
+                cpu_detail::gradient_row(z.row(row.sequence, row.position), z.vocab, row.coefficients, out, stream);
+                break;
+            }
             if (stream) cpu_detail::store_fence();
         }
     }
 
 private:
-    /// The scored rows of a tensor, numbered r = s·scored + t: reduce(r, z, reduction, out) stores
-    /// row r's statistics in out[r] when its label is valid, and the row's status otherwise.
-    template <class I>
-    struct scored_rows {
-        labels_view<const I> labels;
-        row_alignment align;
-        index_t vocab;
-        index_t scored;  // per sequence
-
-        template <class T>
-        void reduce(index_t r, logits_view<const T> z, row_reduction reduction, row_stats* out) const {
-            const index_t s = r / scored, t = r % scored;
-            const auto label = static_cast<std::int64_t>(labels.at(s, align.label_position(t)));
-            const row_status status = classify_label(label, vocab, align.ignore_index);
-            if (status != row_status::ok) {
-                row_stats skipped{};
-                skipped.label = label;
-                skipped.status = status;
-                out[r] = skipped;
-                return;
-            }
-            out[r] = cpu_detail::row_statistics_of(reduction, z.row(s, t), vocab, label);
-        }
-    };
+    /// Row r of the plan into out[r]: the plan settles rows that are not reduced.
+    template <class T, class I>
+    static void reduce(const rows::scored_rows<I>& plan, index_t r, logits_view<const T> z, row_reduction reduction,
+                       row_stats* out) {
+        out[r] = rows::statistics_of(plan, z, r, reduction, [&](const T* row, std::int64_t label) {
+            return cpu_detail::row_statistics_of(reduction, row, z.vocab, label);
+        });
+    }
 
     static int thread_number() {
 #if defined(_OPENMP)

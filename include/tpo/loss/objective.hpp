@@ -2,110 +2,26 @@
 // The objective: TPO, plain DPO or caller-weighted DPO with any loss of the family, forward and
 // exact analytic backward down to the policy logits, on any tensor backend.
 //
-//   forward:  row_statistics over each logits tensor (the O(S·L·V) pass)
+//   forward:  row_statistics over each logits tensor (the O(S·L·V) pass, rows/rules.hpp)
 //             → sequence_pass → batch_pass (O(S·L), O(P))
 //   backward: coefficient_pass → row_gradient over each requested gradient tensor
 //
 // The forward keeps only O(S·L) row statistics; the backward re-reads the logits once and
-// recomputes the exponentials instead of storing a softmax.
+// recomputes the exponentials instead of storing a softmax. What the objective reads and writes is
+// in loss/batch.hpp, its checks in loss/checks.hpp.
 
-#include <optional>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include "tpo/backend/concept.hpp"
 #include "tpo/core/error.hpp"
 #include "tpo/core/views.hpp"
+#include "tpo/loss/batch.hpp"
+#include "tpo/loss/checks.hpp"
 #include "tpo/loss/options.hpp"
 #include "tpo/loss/passes.hpp"
 
 TPO_BEGIN_NAMESPACE
-
-/// One side (chosen or rejected) of a preference batch: `(P, L, V)` logits and `(P, L)` labels.
-/// The noisy tensors are needed with self-calibrated weights only; `weights` with caller weights only.
-/// The reference model enters either through its logits or, precomputed, through its sequence
-/// scores A_ref (`reference_scores`, one per sequence, in backend memory): a reference model that
-/// does not train gives the same A_ref every epoch, so a trainer may compute them once (as
-/// objective_result::reference_*_scores of a forward under the same options and labels) and spare
-/// two reference forwards and their logits each step. Give one or the other, not both.
-template <class T, class I, class R = T>
-struct side_batch {
-    logits_view<const T> policy{};
-    logits_view<const T> policy_noisy{};
-    logits_view<const R> reference{};
-    logits_view<const R> reference_noisy{};
-    labels_view<const I> labels{};
-    token_values_view<const float> weights{};
-    sequence_values_view<const double> reference_scores{};
-};
-
-template <class T, class I, class R = T>
-struct preference_batch {
-    side_batch<T, I, R> chosen;
-    side_batch<T, I, R> rejected;
-};
-
-/// Where to write ∂L/∂(policy logits); an empty view is not computed.
-template <class G>
-struct side_gradients {
-    logits_view<G> policy{};
-    logits_view<G> policy_noisy{};
-};
-
-template <class G>
-struct preference_gradients {
-    side_gradients<G> chosen;
-    side_gradients<G> rejected;
-};
-
-/// Everything the forward reports (SPEC §4): the batch loss and per-pair values.
-struct objective_result {
-    double loss = 0;
-    double reward_accuracy = 0;
-    double reward_margin = 0;
-    std::vector<double> losses;
-    std::vector<double> chosen_rewards, rejected_rewards;
-    std::vector<double> policy_chosen_scores, policy_rejected_scores;        // sequence scores A_θ
-    std::vector<double> reference_chosen_scores, reference_rejected_scores;  // A_ref
-    std::vector<double> mean_visual_score_chosen, mean_visual_score_rejected;
-    std::vector<double> chosen_tokens, rejected_tokens;
-    /// ∂L/∂A_θ of each sequence (what the chain of SPEC §5 starts from).
-    std::vector<double> grad_policy_chosen_scores, grad_policy_rejected_scores;
-};
-
-namespace detail {
-
-template <class T>
-void check_logits(const logits_view<const T>& z, const char* side, const char* role) {
-    require<shape_error>(z.data != nullptr || z.size() == 0, side, " ", role, ": null data for shape ",
-                         shape_string(z));
-    require<shape_error>(z.sequences >= 1, side, " ", role, ": shape ", shape_string(z),
-                         " has no sequence (empty batch)");
-    require<shape_error>(z.length >= 1 && z.vocab >= 1, side, " ", role, ": shape ", shape_string(z),
-                         ", expected L >= 1 and V >= 1");
-    require<shape_error>(z.data != nullptr, side, " ", role, ": null data pointer");
-}
-
-template <class A, class B>
-void check_same_shape(const logits_view<const A>& a, const logits_view<const B>& b, const char* side,
-                      const char* role_a, const char* role_b) {
-    require<shape_error>(a.sequences == b.sequences && a.length == b.length && a.vocab == b.vocab, side, " ", role_b,
-                         ": shape ", shape_string(b), " differs from ", role_a, " shape ", shape_string(a));
-}
-
-inline const char* role_name(loss::tensor_role r) {
-    switch (r) {
-    case loss::tensor_role::policy: return "policy logits";
-    case loss::tensor_role::policy_noisy: return "policy noisy logits";
-    case loss::tensor_role::reference: return "reference logits";
-    case loss::tensor_role::reference_noisy: return "reference noisy logits";
-    case loss::tensor_role::weights: return "token weights";
-    }
-    return "?";
-}
-
-}  // namespace detail
 
 template <tensor_backend B>
 class objective {
@@ -119,7 +35,7 @@ public:
     /// Computes the loss and metrics and keeps what backward() needs.
     template <class T, class I, class R>
     objective_result forward(const preference_batch<T, I, R>& batch) {
-        check(batch);
+        detail::check_batch(options_, batch);
         const index_t pairs = batch.chosen.policy.sequences;
         pairs_ = pairs;
         vocab_ = batch.chosen.policy.vocab;
@@ -135,7 +51,7 @@ public:
         backend_.for_each(pairs, loss::sequence_pass{ts, rows(chosen_), rows(rejected_), pairs,
                                                      backend_.raw(summaries_)});
         std::vector<loss::sequence_summary> summaries = backend_.to_host(summaries_);
-        if (options_.check_inputs) report_input_problems(summaries);
+        if (options_.check_inputs) detail::report_input_problems(options_, summaries, pairs_, vocab_);
 
         backend_.for_each(1, loss::batch_pass{options_.hyper, loss::loss_list::from(options_),
                                               options_.use_weighting, pairs, backend_.raw(summaries_),
@@ -150,12 +66,12 @@ public:
     void backward(const preference_batch<T, I, R>& batch, const preference_gradients<G>& grads) {
         detail::require<error>(forward_done_, "backward: forward() must run first on the same batch");
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        check_gradient(batch.chosen.policy, grads.chosen.policy, "chosen", "gradient of policy logits");
-        check_gradient(batch.rejected.policy, grads.rejected.policy, "rejected", "gradient of policy logits");
+        detail::check_gradient(batch.chosen.policy, grads.chosen.policy, "chosen", "gradient of policy logits");
+        detail::check_gradient(batch.rejected.policy, grads.rejected.policy, "rejected", "gradient of policy logits");
         if (noisy) {
-            check_gradient(batch.chosen.policy_noisy, grads.chosen.policy_noisy, "chosen",
+            detail::check_gradient(batch.chosen.policy_noisy, grads.chosen.policy_noisy, "chosen",
                            "gradient of policy noisy logits");
-            check_gradient(batch.rejected.policy_noisy, grads.rejected.policy_noisy, "rejected",
+            detail::check_gradient(batch.rejected.policy_noisy, grads.rejected.policy_noisy, "rejected",
                            "gradient of policy noisy logits");
         }
         auto coefficients = [&](const side_state& s) {
@@ -191,64 +107,6 @@ private:
         const float* weights = nullptr;
         const double* reference_scores = nullptr;  // given A_ref; the reference buffers are then unused
     };
-
-    template <class T, class I, class R>
-    void check(const preference_batch<T, I, R>& batch) const {
-        const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        auto check_side = [&](const side_batch<T, I, R>& s, const char* side) {
-            detail::check_logits(s.policy, side, "policy logits");
-            const bool given_scores = !s.reference_scores.empty();
-            if (given_scores) {
-                detail::require<shape_error>(s.reference.empty() && s.reference_noisy.empty(), side,
-                                             " reference: both logits and precomputed scores given; give one");
-                detail::require<shape_error>(s.reference_scores.sequences == s.policy.sequences, side,
-                                             " reference scores: ", s.reference_scores.sequences,
-                                             " values, expected one per sequence (", s.policy.sequences, ")");
-            } else {
-                detail::check_logits(s.reference, side, "reference logits");
-                detail::check_same_shape(s.policy, s.reference, side, "policy logits", "reference logits");
-            }
-            if (noisy) {
-                detail::check_logits(s.policy_noisy, side, "policy noisy logits");
-                detail::check_same_shape(s.policy, s.policy_noisy, side, "policy logits", "policy noisy logits");
-                if (!given_scores) {
-                    detail::check_logits(s.reference_noisy, side, "reference noisy logits");
-                    detail::check_same_shape(s.policy, s.reference_noisy, side, "policy logits",
-                                             "reference noisy logits");
-                }
-            }
-            detail::require<shape_error>(s.labels.data != nullptr, side, " labels: null data pointer");
-            detail::require<shape_error>(s.labels.sequences == s.policy.sequences && s.labels.length == s.policy.length,
-                                         side, " labels: shape ", shape_string(s.labels), ", expected (",
-                                         s.policy.sequences, ", ", s.policy.length, ") to match the logits ",
-                                         shape_string(s.policy));
-            if (options_.weighting == token_weighting::caller) {
-                detail::require<shape_error>(s.weights.data != nullptr, side,
-                                             " token weights: missing, required with caller-supplied weights");
-                detail::require<shape_error>(
-                    s.weights.sequences == s.policy.sequences && s.weights.length == s.policy.length, side,
-                    " token weights: shape (", s.weights.sequences, ", ", s.weights.length, "), expected (",
-                    s.policy.sequences, ", ", s.policy.length, ")");
-            }
-        };
-        check_side(batch.chosen, "chosen");
-        check_side(batch.rejected, "rejected");
-        detail::require<shape_error>(batch.chosen.policy.sequences == batch.rejected.policy.sequences,
-                                     "rejected policy logits: ", batch.rejected.policy.sequences,
-                                     " sequences, expected one per chosen sequence (", batch.chosen.policy.sequences,
-                                     ")");
-        detail::require<shape_error>(batch.chosen.policy.vocab == batch.rejected.policy.vocab,
-                                     "rejected policy logits: vocabulary ", batch.rejected.policy.vocab,
-                                     " differs from the chosen one (", batch.chosen.policy.vocab, ")");
-    }
-
-    template <class T, class G>
-    static void check_gradient(const logits_view<const T>& z, const logits_view<G>& g, const char* side,
-                               const char* role) {
-        if (g.empty()) return;
-        detail::require<shape_error>(g.sequences == z.sequences && g.length == z.length && g.vocab == z.vocab, side,
-                                     " ", role, ": shape ", shape_string(g), ", expected ", shape_string(z));
-    }
 
     template <class T, class I, class R>
     void prepare(side_state& state, const side_batch<T, I, R>& s) {
@@ -318,34 +176,6 @@ private:
                 reference_rows && noisy ? backend_.raw(s.reference_noisy) : nullptr,
                 s.weights,
                 s.reference_scores};
-    }
-
-    void report_input_problems(const std::vector<loss::sequence_summary>& summaries) const {
-        for (std::size_t k = 0; k < summaries.size(); ++k) {
-            const loss::sequence_summary& s = summaries[k];
-            if (s.problem == loss::input_problem::none) continue;
-            const bool chosen = static_cast<index_t>(k) < pairs_;
-            const index_t sequence = chosen ? static_cast<index_t>(k) : static_cast<index_t>(k) - pairs_;
-            const char* side = chosen ? "chosen" : "rejected";
-            const std::string where = detail::concat(side, " ", detail::role_name(s.problem_tensor), " at sequence ",
-                                                     sequence, ", position ", s.problem_position);
-            switch (s.problem) {
-            case loss::input_problem::label_out_of_range:
-                throw value_error(detail::concat(side, " labels: label ", static_cast<std::int64_t>(s.problem_value),
-                                                 " at sequence ", sequence, ", position ", s.problem_position,
-                                                 " is outside [0, ", vocab_, ") and is not the ignore index ",
-                                                 options_.alignment.ignore_index));
-            case loss::input_problem::non_finite_logits:
-                throw value_error(detail::concat(where, ": the row holds a NaN or an infinite logit"));
-            case loss::input_problem::non_finite_reference_score:
-                throw value_error(detail::concat(side, " reference scores: ", s.problem_value, " at sequence ",
-                                                 sequence, " is not finite"));
-            case loss::input_problem::bad_weight:
-                throw value_error(detail::concat(where, ": weight ", s.problem_value, ", expected a finite value",
-                                                 options_.form == sequence_form::additive ? " > 0" : ""));
-            case loss::input_problem::none: break;
-            }
-        }
     }
 
     objective_result collect(const std::vector<loss::sequence_summary>& summaries) {

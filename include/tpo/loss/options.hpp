@@ -57,11 +57,6 @@ struct objective_options {
     bool check_unused_logits = true;
 };
 
-inline bool uses_label_smoothing(loss_type t) {
-    return t == loss_type::sigmoid || t == loss_type::robust || t == loss_type::exo_pair || t == loss_type::aot ||
-           t == loss_type::aot_unpaired;
-}
-
 inline void validate(const objective_options& o) {
     using detail::require;
     const auto& h = o.hyper;

@@ -249,7 +249,7 @@ struct batch_pass {
     const sequence_summary* summaries;
     pair_result* pair_out;
     batch_result* batch_out;
-    double* scratch;        // 4P doubles (aot keys)
+    double* scratch;        // 2P doubles (aot keys)
     index_t* order_scratch; // 2P indices (aot sort orders)
 
     TPO_HOST_DEVICE void operator()(index_t) const {

@@ -1,13 +1,12 @@
 #pragma once
 // What one pass over a logits row leaves behind: everything the forward and the gradient need
-// from the V entries of the row, in O(1) space (SPEC §3.1, §5, and WPO's LSE(2z) of §6).
+// from the V entries of the row, in O(1) space (docs/math.md: the online log-sum-exp, the
+// gradient of a row, WPO's LSE(2z)). The rules that produce them live in rows/rules.hpp.
 
 #include <cstdint>
 
 #include "tpo/core/config.hpp"
 #include "tpo/core/views.hpp"
-#include "tpo/math/online_logsumexp.hpp"
-#include "tpo/math/scalar.hpp"
 
 TPO_BEGIN_NAMESPACE
 
@@ -51,39 +50,5 @@ struct row_coefficients {
     double lse = 0;
     std::int64_t label = -1;  // < 0: the row's gradient is zero
 };
-
-/// Label classification shared by every backend, done before any gather so that an out-of-range
-/// label never becomes an out-of-bounds read.
-TPO_HOST_DEVICE inline row_status classify_label(std::int64_t label, index_t vocab, std::int64_t ignore_index) {
-    if (label == ignore_index) return row_status::masked;
-    if (label < 0 || label >= vocab) return row_status::label_out_of_range;
-    return row_status::ok;
-}
-
-/// The statistics of a row taken without its log-sum-exp (row_reduction::label or
-/// row_reduction::finiteness).
-/// `finite_probe` is Σ (x − x) over the entries that were read (0 when only z[y] was).
-TPO_HOST_DEVICE inline row_stats row_without_logsumexp(double label_logit, double finite_probe, std::int64_t label) {
-    row_stats r;
-    r.label = label;
-    r.label_logit = label_logit;
-    r.status = (finite_probe == 0.0 && math::is_finite(label_logit)) ? row_status::ok : row_status::non_finite;
-    return r;
-}
-
-/// Finish a row's statistics from its accumulated state. `finite_probe` is Σ (x − x): 0 unless
-/// some entry was NaN or ±Inf.
-template <class Acc>
-TPO_HOST_DEVICE inline row_stats finish_row(const math::online_logsumexp<Acc>& lse,
-                                            const math::online_logsumexp<Acc>& lse_doubled, Acc label_logit,
-                                            Acc finite_probe, std::int64_t label) {
-    row_stats r;
-    r.label = label;
-    r.lse = static_cast<double>(lse.value());
-    r.lse_doubled = static_cast<double>(lse_doubled.value());
-    r.label_logit = static_cast<double>(label_logit);
-    r.status = (finite_probe == Acc(0) && math::is_finite(r.lse)) ? row_status::ok : row_status::non_finite;
-    return r;
-}
 
 TPO_END_NAMESPACE

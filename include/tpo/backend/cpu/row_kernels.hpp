@@ -22,6 +22,7 @@
 #include "tpo/backend/cpu/simd.hpp"
 #include "tpo/math/online_logsumexp.hpp"
 #include "tpo/reward/row_stats.hpp"
+#include "tpo/rows/rules.hpp"
 
 TPO_BEGIN_NAMESPACE
 namespace backend::cpu_detail {
@@ -63,7 +64,7 @@ public:
         if constexpr (!needs_logsumexp(Reduction)) {
             const double probe = static_cast<double>(ei::predux(probe_)) + static_cast<double>(probe_tail_) +
                                  ((non_finite_bits_ & non_finite_bit) != 0 ? 1.0 : 0.0);
-            return row_without_logsumexp(label_logit, probe, label);
+            return rows::row_without_logsumexp(label_logit, probe, label);
         } else {
             const A lowest = std::min(ei::predux_min(lowest_), lowest_tail_);
             const double probe = lowest == neg_inf ? 1.0 : 0.0;
@@ -74,7 +75,7 @@ public:
                 lse_doubled.max = 2.0 * static_cast<double>(running_max_);
                 lse_doubled.sum = sum_doubled_;
             }
-            return finish_row(lse, lse_doubled, label_logit, probe, label);
+            return rows::finish_row(lse, lse_doubled, label_logit, probe, label);
         }
     }
 
@@ -231,7 +232,15 @@ void zero_row(G* out, index_t vocab, bool stream) {
     }
 }
 
-/// ∂L/∂z[v] = alpha·δ(v = label) − beta·exp(z[v] − lse) for one scored row.
+/// α at the label and zeros elsewhere (a row whose β is 0), written without reading its logits.
+template <class G>
+void label_only_row(G* out, index_t vocab, const row_coefficients& c, bool stream) {
+    zero_row(out, vocab, stream);
+    if (stream) store_fence();
+    out[c.label] = narrow<G>(c.alpha);
+}
+
+/// ∂L/∂z[v] = alpha·δ(v = label) − beta·exp(z[v] − lse) for one scored row with β ≠ 0.
 template <class T, class G>
 void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out, bool stream) {
     using A = accumulate_t<T>;
@@ -239,12 +248,6 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
     constexpr index_t W = packet_width<A>;
 
     const index_t label = c.label;
-    if (c.beta == 0) {  // the row is not read: its lse may not even have been computed
-        zero_row(out, vocab, stream);
-        if (stream) store_fence();
-        out[label] = narrow<G>(c.alpha);
-        return;
-    }
     // The label's entry in double from the logit itself, as the oracle computes it.
     const G at_label = narrow<G>(c.alpha - c.beta * std::exp(widen<double>(row[label]) - c.lse));
 
@@ -277,8 +280,7 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
         auto write = [&](index_t i) { ei::pstore(values + i, gradient(ei::ploadu<P>(x + i))); };
         index_t i = 0;
         for (; i + 2 * W <= full; i += 2 * W) {
-            // As in the log-sum-exp sweep: measured in one process, alternating steps, the backward
-            // went from 8.65 to 7.83 ms at two threads and from 16.5 to 15.0 ms at one (llava fp32).
+            // As in the log-sum-exp sweep (docs/design.md: the gradient pass asks for memory ahead).
             prefetch_ahead(row + start + i, 2 * W);
             write(i);
             write(i + W);

@@ -69,23 +69,20 @@ __device__ TPO_FORCE_INLINE State reduce_row(const State& state, int group) {
 
 template <int RowThreads, row_reduction Reduction, class T, class I>
 __global__ void __launch_bounds__(block_threads)
-    row_statistics_kernel(logits_view<const T> z, labels_view<const I> labels, row_alignment align, index_t scored,
-                          row_stats* out) {
+    row_statistics_kernel(logits_view<const T> z, rows::scored_rows<I> plan, row_stats* out) {
     using Acc = accumulate_t<T>;
     constexpr int n = pack_size<T>;
     const int lane = static_cast<int>(threadIdx.x) % RowThreads;
     const int group = static_cast<int>(threadIdx.x) / RowThreads;
     const index_t r = static_cast<index_t>(blockIdx.x) * (block_threads / RowThreads) + group;
     // Every exit below is uniform over the threads of a row, so the reduction sees all of them.
-    if (r >= z.sequences * scored) return;
-    const index_t s = r / scored, t = r % scored;
-    const auto label = static_cast<std::int64_t>(labels.at(s, align.label_position(t)));
-    const row_status status = classify_label(label, z.vocab, align.ignore_index);
-    if (status != row_status::ok) {
-        if (lane == 0) out[r] = skipped_row(label, status);
+    if (r >= plan.count()) return;
+    const rows::scored_row scored = plan(r);
+    const T* row = z.row(scored.sequence, scored.position);
+    if (!rows::reduces(scored, Reduction)) {
+        if (lane == 0) out[r] = rows::statistics_without_reduction(scored, row);
         return;
     }
-    const T* row = z.row(s, t);
     const row_split split = split_row(row, z.vocab);
     lse_state<Acc> state;
     Acc x[n];
@@ -105,47 +102,44 @@ __global__ void __launch_bounds__(block_threads)
         fold<Reduction>(state, x, 1);
     }
     const lse_state<Acc> total = reduce_row<RowThreads>(state, group);
-    if (lane == 0) out[r] = finish<Reduction>(total, row, label);
+    if (lane == 0) out[r] = finish<Reduction>(total, row, scored.label);
 }
 
 template <int RowThreads, class T, class G>
 __global__ void __launch_bounds__(block_threads)
-    row_gradient_kernel(logits_view<const T> z, const row_coefficients* coefficients, index_t scored,
-                        logits_view<G> grad) {
+    row_gradient_kernel(logits_view<const T> z, rows::gradient_rows plan, logits_view<G> grad) {
     using C = gradient_t<T, G>;
     constexpr int n = pack_size<T>;
     const int lane = static_cast<int>(threadIdx.x) % RowThreads;
     const index_t r = static_cast<index_t>(blockIdx.x) * (block_threads / RowThreads) +
                       static_cast<int>(threadIdx.x) / RowThreads;
-    if (r >= z.rows()) return;
-    const index_t s = r / z.length, t = r % z.length;
-    const T* row = z.row(s, t);
-    G* out = grad.row(s, t);
-    const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
-    // Unscored rows, and rows with beta = 0 (whose lse may not have been computed), are written,
-    // never read.
-    const bool scored_row = c != nullptr && c->label >= 0;
-    const C alpha = scored_row ? static_cast<C>(c->alpha) : C(0);
-    const C beta = scored_row ? static_cast<C>(c->beta) : C(0);
-    const C lse = scored_row ? static_cast<C>(c->lse) : C(0);
-    const index_t label = scored_row ? c->label : -1;
-    const bool zero = beta == C(0);
+    if (r >= plan.count()) return;
+    const rows::gradient_row task = plan(r);
+    const T* row = z.row(task.sequence, task.position);
+    G* out = grad.row(task.sequence, task.position);
+    // Only softmax rows are read; zero and label-only rows (whose lse may not exist) are written.
+    const bool read = task.kind == rows::gradient_row_kind::softmax;
+    const bool written = task.kind != rows::gradient_row_kind::zero;
+    const C alpha = written ? static_cast<C>(task.coefficients.alpha) : C(0);
+    const C beta = read ? static_cast<C>(task.coefficients.beta) : C(0);
+    const C lse = read ? static_cast<C>(task.coefficients.lse) : C(0);
+    const index_t label = written ? task.coefficients.label : -1;
     auto value = [&](index_t v, T x) {
         using std::exp;
         const C at_label = v == label ? alpha : C(0);
-        if (zero) return narrow<G>(at_label);
+        if (!read) return narrow<G>(at_label);
         return narrow<G>(at_label - beta * exp(widen<C>(x) - lse));
     };
 
     const row_split split = split_row(row, z.vocab);
-    for (index_t v = lane; v < split.head; v += RowThreads) out[v] = value(v, zero ? T{} : row[v]);
+    for (index_t v = lane; v < split.head; v += RowThreads) out[v] = value(v, read ? row[v] : T{});
     const auto* packs = reinterpret_cast<const pack<T, n>*>(row + split.head);
     // The output row is stored in packs too when its alignment allows (same V, 16-byte aligned buffers).
     G* out_packed = out + split.head;
     const bool store_packs = reinterpret_cast<std::uintptr_t>(out_packed) % alignof(pack<G, n>) == 0;
     for (index_t p = lane; p < split.packs; p += RowThreads) {
         pack<T, n> loaded{};
-        if (!zero) loaded = packs[p];
+        if (read) loaded = packs[p];
         pack<G, n> result;
         const index_t v0 = split.head + p * n;
 #pragma unroll
@@ -157,7 +151,7 @@ __global__ void __launch_bounds__(block_threads)
             for (int k = 0; k < n; ++k) out[v0 + k] = result.v[k];
         }
     }
-    for (index_t v = split.tail + lane; v < z.vocab; v += RowThreads) out[v] = value(v, zero ? T{} : row[v]);
+    for (index_t v = split.tail + lane; v < z.vocab; v += RowThreads) out[v] = value(v, read ? row[v] : T{});
 }
 
 /// Rows per block and grid size for a row-per-block or row-per-warp launch.

@@ -77,56 +77,49 @@ struct system<::thrust::cuda::tag> {
     template <class T, class I>
     static void row_statistics(cudaStream_t stream, logits_view<const T> z, labels_view<const I> labels,
                                row_alignment align, row_reduction reduction, row_stats* out) {
-        const index_t scored = align.scored_rows(z.length);
-        const index_t rows = z.sequences * scored;
-        if (rows <= 0) return;
+        const auto plan = rows::scored_rows<I>::of(labels, align, z.vocab);
+        if (plan.count() <= 0) return;
         cuda::require_device_accessible(z.data, "logits");
         cuda::require_device_accessible(labels.data, "labels");
         switch (reduction) {
         case row_reduction::label:  // one gather per row: a thread per row
-            for_each(stream, rows, row_statistics_op<T, I>{z, labels, align, scored, reduction, out});
+            for_each(stream, plan.count(), row_statistics_op<T, I>{z, plan, reduction, out});
             return;
-        case row_reduction::finiteness:
-            launch_row_statistics<row_reduction::finiteness>(stream, z, labels, align, scored, out);
-            return;
-        case row_reduction::logsumexp:
-            launch_row_statistics<row_reduction::logsumexp>(stream, z, labels, align, scored, out);
-            return;
+        case row_reduction::finiteness: launch_row_statistics<row_reduction::finiteness>(stream, z, plan, out); return;
+        case row_reduction::logsumexp: launch_row_statistics<row_reduction::logsumexp>(stream, z, plan, out); return;
         case row_reduction::logsumexp_and_doubled:
-            launch_row_statistics<row_reduction::logsumexp_and_doubled>(stream, z, labels, align, scored, out);
+            launch_row_statistics<row_reduction::logsumexp_and_doubled>(stream, z, plan, out);
             return;
         }
     }
 
     template <row_reduction Reduction, class T, class I>
-    static void launch_row_statistics(cudaStream_t stream, logits_view<const T> z, labels_view<const I> labels,
-                                      row_alignment align, index_t scored, row_stats* out) {
-        const index_t rows = z.sequences * scored;
+    static void launch_row_statistics(cudaStream_t stream, logits_view<const T> z, const rows::scored_rows<I>& plan,
+                                      row_stats* out) {
         const bool warp = cuda::use_warp_rows<T>(z.vocab);
-        const unsigned int grid = cuda::grid_for(rows, warp ? 32 : cuda::block_threads);
+        const unsigned int grid = cuda::grid_for(plan.count(), warp ? 32 : cuda::block_threads);
         constexpr unsigned int block = cuda::block_threads;
         if (warp)
-            cuda::row_statistics_kernel<32, Reduction><<<grid, block, 0, stream>>>(z, labels, align, scored, out);
+            cuda::row_statistics_kernel<32, Reduction><<<grid, block, 0, stream>>>(z, plan, out);
         else
-            cuda::row_statistics_kernel<cuda::block_threads, Reduction>
-                <<<grid, block, 0, stream>>>(z, labels, align, scored, out);
+            cuda::row_statistics_kernel<cuda::block_threads, Reduction><<<grid, block, 0, stream>>>(z, plan, out);
         cuda::check(cudaGetLastError(), "launch of the row statistics kernel");
     }
 
     template <class T, class G>
     static void row_gradient(cudaStream_t stream, logits_view<const T> z, const row_coefficients* coefficients,
                              index_t scored, logits_view<G> grad) {
-        const index_t rows = z.rows();
-        if (rows <= 0) return;
+        const rows::gradient_rows plan{z.sequences, z.length, scored, coefficients};
+        if (plan.count() <= 0) return;
         cuda::require_device_accessible(z.data, "logits");
         cuda::require_device_accessible(grad.data, "gradient");
         const bool warp = cuda::use_warp_rows<T>(z.vocab);
-        const unsigned int grid = cuda::grid_for(rows, warp ? 32 : cuda::block_threads);
+        const unsigned int grid = cuda::grid_for(plan.count(), warp ? 32 : cuda::block_threads);
         constexpr unsigned int block = cuda::block_threads;
         if (warp)
-            cuda::row_gradient_kernel<32><<<grid, block, 0, stream>>>(z, coefficients, scored, grad);
+            cuda::row_gradient_kernel<32><<<grid, block, 0, stream>>>(z, plan, grad);
         else
-            cuda::row_gradient_kernel<cuda::block_threads><<<grid, block, 0, stream>>>(z, coefficients, scored, grad);
+            cuda::row_gradient_kernel<cuda::block_threads><<<grid, block, 0, stream>>>(z, plan, grad);
         cuda::check(cudaGetLastError(), "launch of the row gradient kernel");
     }
 };

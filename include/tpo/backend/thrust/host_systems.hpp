@@ -78,18 +78,19 @@ struct host_system {
     template <class T, class I>
     static void row_statistics(no_context, logits_view<const T> z, labels_view<const I> labels,
                                row_alignment align, row_reduction reduction, row_stats* out) {
-        const index_t scored = align.scored_rows(z.length);
-        const index_t rows = z.sequences * scored;
+        const auto plan = rows::scored_rows<I>::of(labels, align, z.vocab);
+        const index_t count = plan.count();
         const index_t read_per_row = reads_row(reduction) ? z.vocab : 1;
-        run(rows, row_statistics_op<T, I>{z, labels, align, scored, reduction, out},
-            rows > 1 && rows * read_per_row >= parallel_elements);
+        run(count, row_statistics_op<T, I>{z, plan, reduction, out},
+            count > 1 && count * read_per_row >= parallel_elements);
     }
 
     template <class T, class G>
     static void row_gradient(no_context, logits_view<const T> z, const row_coefficients* coefficients,
                              index_t scored, logits_view<G> grad) {
-        const index_t rows = z.rows();
-        run(rows, row_gradient_op<T, G>{z, coefficients, scored, grad}, rows > 1 && rows * z.vocab >= parallel_elements);
+        const rows::gradient_rows plan{z.sequences, z.length, scored, coefficients};
+        const index_t count = plan.count();
+        run(count, row_gradient_op<T, G>{z, plan, grad}, count > 1 && count * z.vocab >= parallel_elements);
     }
 };
 

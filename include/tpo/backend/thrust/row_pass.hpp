@@ -20,6 +20,7 @@
 #include "tpo/core/views.hpp"
 #include "tpo/math/online_logsumexp.hpp"
 #include "tpo/reward/row_stats.hpp"
+#include "tpo/rows/rules.hpp"
 
 TPO_BEGIN_NAMESPACE
 namespace backend::thrust_detail {
@@ -109,22 +110,14 @@ TPO_HOST_DEVICE TPO_FORCE_INLINE void fold(lse_state<Acc>& state, const Acc* x, 
     }
 }
 
-/// A row's statistics from its accumulated state (finish_row decides the status).
+/// A row's statistics from its accumulated state (rows::finish_row decides the status).
 template <row_reduction Reduction, class Acc, class T>
 TPO_HOST_DEVICE TPO_FORCE_INLINE row_stats finish(const lse_state<Acc>& state, const T* row, std::int64_t label) {
     const lse_state<double> w = state.widened();
     if constexpr (needs_logsumexp(Reduction))
-        return finish_row(w.lse, w.doubled, widen<double>(row[label]), w.probe, label);
+        return rows::finish_row(w.lse, w.doubled, widen<double>(row[label]), w.probe, label);
     else
-        return row_without_logsumexp(widen<double>(row[label]), w.probe, label);
-}
-
-/// The status-only statistics of a row that is not read (masked or out-of-range label).
-TPO_HOST_DEVICE TPO_FORCE_INLINE row_stats skipped_row(std::int64_t label, row_status status) {
-    row_stats r{};
-    r.label = label;
-    r.status = status;
-    return r;
+        return rows::row_without_logsumexp(widen<double>(row[label]), w.probe, label);
 }
 
 /// One scored row's statistics on a host system: runs of `run_length` in the accumulation type,
@@ -135,29 +128,19 @@ struct row_statistics_op {
     static constexpr index_t runs_per_chunk = 32;  // 512 values per float partial sum
 
     logits_view<const T> z;
-    labels_view<const I> labels;
-    row_alignment align;
-    index_t scored;
+    rows::scored_rows<I> plan;
     row_reduction reduction;
     row_stats* out;
 
     TPO_HOST_DEVICE void operator()(index_t r) const {
-        const index_t s = r / scored, t = r % scored;
-        const auto label = static_cast<std::int64_t>(labels.at(s, align.label_position(t)));
-        const row_status status = classify_label(label, z.vocab, align.ignore_index);
-        if (status != row_status::ok) {
-            out[r] = skipped_row(label, status);
-            return;
-        }
-        const T* row = z.row(s, t);
-        switch (reduction) {
-        case row_reduction::label: out[r] = row_without_logsumexp(widen<double>(row[label]), 0.0, label); break;
-        case row_reduction::finiteness: out[r] = statistics<row_reduction::finiteness>(row, label); break;
-        case row_reduction::logsumexp: out[r] = statistics<row_reduction::logsumexp>(row, label); break;
-        case row_reduction::logsumexp_and_doubled:
-            out[r] = statistics<row_reduction::logsumexp_and_doubled>(row, label);
-            break;
-        }
+        out[r] = rows::statistics_of(plan, z, r, reduction, [this](const T* row, std::int64_t label) {
+            switch (reduction) {
+            case row_reduction::finiteness: return statistics<row_reduction::finiteness>(row, label);
+            case row_reduction::logsumexp_and_doubled:
+                return statistics<row_reduction::logsumexp_and_doubled>(row, label);
+            default: return statistics<row_reduction::logsumexp>(row, label);
+            }
+        });
     }
 
     template <row_reduction Reduction>
@@ -180,33 +163,29 @@ struct row_statistics_op {
     }
 };
 
-/// ∂L/∂z[v] = alpha·δ(v = y) − beta·exp(z[v] − lse) of one row, zero for unscored rows (SPEC §5).
+/// One row of a gradient plan (rows::gradient_rows) on a host system: zeros, α at the label alone,
+/// or α·δ(v = y) − β·exp(z[v] − lse).
 template <class T, class G>
 struct row_gradient_op {
     logits_view<const T> z;
-    const row_coefficients* coefficients;
-    index_t scored;
+    rows::gradient_rows plan;
     logits_view<G> grad;
 
     TPO_HOST_DEVICE void operator()(index_t r) const {
         using C = gradient_t<T, G>;
         using std::exp;
-        const index_t s = r / z.length, t = r % z.length;
-        G* out = grad.row(s, t);
-        const row_coefficients* c = t < scored ? coefficients + s * scored + t : nullptr;
-        if (!c || c->label < 0) {
+        const rows::gradient_row row = plan(r);
+        G* out = grad.row(row.sequence, row.position);
+        const row_coefficients& c = row.coefficients;
+        if (row.kind != rows::gradient_row_kind::softmax) {
             for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(C(0));
+            if (row.kind == rows::gradient_row_kind::label_only) out[c.label] = narrow<G>(static_cast<C>(c.alpha));
             return;
         }
-        if (c->beta == 0) {  // written without reading the row: its lse may not have been computed
-            for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(C(0));
-            out[c->label] = narrow<G>(static_cast<C>(c->alpha));
-            return;
-        }
-        const T* row = z.row(s, t);
-        const C lse = static_cast<C>(c->lse), beta = static_cast<C>(c->beta);
-        for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(-beta * exp(widen<C>(row[v]) - lse));
-        out[c->label] = narrow<G>(static_cast<C>(c->alpha) - beta * exp(widen<C>(row[c->label]) - lse));
+        const T* in = z.row(row.sequence, row.position);
+        const C lse = static_cast<C>(c.lse), beta = static_cast<C>(c.beta);
+        for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(-beta * exp(widen<C>(in[v]) - lse));
+        out[c.label] = narrow<G>(static_cast<C>(c.alpha) - beta * exp(widen<C>(in[c.label]) - lse));
     }
 };
 

@@ -1,0 +1,138 @@
+#pragma once
+// The objective's checks: shapes and pointers before anything is read, and the input problems the
+// passes found (bad labels, non-finite rows, bad weights or reference scores) turned into errors
+// that name the tensor, the sequence, the position and the value.
+
+#include <string>
+#include <vector>
+
+#include "tpo/core/error.hpp"
+#include "tpo/core/views.hpp"
+#include "tpo/loss/batch.hpp"
+#include "tpo/loss/options.hpp"
+#include "tpo/loss/passes.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace detail {
+
+template <class T>
+void check_logits(const logits_view<const T>& z, const char* side, const char* role) {
+    require<shape_error>(z.data != nullptr || z.size() == 0, side, " ", role, ": null data for shape ",
+                         shape_string(z));
+    require<shape_error>(z.sequences >= 1, side, " ", role, ": shape ", shape_string(z),
+                         " has no sequence (empty batch)");
+    require<shape_error>(z.length >= 1 && z.vocab >= 1, side, " ", role, ": shape ", shape_string(z),
+                         ", expected L >= 1 and V >= 1");
+}
+
+template <class A, class B>
+void check_same_shape(const logits_view<const A>& a, const logits_view<const B>& b, const char* side,
+                      const char* role_a, const char* role_b) {
+    require<shape_error>(a.sequences == b.sequences && a.length == b.length && a.vocab == b.vocab, side, " ", role_b,
+                         ": shape ", shape_string(b), " differs from ", role_a, " shape ", shape_string(a));
+}
+
+inline const char* role_name(loss::tensor_role r) {
+    switch (r) {
+    case loss::tensor_role::policy: return "policy logits";
+    case loss::tensor_role::policy_noisy: return "policy noisy logits";
+    case loss::tensor_role::reference: return "reference logits";
+    case loss::tensor_role::reference_noisy: return "reference noisy logits";
+    case loss::tensor_role::weights: return "token weights";
+    }
+    return "?";
+}
+
+/// Every shape and pointer of a batch against the options, before anything is read.
+template <class T, class I, class R>
+void check_batch(const objective_options& options, const preference_batch<T, I, R>& batch) {
+    const bool noisy = options.weighting == token_weighting::self_calibrated;
+    auto check_side = [&](const side_batch<T, I, R>& s, const char* side) {
+        detail::check_logits(s.policy, side, "policy logits");
+        const bool given_scores = !s.reference_scores.empty();
+        if (given_scores) {
+            detail::require<shape_error>(s.reference.empty() && s.reference_noisy.empty(), side,
+                                         " reference: both logits and precomputed scores given; give one");
+            detail::require<shape_error>(s.reference_scores.sequences == s.policy.sequences, side,
+                                         " reference scores: ", s.reference_scores.sequences,
+                                         " values, expected one per sequence (", s.policy.sequences, ")");
+        } else {
+            detail::check_logits(s.reference, side, "reference logits");
+            detail::check_same_shape(s.policy, s.reference, side, "policy logits", "reference logits");
+        }
+        if (noisy) {
+            detail::check_logits(s.policy_noisy, side, "policy noisy logits");
+            detail::check_same_shape(s.policy, s.policy_noisy, side, "policy logits", "policy noisy logits");
+            if (!given_scores) {
+                detail::check_logits(s.reference_noisy, side, "reference noisy logits");
+                detail::check_same_shape(s.policy, s.reference_noisy, side, "policy logits",
+                                         "reference noisy logits");
+            }
+        }
+        detail::require<shape_error>(s.labels.data != nullptr, side, " labels: null data pointer");
+        detail::require<shape_error>(s.labels.sequences == s.policy.sequences && s.labels.length == s.policy.length,
+                                     side, " labels: shape ", shape_string(s.labels), ", expected (",
+                                     s.policy.sequences, ", ", s.policy.length, ") to match the logits ",
+                                     shape_string(s.policy));
+        if (options.weighting == token_weighting::caller) {
+            detail::require<shape_error>(s.weights.data != nullptr, side,
+                                         " token weights: missing, required with caller-supplied weights");
+            detail::require<shape_error>(
+                s.weights.sequences == s.policy.sequences && s.weights.length == s.policy.length, side,
+                " token weights: shape (", s.weights.sequences, ", ", s.weights.length, "), expected (",
+                s.policy.sequences, ", ", s.policy.length, ")");
+        }
+    };
+    check_side(batch.chosen, "chosen");
+    check_side(batch.rejected, "rejected");
+    detail::require<shape_error>(batch.chosen.policy.sequences == batch.rejected.policy.sequences,
+                                 "rejected policy logits: ", batch.rejected.policy.sequences,
+                                 " sequences, expected one per chosen sequence (", batch.chosen.policy.sequences,
+                                 ")");
+    detail::require<shape_error>(batch.chosen.policy.vocab == batch.rejected.policy.vocab,
+                                 "rejected policy logits: vocabulary ", batch.rejected.policy.vocab,
+                                 " differs from the chosen one (", batch.chosen.policy.vocab, ")");
+}
+
+template <class T, class G>
+void check_gradient(const logits_view<const T>& z, const logits_view<G>& g, const char* side, const char* role) {
+    if (g.empty()) return;
+    detail::require<shape_error>(g.sequences == z.sequences && g.length == z.length && g.vocab == z.vocab, side,
+                                 " ", role, ": shape ", shape_string(g), ", expected ", shape_string(z));
+}
+
+/// The first input problem the sequence pass found, as the error that names it: summaries[k] is
+/// chosen sequence k for k < pairs, rejected sequence k − pairs after.
+inline void report_input_problems(const objective_options& options,
+                                  const std::vector<loss::sequence_summary>& summaries, index_t pairs,
+                                  index_t vocab) {
+    for (std::size_t k = 0; k < summaries.size(); ++k) {
+        const loss::sequence_summary& s = summaries[k];
+        if (s.problem == loss::input_problem::none) continue;
+        const bool chosen = static_cast<index_t>(k) < pairs;
+        const index_t sequence = chosen ? static_cast<index_t>(k) : static_cast<index_t>(k) - pairs;
+        const char* side = chosen ? "chosen" : "rejected";
+        const std::string where = detail::concat(side, " ", detail::role_name(s.problem_tensor), " at sequence ",
+                                                 sequence, ", position ", s.problem_position);
+        switch (s.problem) {
+        case loss::input_problem::label_out_of_range:
+            throw value_error(detail::concat(side, " labels: label ", static_cast<std::int64_t>(s.problem_value),
+                                             " at sequence ", sequence, ", position ", s.problem_position,
+                                             " is outside [0, ", vocab, ") and is not the ignore index ",
+                                             options.alignment.ignore_index));
+        case loss::input_problem::non_finite_logits:
+            throw value_error(detail::concat(where, ": the row holds a NaN or an infinite logit"));
+        case loss::input_problem::non_finite_reference_score:
+            throw value_error(detail::concat(side, " reference scores: ", s.problem_value, " at sequence ",
+                                             sequence, " is not finite"));
+        case loss::input_problem::bad_weight:
+            throw value_error(detail::concat(where, ": weight ", s.problem_value, ", expected a finite value",
+                                             options.form == sequence_form::additive ? " > 0" : ""));
+        case loss::input_problem::none: break;
+        }
+    }
+}
+
+}  // namespace detail
+
+TPO_END_NAMESPACE
