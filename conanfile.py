@@ -47,7 +47,7 @@ class TpoConan(ConanFile):
     def requirements(self):
         # Headers of the dependencies are part of tpo's interface, hence transitive_headers.
         if self.options.with_cpu:
-            self.requires("eigen/3.4.0", transitive_headers=True)
+            self.requires("eigen/[>=3.4 <6]", transitive_headers=True)
         if self.options.with_xtensor:
             self.requires("xtensor/0.24.3", transitive_headers=True)
         if self.options.with_tbb:
