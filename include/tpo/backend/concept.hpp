@@ -54,4 +54,15 @@ concept fused_row_statistics = requires(B& b, logits_view<const T> first, logits
     b.row_statistics_pair(first, r, stats, second, r, stats, y, align);
 };
 
+/// Optional: a backend that also uploads small host vectors and multiplies matrices runs the
+/// objective with hidden states in (rows/fused.hpp). matmul computes C (m×n) = op(A)·op(B) + beta·C
+/// (beta 0 or 1) with A stored m×k (k×m when trans_a) and B stored k×n (n×k when trans_b), row
+/// strides lda, ldb, ldc; inputs of any element type, C in float or double.
+template <class B>
+concept head_backend = tensor_backend<B> && requires(B& b, const std::vector<index_t>& host, index_t n,
+                                                     const float* x, float* c) {
+    { b.upload(host) } -> std::same_as<typename B::template buffer<index_t>>;
+    b.matmul(false, true, n, n, n, x, n, x, n, c, n, 0.0f);
+};
+
 TPO_END_NAMESPACE

@@ -17,6 +17,7 @@
 #endif
 
 #include "tpo/backend/concept.hpp"
+#include "tpo/backend/cpu/matmul.hpp"
 #include "tpo/backend/cpu/philox_lanes.hpp"
 #include "tpo/backend/cpu/row_kernels.hpp"
 #include "tpo/core/error.hpp"
@@ -51,6 +52,19 @@ public:
     template <class T>
     std::vector<T> to_host(const buffer<T>& b) const {
         return b;
+    }
+
+    template <class T>
+    buffer<T> upload(const std::vector<T>& host) const {
+        return host;
+    }
+
+    /// C (m×n) = op(A)·op(B) + beta·C (beta 0 or 1), A stored m×k (k×m when trans_a) with row
+    /// stride lda, B likewise: cpu/matmul.hpp, bit-identical for any thread count.
+    template <class X, class Y, class Acc>
+    void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
+                index_t ldb, Acc* c, index_t ldc, Acc beta) const {
+        cpu_detail::matmul(threads_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
     template <class F>

@@ -32,9 +32,30 @@ public:
         return b;
     }
 
+    template <class T>
+    buffer<T> upload(const std::vector<T>& host) const {
+        return host;
+    }
+
     template <class F>
     void for_each(index_t n, F&& f) const {
         for (index_t i = 0; i < n; ++i) f(i);
+    }
+
+    /// C (m×n, row stride ldc) = op(A)·op(B) + beta·C with op(A) m×k and op(B) k×n; A is stored
+    /// m×k (k×m when trans_a) with row stride lda, B likewise. Sums in double, in order of k.
+    template <class X, class Y, class Acc>
+    void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
+                index_t ldb, Acc* c, index_t ldc, Acc beta) const {
+        for (index_t i = 0; i < m; ++i)
+            for (index_t j = 0; j < n; ++j) {
+                double sum = 0;
+                for (index_t p = 0; p < k; ++p)
+                    sum += widen<double>(trans_a ? a[p * lda + i] : a[i * lda + p]) *
+                           widen<double>(trans_b ? b[j * ldb + p] : b[p * ldb + j]);
+                Acc& out = c[i * ldc + j];
+                out = static_cast<Acc>(beta == Acc(0) ? sum : static_cast<double>(beta) * out + sum);
+            }
     }
 
     template <class T, class I>

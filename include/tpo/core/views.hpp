@@ -64,6 +64,35 @@ struct sequence_values_view {
     TPO_HOST_DEVICE operator sequence_values_view<const T>() const { return {data, sequences}; }
 };
 
+/// Hidden states `(S, L, H)` of the last layer, row-major and contiguous: the input of the lm_head.
+template <class T>
+struct hidden_view {
+    T* data = nullptr;
+    index_t sequences = 0;  // S
+    index_t length = 0;     // L
+    index_t hidden = 0;     // H
+
+    TPO_HOST_DEVICE index_t rows() const { return sequences * length; }
+    TPO_HOST_DEVICE index_t size() const { return sequences * length * hidden; }
+    TPO_HOST_DEVICE T* row(index_t s, index_t t) const { return data + (s * length + t) * hidden; }
+    TPO_HOST_DEVICE bool empty() const { return data == nullptr; }
+    TPO_HOST_DEVICE operator hidden_view<const T>() const { return {data, sequences, length, hidden}; }
+};
+
+/// The lm_head: weight `(V, H)` row-major (row v holds the weights of vocabulary entry v), and an
+/// optional bias `(V)` (null when the head has none). Logits are u = h·Wᵀ + b.
+template <class T>
+struct head_view {
+    T* weight = nullptr;
+    T* bias = nullptr;
+    index_t vocab = 0;   // V
+    index_t hidden = 0;  // H
+
+    TPO_HOST_DEVICE bool empty() const { return weight == nullptr; }
+    TPO_HOST_DEVICE T* row(index_t v) const { return weight + v * hidden; }
+    TPO_HOST_DEVICE operator head_view<const T>() const { return {weight, bias, vocab, hidden}; }
+};
+
 /// How a sequence's rows pair with its labels (SPEC §1): with the causal shift, logits row `t`
 /// is scored against label `t + 1`, so a length-L sequence has L−1 scored rows.
 struct row_alignment {
@@ -136,6 +165,14 @@ private:
 template <class T>
 std::string shape_string(const logits_view<T>& z) {
     return detail::concat("(", z.sequences, ", ", z.length, ", ", z.vocab, ")");
+}
+template <class T>
+std::string shape_string(const hidden_view<T>& h) {
+    return detail::concat("(", h.sequences, ", ", h.length, ", ", h.hidden, ")");
+}
+template <class T>
+std::string shape_string(const head_view<T>& w) {
+    return detail::concat("(", w.vocab, ", ", w.hidden, ")");
 }
 template <class I>
 std::string shape_string(const labels_view<I>& y) {

@@ -46,6 +46,47 @@ struct preference_gradients {
     side_gradients<G> rejected;
 };
 
+/// One side of a preference batch with hidden states in: `(P, L, H)` last hidden states that the
+/// batch's lm_head turns into logits, `(P, L)` labels; as side_batch otherwise (noisy states with
+/// self-calibrated weights only, the reference as hidden states or as precomputed scores).
+template <class T, class I, class R = T>
+struct hidden_side_batch {
+    hidden_view<const T> policy{};
+    hidden_view<const T> policy_noisy{};
+    hidden_view<const R> reference{};
+    hidden_view<const R> reference_noisy{};
+    labels_view<const I> labels{};
+    token_values_view<const float> weights{};
+    sequence_values_view<const double> reference_scores{};
+};
+
+/// A preference batch with hidden states in: the policy's lm_head `(V, H)` (+ bias), the reference
+/// model's own (frozen, possibly different) head when the reference enters as hidden states.
+template <class T, class I, class R = T>
+struct hidden_preference_batch {
+    head_view<const T> head{};
+    head_view<const R> reference_head{};
+    hidden_side_batch<T, I, R> chosen;
+    hidden_side_batch<T, I, R> rejected;
+};
+
+/// Where to write ∂L/∂(policy hidden states) of one side; an empty view is not computed.
+template <class G>
+struct hidden_side_gradients {
+    hidden_view<G> policy{};
+    hidden_view<G> policy_noisy{};
+};
+
+/// The gradients of a hidden-state batch: the hidden states of each side, the head's weight
+/// `(V, H)` and bias `(V)` (null: not computed).
+template <class G>
+struct hidden_gradients {
+    hidden_side_gradients<G> chosen;
+    hidden_side_gradients<G> rejected;
+    G* head_weight = nullptr;
+    G* head_bias = nullptr;
+};
+
 /// Everything the forward reports (SPEC §4): the batch loss and per-pair values.
 struct objective_result {
     double loss = 0;

@@ -10,6 +10,8 @@
 // recomputes the exponentials instead of storing a softmax. What the objective reads and writes is
 // in loss/batch.hpp, its checks in loss/checks.hpp.
 
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -20,6 +22,7 @@
 #include "tpo/loss/checks.hpp"
 #include "tpo/loss/options.hpp"
 #include "tpo/loss/passes.hpp"
+#include "tpo/rows/fused.hpp"
 
 TPO_BEGIN_NAMESPACE
 
@@ -36,11 +39,134 @@ public:
     template <class T, class I, class R>
     objective_result forward(const preference_batch<T, I, R>& batch) {
         detail::check_batch(options_, batch);
-        const index_t pairs = batch.chosen.policy.sequences;
-        pairs_ = pairs;
+        hidden_input_ = false;
         vocab_ = batch.chosen.policy.vocab;
         prepare(chosen_, batch.chosen);
         prepare(rejected_, batch.rejected);
+        return run_passes(batch.chosen.policy.sequences);
+    }
+
+    /// The same with hidden states in: the logits transform(h·Wᵀ + b) are computed chunk by chunk
+    /// and never stored whole (rows/fused.hpp).
+    template <class T, class I, class R>
+    objective_result forward(const hidden_preference_batch<T, I, R>& batch)
+        requires head_backend<B>
+    {
+        detail::check_hidden_batch(options_, batch);
+        hidden_input_ = true;
+        vocab_ = batch.head.vocab;
+        if (options_.check_inputs) {
+            rows::check_head(backend_, batch.head, "lm_head");
+            if (batch.chosen.reference_scores.empty()) rows::check_head(backend_, batch.reference_head, "reference lm_head");
+        }
+        prepare_hidden(chosen_, batch.chosen, batch, "chosen");
+        prepare_hidden(rejected_, batch.rejected, batch, "rejected");
+        return run_passes(batch.chosen.policy.sequences);
+    }
+
+    /// Writes ∂(batch loss)/∂(policy logits) into the given views (dtype G, shapes of the inputs).
+    template <class T, class I, class R, class G>
+    void backward(const preference_batch<T, I, R>& batch, const preference_gradients<G>& grads) {
+        detail::require<error>(forward_done_ && !hidden_input_, "backward: forward() must run first on the same batch");
+        const bool noisy = options_.weighting == token_weighting::self_calibrated;
+        detail::check_gradient(batch.chosen.policy, grads.chosen.policy, "chosen", "gradient of policy logits");
+        detail::check_gradient(batch.rejected.policy, grads.rejected.policy, "rejected", "gradient of policy logits");
+        if (noisy) {
+            detail::check_gradient(batch.chosen.policy_noisy, grads.chosen.policy_noisy, "chosen",
+                                   "gradient of policy noisy logits");
+            detail::check_gradient(batch.rejected.policy_noisy, grads.rejected.policy_noisy, "rejected",
+                                   "gradient of policy noisy logits");
+        }
+        side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
+        run_coefficient_pass(chosen, rejected);
+        auto write = [&](const auto& z, coefficient_buffer& coef, const logits_view<G>& out, index_t scored) {
+            if (!out.empty()) backend_.row_gradient(z, backend_.raw(coef), scored, out);
+        };
+        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, chosen_.scored);
+        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, rejected_.scored);
+        if (noisy) {
+            write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, chosen_.scored);
+            write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, rejected_.scored);
+        }
+    }
+
+    /// With hidden states in: ∂(batch loss)/∂(policy hidden states), and ∂/∂W and ∂/∂b of the
+    /// policy's lm_head when `grads` asks for them (accumulated over the clean and the noisy pass of
+    /// both sides in the accumulation type, then written in G).
+    template <class T, class I, class R, class G>
+    void backward(const hidden_preference_batch<T, I, R>& batch, const hidden_gradients<G>& grads)
+        requires head_backend<B>
+    {
+        using A = rows::fused_accumulate_t<T>;
+        detail::require<error>(forward_done_ && hidden_input_, "backward: forward() must run first on the same batch");
+        detail::check_hidden_gradients(options_, batch, grads);
+        const bool noisy = options_.weighting == token_weighting::self_calibrated;
+        side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
+        run_coefficient_pass(chosen, rejected);
+
+        const index_t V = batch.head.vocab, H = batch.head.hidden;
+        // The head's gradient accumulates in A: in the caller's buffer when G is A, else in scratch.
+        constexpr bool in_place = std::is_same_v<G, A>;
+        typename B::template buffer<A> weight_scratch, bias_scratch;
+        A* grad_weight = nullptr;
+        A* grad_bias = nullptr;
+        if (grads.head_weight) {
+            if constexpr (in_place) {
+                grad_weight = grads.head_weight;
+                backend_.for_each(V * H, rows::fused_detail::fill_op<A>{grad_weight});
+            } else {
+                weight_scratch = backend_.template allocate<A>(V * H);
+                grad_weight = backend_.raw(weight_scratch);
+            }
+        }
+        if (grads.head_bias) {
+            if constexpr (in_place) {
+                grad_bias = grads.head_bias;
+                backend_.for_each(V, rows::fused_detail::fill_op<A>{grad_bias});
+            } else {
+                bias_scratch = backend_.template allocate<A>(V);
+                grad_bias = backend_.raw(bias_scratch);
+            }
+        }
+        const rows::fused_settings fs = fused_settings();
+        auto write = [&](const hidden_view<const T>& h, coefficient_buffer& coef, const hidden_view<G>& out,
+                         const labels_view<const I>& labels) {
+            if (out.empty() && !grad_weight && !grad_bias) return;
+            rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, options_.alignment, coef,
+                                     fs, out, grad_weight, grad_bias);
+        };
+        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels);
+        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels);
+        if (noisy) {
+            write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, batch.chosen.labels);
+            write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, batch.rejected.labels);
+        }
+        if constexpr (!in_place) {
+            if (grad_weight)
+                backend_.for_each(V * H, rows::fused_detail::narrow_op<A, G>{grad_weight, grads.head_weight});
+            if (grad_bias) backend_.for_each(V, rows::fused_detail::narrow_op<A, G>{grad_bias, grads.head_bias});
+        }
+    }
+
+private:
+    using stats_buffer = typename B::template buffer<row_stats>;
+    using coefficient_buffer = typename B::template buffer<row_coefficients>;
+
+    struct side_state {
+        index_t length = 0;
+        index_t scored = 0;
+        stats_buffer policy, policy_noisy, reference, reference_noisy;
+        const float* weights = nullptr;
+        const double* reference_scores = nullptr;  // given A_ref; the reference buffers are then unused
+    };
+
+    struct side_coefficients {
+        coefficient_buffer clean, noisy;
+    };
+
+    /// The O(S·L) and O(P) passes over the row statistics of both sides.
+    objective_result run_passes(index_t pairs) {
+        pairs_ = pairs;
         summaries_ = backend_.template allocate<loss::sequence_summary>(2 * pairs);
         pair_results_ = backend_.template allocate<loss::pair_result>(pairs);
         batch_result_ = backend_.template allocate<loss::batch_result>(1);
@@ -51,7 +177,8 @@ public:
         backend_.for_each(pairs, loss::sequence_pass{ts, rows(chosen_), rows(rejected_), pairs,
                                                      backend_.raw(summaries_)});
         std::vector<loss::sequence_summary> summaries = backend_.to_host(summaries_);
-        if (options_.check_inputs) detail::report_input_problems(options_, summaries, pairs_, vocab_);
+        if (options_.check_inputs)
+            detail::report_input_problems(options_, summaries, pairs_, vocab_, hidden_input_);
 
         backend_.for_each(1, loss::batch_pass{options_.hyper, loss::loss_list::from(options_),
                                               options_.use_weighting, pairs, backend_.raw(summaries_),
@@ -61,52 +188,62 @@ public:
         return collect(summaries);
     }
 
-    /// Writes ∂(batch loss)/∂(policy logits) into the given views (dtype G, shapes of the inputs).
-    template <class T, class I, class R, class G>
-    void backward(const preference_batch<T, I, R>& batch, const preference_gradients<G>& grads) {
-        detail::require<error>(forward_done_, "backward: forward() must run first on the same batch");
+    side_coefficients coefficients(const side_state& s) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        detail::check_gradient(batch.chosen.policy, grads.chosen.policy, "chosen", "gradient of policy logits");
-        detail::check_gradient(batch.rejected.policy, grads.rejected.policy, "rejected", "gradient of policy logits");
-        if (noisy) {
-            detail::check_gradient(batch.chosen.policy_noisy, grads.chosen.policy_noisy, "chosen",
-                           "gradient of policy noisy logits");
-            detail::check_gradient(batch.rejected.policy_noisy, grads.rejected.policy_noisy, "rejected",
-                           "gradient of policy noisy logits");
-        }
-        auto coefficients = [&](const side_state& s) {
-            return std::pair{backend_.template allocate<row_coefficients>(pairs_ * s.scored),
-                             backend_.template allocate<row_coefficients>(noisy ? pairs_ * s.scored : 0)};
-        };
-        auto [chosen_clean, chosen_noisy] = coefficients(chosen_);
-        auto [rejected_clean, rejected_noisy] = coefficients(rejected_);
-        backend_.for_each(pairs_, loss::coefficient_pass{
-                                      loss::token_settings::from(options_), rows(chosen_), rows(rejected_),
-                                      {backend_.raw(chosen_clean), noisy ? backend_.raw(chosen_noisy) : nullptr},
-                                      {backend_.raw(rejected_clean), noisy ? backend_.raw(rejected_noisy) : nullptr},
-                                      backend_.raw(summaries_), backend_.raw(pair_results_),
-                                      backend_.raw(batch_result_), pairs_});
-        auto write = [&](const auto& z, auto& coef, const logits_view<G>& out, index_t scored) {
-            if (!out.empty()) backend_.row_gradient(z, backend_.raw(coef), scored, out);
-        };
-        write(batch.chosen.policy, chosen_clean, grads.chosen.policy, chosen_.scored);
-        write(batch.rejected.policy, rejected_clean, grads.rejected.policy, rejected_.scored);
-        if (noisy) {
-            write(batch.chosen.policy_noisy, chosen_noisy, grads.chosen.policy_noisy, chosen_.scored);
-            write(batch.rejected.policy_noisy, rejected_noisy, grads.rejected.policy_noisy, rejected_.scored);
-        }
+        return {backend_.template allocate<row_coefficients>(pairs_ * s.scored),
+                backend_.template allocate<row_coefficients>(noisy ? pairs_ * s.scored : 0)};
     }
 
-private:
-    using stats_buffer = typename B::template buffer<row_stats>;
+    void run_coefficient_pass(side_coefficients& chosen, side_coefficients& rejected) {
+        const bool noisy = options_.weighting == token_weighting::self_calibrated;
+        backend_.for_each(pairs_, loss::coefficient_pass{
+                                      loss::token_settings::from(options_), rows(chosen_), rows(rejected_),
+                                      {backend_.raw(chosen.clean), noisy ? backend_.raw(chosen.noisy) : nullptr},
+                                      {backend_.raw(rejected.clean), noisy ? backend_.raw(rejected.noisy) : nullptr},
+                                      backend_.raw(summaries_), backend_.raw(pair_results_),
+                                      backend_.raw(batch_result_), pairs_});
+    }
 
-    struct side_state {
-        index_t length = 0;
-        index_t scored = 0;
-        stats_buffer policy, policy_noisy, reference, reference_noisy;
-        const float* weights = nullptr;
-        const double* reference_scores = nullptr;  // given A_ref; the reference buffers are then unused
-    };
+    rows::fused_settings fused_settings() const {
+        return {options_.transform(), options_.chunk_tokens.value_or(0)};
+    }
+
+    template <class T, class I, class R>
+    void prepare_hidden(side_state& state, const hidden_side_batch<T, I, R>& s,
+                        const hidden_preference_batch<T, I, R>& batch, const char* side) {
+        const bool noisy = options_.weighting == token_weighting::self_calibrated;
+        const row_alignment align = options_.alignment;
+        const rows::fused_settings fs = fused_settings();
+        state.length = s.policy.length;
+        state.scored = align.scored_rows(s.policy.length);
+        const index_t count = s.policy.sequences * state.scored;
+        const bool check = options_.check_inputs;
+        auto pass = [&](const auto& source, row_reduction reduction, const char* role) {
+            stats_buffer out = backend_.template allocate<row_stats>(count);
+            const std::string what = detail::concat(side, " ", role);
+            if (count > 0)
+                rows::fused_row_statistics(backend_, source, s.labels, align, reduction, fs, check, what.c_str(),
+                                           backend_.raw(out));
+            return out;
+        };
+        const row_reduction policy_reduction =
+            options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
+        const bool reference_rows = s.reference_scores.empty();
+        state.reference_scores = s.reference_scores.data;
+        state.policy = pass(rows::hidden_rows<T>{s.policy, batch.head}, policy_reduction, "policy hidden states");
+        state.policy_noisy = noisy ? pass(rows::hidden_rows<T>{s.policy_noisy, batch.head}, noisy_reduction(),
+                                          "policy noisy hidden states")
+                                   : stats_buffer{};
+        state.reference = reference_rows ? pass(rows::hidden_rows<R>{s.reference, batch.reference_head},
+                                                row_reduction::logsumexp, "reference hidden states")
+                                         : stats_buffer{};
+        state.reference_noisy = reference_rows && noisy
+                                    ? pass(rows::hidden_rows<R>{s.reference_noisy, batch.reference_head},
+                                           noisy_reduction(), "reference noisy hidden states")
+                                    : stats_buffer{};
+        state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
+    }
+
 
     template <class T, class I, class R>
     void prepare(side_state& state, const side_batch<T, I, R>& s) {
@@ -212,6 +349,7 @@ private:
     index_t pairs_ = 0;
     index_t vocab_ = 0;
     bool forward_done_ = false;
+    bool hidden_input_ = false;
     side_state chosen_, rejected_;
     typename B::template buffer<loss::sequence_summary> summaries_;
     typename B::template buffer<loss::pair_result> pair_results_;
@@ -224,6 +362,17 @@ private:
 template <tensor_backend B, class T, class I, class R, class G = float>
 objective_result evaluate(B& backend, const objective_options& options, const preference_batch<T, I, R>& batch,
                           const preference_gradients<G>* grads = nullptr) {
+    objective<B> obj(backend, options);
+    objective_result r = obj.forward(batch);
+    if (grads) obj.backward(batch, *grads);
+    return r;
+}
+
+/// One call with hidden states in: forward, and backward into `grads` when given.
+template <tensor_backend B, class T, class I, class R, class G = float>
+    requires head_backend<B>
+objective_result evaluate(B& backend, const objective_options& options, const hidden_preference_batch<T, I, R>& batch,
+                          const hidden_gradients<G>* grads = nullptr) {
     objective<B> obj(backend, options);
     objective_result r = obj.forward(batch);
     if (grads) obj.backward(batch, *grads);

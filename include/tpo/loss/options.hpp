@@ -13,6 +13,7 @@
 #include "tpo/core/views.hpp"
 #include "tpo/loss/family.hpp"
 #include "tpo/reward/options.hpp"
+#include "tpo/rows/transform.hpp"
 
 TPO_BEGIN_NAMESPACE
 
@@ -55,6 +56,18 @@ struct objective_options {
     /// no exponential). false: only the label entries of the noisy tensors are read and checked,
     /// which saves two of the seven tensor-sized memory transfers of a TPO step.
     bool check_unused_logits = true;
+
+    // The logit transform between the lm_head and the softmax (rows/transform.hpp):
+    // z = softcap·tanh(logit_scale·u / softcap) / temperature, the soft-cap only when set. With
+    // hidden states in it applies to h·Wᵀ + b; logits inputs must be given already transformed.
+    double logit_scale = 1.0;
+    std::optional<double> logit_softcap;
+    double temperature = 1.0;
+    /// Scored rows per chunk of the fused lm_head path; unset: as many as keep a chunk of logits
+    /// near 2^24 values (64 MiB in float).
+    std::optional<index_t> chunk_tokens;
+
+    logit_transform transform() const { return {logit_scale, logit_softcap.value_or(0.0), temperature}; }
 };
 
 inline void validate(const objective_options& o) {
@@ -99,6 +112,14 @@ inline void validate(const objective_options& o) {
     require(std::isfinite(o.a) && o.a >= 0, "a = ", o.a, ", expected a finite margin >= 0");
     if (o.ld_alpha)
         require(*o.ld_alpha >= 0 && *o.ld_alpha <= 1, "ld_alpha = ", *o.ld_alpha, ", expected 0 <= ld_alpha <= 1");
+    require(std::isfinite(o.logit_scale) && o.logit_scale > 0, "logit_scale = ", o.logit_scale,
+            ", expected a finite value > 0");
+    if (o.logit_softcap)
+        require(std::isfinite(*o.logit_softcap) && *o.logit_softcap > 0, "logit_softcap = ", *o.logit_softcap,
+                ", expected a finite value > 0");
+    require(std::isfinite(o.temperature) && o.temperature > 0, "temperature = ", o.temperature,
+            ", expected a finite value > 0");
+    if (o.chunk_tokens) require(*o.chunk_tokens >= 1, "chunk_tokens = ", *o.chunk_tokens, ", expected at least 1");
 }
 
 /// "sigmoid,bco_pair,sft" with "0.8,0.2,1.0" (weights default to 1).

@@ -133,6 +133,12 @@ enum class gradient_row_kind : std::int32_t {
     softmax,     // α·δ(v = y) − β·exp(z[v] − lse)
 };
 
+/// What a scored row's gradient coefficients make of it.
+TPO_HOST_DEVICE inline gradient_row_kind kind_of(const row_coefficients& c) {
+    if (c.label < 0) return gradient_row_kind::zero;
+    return c.beta == 0 ? gradient_row_kind::label_only : gradient_row_kind::softmax;
+}
+
 struct gradient_row {
     index_t sequence = 0;
     index_t position = 0;
@@ -156,8 +162,7 @@ struct gradient_rows {
         row.position = r % length;
         if (row.position >= per_sequence) return row;
         row.coefficients = coefficients[row.sequence * per_sequence + row.position];
-        if (row.coefficients.label < 0) return row;
-        row.kind = row.coefficients.beta == 0 ? gradient_row_kind::label_only : gradient_row_kind::softmax;
+        row.kind = kind_of(row.coefficients);
         return row;
     }
 };

@@ -1,0 +1,437 @@
+#pragma once
+// Row statistics and gradients with hidden states in: the logits u = h·Wᵀ + b, z = transform(u)
+// exist only chunk by chunk, never for the whole batch.
+//
+// Forward, for a tensor whose rows need their log-sum-exp: the valid scored rows (a valid label;
+// masked prompt rows cost nothing) are taken C at a time; their hidden states are gathered, one
+// matrix product gives the C×V chunk of u, the bias and the transform are applied in place, and
+// the backend's own row reduction turns the chunk into row statistics. A tensor that needs only
+// the label's logit (the noisy pass under the `logit` score) costs one dot product per row.
+//
+// Backward: ∂L/∂u of a row is (α·δ(v = y) − β·softmax(z)[v])·dz/du. Rows with β = 0 (the noisy
+// rows under the `logit` score) are rank one: ∂L/∂h = α·z'·W[y], ∂L/∂W[y] += α·z'·h. The other
+// rows are recomputed chunk by chunk, written by the backend's own gradient kernel into a C×V
+// scratch, chained through the transform, and multiplied out: ∂L/∂h_c = G·W,
+// ∂L/∂W += Gᵀ·h_c, ∂L/∂b += Σ_rows G.
+//
+// Everything here is written once over the backend primitives (allocate, upload, to_host,
+// for_each, matmul, row_statistics, row_gradient); the row rules are rows/rules.hpp's.
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "tpo/core/element.hpp"
+#include "tpo/core/error.hpp"
+#include "tpo/core/views.hpp"
+#include "tpo/math/scalar.hpp"
+#include "tpo/reward/row_stats.hpp"
+#include "tpo/rows/rules.hpp"
+#include "tpo/rows/transform.hpp"
+
+TPO_BEGIN_NAMESPACE
+namespace rows {
+
+/// The accumulation type of the fused products and of their scratch: double for double inputs,
+/// float otherwise.
+template <class T>
+using fused_accumulate_t = std::conditional_t<std::is_same_v<std::remove_const_t<T>, double>, double, float>;
+
+/// A model's rows as hidden states through an lm_head.
+template <class T>
+struct hidden_rows {
+    hidden_view<const T> states;
+    head_view<const T> head;
+};
+
+struct fused_settings {
+    logit_transform transform{};
+    index_t chunk_rows = 0;  // scored rows per chunk; 0: as many as keep a chunk near 2^24 values
+
+    index_t rows_per_chunk(index_t vocab) const {
+        if (chunk_rows > 0) return chunk_rows;
+        return std::max<index_t>(1, (index_t{1} << 24) / std::max<index_t>(1, vocab));
+    }
+};
+
+namespace fused_detail {
+
+/// flag[r] = 1 for a valid scored row; the others get their final (unread) statistics now.
+template <class I>
+struct classify_op {
+    scored_rows<I> plan;
+    row_stats* out;
+    std::int32_t* flag;
+    TPO_HOST_DEVICE void operator()(index_t r) const {
+        const scored_row row = plan(r);
+        flag[r] = row.valid() ? 1 : 0;
+        if (!row.valid()) out[r] = unread_row(row);
+    }
+};
+
+/// flag[i] = 1 when hidden row list[i] holds a NaN or ±∞.
+template <class T, class I>
+struct hidden_scan_op {
+    hidden_view<const T> states;
+    scored_rows<I> plan;
+    const index_t* list;
+    std::int32_t* flag;
+    TPO_HOST_DEVICE void operator()(index_t i) const {
+        const scored_row row = plan(list[i]);
+        const T* h = states.row(row.sequence, row.position);
+        double probe = 0;
+        for (index_t k = 0; k < states.hidden; ++k) {
+            const double x = widen<double>(h[k]);
+            probe += x - x;
+        }
+        flag[i] = probe == 0.0 ? 0 : 1;
+    }
+};
+
+/// flag[v] = 1 when row v of the head (or its bias entry) holds a NaN or ±∞.
+template <class T>
+struct head_scan_op {
+    head_view<const T> head;
+    std::int32_t* flag;
+    TPO_HOST_DEVICE void operator()(index_t v) const {
+        const T* w = head.row(v);
+        double probe = head.bias ? widen<double>(head.bias[v]) - widen<double>(head.bias[v]) : 0.0;
+        for (index_t k = 0; k < head.hidden; ++k) {
+            const double x = widen<double>(w[k]);
+            probe += x - x;
+        }
+        flag[v] = probe == 0.0 ? 0 : 1;
+    }
+};
+
+/// h·W[y] + b[y] in the accumulation type, through the transform.
+template <class A, class T>
+TPO_HOST_DEVICE A label_logit(const T* h, const head_view<const T>& head, std::int64_t label,
+                              const logit_transform& transform) {
+    const T* w = head.row(label);
+    A u = A(0);
+    for (index_t k = 0; k < head.hidden; ++k) u += widen<A>(h[k]) * widen<A>(w[k]);
+    if (head.bias) u += widen<A>(head.bias[label]);
+    return transform.apply(u);
+}
+
+/// The statistics of a row that needs only its label's logit: one dot product.
+template <class A, class T, class I>
+struct label_row_op {
+    hidden_rows<T> source;
+    scored_rows<I> plan;
+    logit_transform transform;
+    const index_t* list;
+    row_stats* out;
+    TPO_HOST_DEVICE void operator()(index_t i) const {
+        const scored_row row = plan(list[i]);
+        const T* h = source.states.row(row.sequence, row.position);
+        const A z = label_logit<A>(h, source.head, row.label, transform);
+        out[list[i]] = row_without_logsumexp(static_cast<double>(z), 0.0, row.label);
+    }
+};
+
+/// Hidden rows list[0..n) gathered into a dense n×H block.
+template <class T, class I>
+struct gather_op {
+    hidden_view<const T> states;
+    scored_rows<I> plan;
+    const index_t* list;
+    T* out;
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        const index_t i = e / states.hidden, k = e % states.hidden;
+        const scored_row row = plan(list[i]);
+        out[e] = states.row(row.sequence, row.position)[k];
+    }
+};
+
+/// u + b, then the transform, in place over an n×V chunk.
+template <class A, class T>
+struct epilogue_op {
+    A* chunk;
+    const T* bias;
+    index_t vocab;
+    logit_transform transform;
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        A u = chunk[e];
+        if (bias) u += widen<A>(bias[e % vocab]);
+        chunk[e] = transform.apply(u);
+    }
+};
+
+/// The chunk's labels (all valid), as a (1, n) label row without the shift.
+template <class I>
+struct chunk_labels_op {
+    scored_rows<I> plan;
+    const index_t* list;
+    std::int64_t* out;
+    TPO_HOST_DEVICE void operator()(index_t i) const { out[i] = plan(list[i]).label; }
+};
+
+struct scatter_stats_op {
+    const row_stats* chunk;
+    const index_t* list;
+    row_stats* out;
+    TPO_HOST_DEVICE void operator()(index_t i) const { out[list[i]] = chunk[i]; }
+};
+
+template <class G>
+struct fill_op {
+    G* out;
+    TPO_HOST_DEVICE void operator()(index_t e) const { out[e] = narrow<G>(0.0f); }
+};
+
+/// An accumulated gradient into the caller's element type.
+template <class A, class G>
+struct narrow_op {
+    const A* in;
+    G* out;
+    TPO_HOST_DEVICE void operator()(index_t e) const { out[e] = narrow<G>(in[e]); }
+};
+
+/// The coefficients of the chunk's rows, in chunk order.
+struct gather_coefficients_op {
+    const row_coefficients* coefficients;
+    const index_t* list;
+    row_coefficients* out;
+    TPO_HOST_DEVICE void operator()(index_t i) const { out[i] = coefficients[list[i]]; }
+};
+
+/// ∂L/∂u = ∂L/∂z · dz/du over an n×V chunk.
+template <class A>
+struct chain_op {
+    const A* z;
+    A* g;
+    logit_transform transform;
+    TPO_HOST_DEVICE void operator()(index_t e) const { g[e] *= transform.derivative_at(z[e]); }
+};
+
+/// The chunk's ∂L/∂h rows (n×H, accumulation type) into the caller's gradient rows.
+template <class A, class G, class I>
+struct scatter_hidden_op {
+    const A* chunk;
+    scored_rows<I> plan;
+    const index_t* list;
+    hidden_view<G> grad;
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        const index_t i = e / grad.hidden, k = e % grad.hidden;
+        const scored_row row = plan(list[i]);
+        grad.row(row.sequence, row.position)[k] = narrow<G>(chunk[e]);
+    }
+};
+
+/// ∂L/∂b[v] += Σ over the chunk's rows of G[i][v], in row order.
+template <class A>
+struct bias_gradient_op {
+    const A* g;
+    index_t rows;
+    index_t vocab;
+    A* out;
+    TPO_HOST_DEVICE void operator()(index_t v) const {
+        A sum = A(0);
+        for (index_t i = 0; i < rows; ++i) sum += g[i * vocab + v];
+        out[v] += sum;
+    }
+};
+
+/// Rank-one rows (β = 0): d = α·dz/du at the label, ∂L/∂h = d·W[y]; d is kept for the head.
+template <class A, class T, class G, class I>
+struct label_only_hidden_op {
+    hidden_rows<T> source;
+    scored_rows<I> plan;
+    logit_transform transform;
+    const row_coefficients* coefficients;
+    const index_t* list;
+    A* factor;
+    hidden_view<G> grad;
+    TPO_HOST_DEVICE void operator()(index_t i) const {
+        const scored_row row = plan(list[i]);
+        const row_coefficients& c = coefficients[list[i]];
+        const T* h = source.states.row(row.sequence, row.position);
+        A d = static_cast<A>(c.alpha);
+        if (!transform.identity()) d *= transform.derivative_at(label_logit<A>(h, source.head, c.label, transform));
+        factor[i] = d;
+        const T* w = source.head.row(c.label);
+        G* out = grad.row(row.sequence, row.position);
+        for (index_t k = 0; k < grad.hidden; ++k) out[k] = narrow<G>(d * widen<A>(w[k]));
+    }
+};
+
+/// ∂L/∂W[y] += d·h and ∂L/∂b[y] += d of the rank-one rows, one column of W per index, rows in order
+/// (deterministic: no two indices touch the same entry).
+template <class A, class T, class I>
+struct label_only_head_op {
+    hidden_view<const T> states;
+    scored_rows<I> plan;
+    const row_coefficients* coefficients;
+    const index_t* list;
+    const A* factor;
+    index_t rows;
+    index_t hidden;
+    A* grad_weight;  // V×H, or null
+    A* grad_bias;    // V, or null
+    TPO_HOST_DEVICE void operator()(index_t k) const {
+        for (index_t i = 0; i < rows; ++i) {
+            const scored_row row = plan(list[i]);
+            const std::int64_t y = coefficients[list[i]].label;
+            if (k < hidden) {
+                if (grad_weight)
+                    grad_weight[y * hidden + k] += factor[i] * widen<A>(states.row(row.sequence, row.position)[k]);
+            } else if (grad_bias) {
+                grad_bias[y] += factor[i];
+            }
+        }
+    }
+};
+
+template <class B>
+using index_buffer = typename B::template buffer<index_t>;
+
+/// The indices r of `flags` that are set, on the host and in backend memory.
+template <class B>
+std::pair<std::vector<index_t>, index_buffer<B>> set_indices(B& backend, const std::vector<std::int32_t>& flags) {
+    std::vector<index_t> list;
+    for (std::size_t r = 0; r < flags.size(); ++r)
+        if (flags[r]) list.push_back(static_cast<index_t>(r));
+    return {list, backend.upload(list)};
+}
+
+}  // namespace fused_detail
+
+/// Non-finite values in a head are an input error, reported by the vocabulary entry that holds
+/// one. `what` names the head ("lm_head", "reference lm_head").
+template <class B, class T>
+void check_head(B& backend, const head_view<const T>& head, const char* what) {
+    auto flags = backend.template allocate<std::int32_t>(head.vocab);
+    backend.for_each(head.vocab, fused_detail::head_scan_op<T>{head, backend.raw(flags)});
+    const std::vector<std::int32_t> bad = backend.to_host(flags);
+    const auto it = std::find(bad.begin(), bad.end(), 1);
+    detail::require<value_error>(it == bad.end(), what, ": row ", it - bad.begin(),
+                                 " of the weight (or its bias entry) holds a NaN or an infinite value");
+}
+
+/// The statistics of every scored row of a hidden-state source, as row_statistics gives them for
+/// the logits transform(h·Wᵀ + b). With `check`, a non-finite hidden state of a valid row is an
+/// error naming `what`, the sequence and the position.
+template <class B, class T, class I>
+void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
+                          row_reduction reduction, const fused_settings& settings, bool check, const char* what,
+                          row_stats* out) {
+    using A = fused_accumulate_t<T>;
+    using namespace fused_detail;
+    const auto plan = scored_rows<I>::of(labels, align, source.head.vocab);
+    const index_t count = plan.count();
+    if (count == 0) return;
+    const index_t V = source.head.vocab, H = source.head.hidden;
+    auto flags = backend.template allocate<std::int32_t>(count);
+    backend.for_each(count, classify_op<I>{plan, out, backend.raw(flags)});
+    auto [host_list, list] = set_indices(backend, backend.to_host(flags));
+    const auto n = static_cast<index_t>(host_list.size());
+    if (n == 0) return;
+    if (check) {
+        auto bad = backend.template allocate<std::int32_t>(n);
+        backend.for_each(n, hidden_scan_op<T, I>{source.states, plan, backend.raw(list), backend.raw(bad)});
+        const std::vector<std::int32_t> found = backend.to_host(bad);
+        const auto it = std::find(found.begin(), found.end(), 1);
+        if (it != found.end()) {
+            const scored_row row = plan(host_list[static_cast<std::size_t>(it - found.begin())]);
+            throw value_error(detail::concat(what, " at sequence ", row.sequence, ", position ", row.position,
+                                             ": the hidden state holds a NaN or an infinite value"));
+        }
+    }
+    if (!needs_logsumexp(reduction)) {
+        backend.for_each(n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
+        return;
+    }
+    const index_t C = std::min(n, settings.rows_per_chunk(V));
+    auto gathered = backend.template allocate<T>(C * H);
+    auto logits = backend.template allocate<A>(C * V);
+    auto chunk_labels = backend.template allocate<std::int64_t>(C);
+    auto chunk_stats = backend.template allocate<row_stats>(C);
+    const row_alignment unshifted{false, align.ignore_index};
+    for (index_t first = 0; first < n; first += C) {
+        const index_t m = std::min(C, n - first);
+        const index_t* rows = backend.raw(list) + first;
+        backend.for_each(m * H, gather_op<T, I>{source.states, plan, rows, backend.raw(gathered)});
+        backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source.head.weight, H, backend.raw(logits), V,
+                       A(0));
+        if (source.head.bias || !settings.transform.identity())
+            backend.for_each(m * V, epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
+        backend.for_each(m, chunk_labels_op<I>{plan, rows, backend.raw(chunk_labels)});
+        backend.row_statistics(logits_view<const A>{backend.raw(logits), 1, m, V},
+                               labels_view<const std::int64_t>{backend.raw(chunk_labels), 1, m}, unshifted, reduction,
+                               backend.raw(chunk_stats));
+        backend.for_each(m, scatter_stats_op{backend.raw(chunk_stats), rows, out});
+    }
+}
+
+/// ∂L/∂h of every row of a hidden-state source (zero for rows that are not scored) from the
+/// coefficients of its scored rows, and the head's share added to `grad_weight` (V×H) and
+/// `grad_bias` (V) when they are not null.
+template <class B, class T, class I, class G>
+void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
+                        typename B::template buffer<row_coefficients>& coefficient_buffer,
+                        const fused_settings& settings, hidden_view<G> grad, fused_accumulate_t<T>* grad_weight,
+                        fused_accumulate_t<T>* grad_bias) {
+    using A = fused_accumulate_t<T>;
+    using namespace fused_detail;
+    const auto plan = scored_rows<I>::of(labels, align, source.head.vocab);
+    const index_t V = source.head.vocab, H = source.head.hidden;
+    backend.for_each(grad.size(), fill_op<G>{grad.data});
+    const index_t count = plan.count();
+    if (count == 0) return;
+    const row_coefficients* coefficients = backend.raw(coefficient_buffer);
+    const std::vector<row_coefficients> host = backend.to_host(coefficient_buffer);
+    std::vector<std::int32_t> rank_one(static_cast<std::size_t>(count)), full(static_cast<std::size_t>(count));
+    for (std::size_t r = 0; r < host.size(); ++r) {
+        rank_one[r] = kind_of(host[r]) == gradient_row_kind::label_only;
+        full[r] = kind_of(host[r]) == gradient_row_kind::softmax;
+    }
+    auto [host_rank_one, rank_one_list] = set_indices(backend, rank_one);
+    auto [host_full, full_list] = set_indices(backend, full);
+
+    if (const auto n = static_cast<index_t>(host_rank_one.size()); n > 0) {
+        auto factor = backend.template allocate<A>(n);
+        backend.for_each(n, label_only_hidden_op<A, T, G, I>{source, plan, settings.transform, coefficients,
+                                                             backend.raw(rank_one_list), backend.raw(factor), grad});
+        if (grad_weight || grad_bias)
+            backend.for_each(H + 1, label_only_head_op<A, T, I>{source.states, plan, coefficients,
+                                                                backend.raw(rank_one_list), backend.raw(factor), n, H,
+                                                                grad_weight, grad_bias});
+    }
+
+    const auto n = static_cast<index_t>(host_full.size());
+    if (n == 0) return;
+    const index_t C = std::min(n, settings.rows_per_chunk(V));
+    auto gathered = backend.template allocate<T>(C * H);
+    auto logits = backend.template allocate<A>(C * V);
+    auto chunk_grad = backend.template allocate<A>(C * V);
+    auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
+    auto hidden_grad = backend.template allocate<A>(C * H);
+    for (index_t first = 0; first < n; first += C) {
+        const index_t m = std::min(C, n - first);
+        const index_t* rows = backend.raw(full_list) + first;
+        backend.for_each(m * H, gather_op<T, I>{source.states, plan, rows, backend.raw(gathered)});
+        backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source.head.weight, H, backend.raw(logits), V,
+                       A(0));
+        if (source.head.bias || !settings.transform.identity())
+            backend.for_each(m * V, epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
+        backend.for_each(m, gather_coefficients_op{coefficients, rows, backend.raw(chunk_coefficients)});
+        backend.row_gradient(logits_view<const A>{backend.raw(logits), 1, m, V}, backend.raw(chunk_coefficients), m,
+                             logits_view<A>{backend.raw(chunk_grad), 1, m, V});
+        if (!settings.transform.identity())
+            backend.for_each(m * V, chain_op<A>{backend.raw(logits), backend.raw(chunk_grad), settings.transform});
+        backend.matmul(false, false, m, H, V, backend.raw(chunk_grad), V, source.head.weight, H,
+                       backend.raw(hidden_grad), H, A(0));
+        backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
+        if (grad_weight)
+            backend.matmul(true, false, V, H, m, backend.raw(chunk_grad), V, backend.raw(gathered), H, grad_weight, H,
+                           A(1));
+        if (grad_bias) backend.for_each(V, bias_gradient_op<A>{backend.raw(chunk_grad), m, V, grad_bias});
+    }
+}
+
+}  // namespace rows
+TPO_END_NAMESPACE

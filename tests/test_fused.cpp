@@ -1,0 +1,485 @@
+// Hidden states in: the fused lm_head path against the logits path of the oracle fed with the
+// logits the test computes itself (z = transform(h·Wᵀ + b)), its gradients against finite
+// differences, its properties and its bad inputs, on every backend that can multiply matrices.
+
+#include <catch2/catch.hpp>
+#include <rapidcheck/catch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "support/agreement.hpp"
+#include "support/batch.hpp"
+#include "support/tested_backend.hpp"
+
+namespace {
+
+using tpo::index_t;
+using tpo_test::tested_backend;
+
+/// A model's side of a hidden-state batch: (P, L, H) states for each of the four passes.
+template <class T>
+struct hidden_side {
+    index_t pairs = 0, length = 0, hidden = 0;
+    std::vector<T> policy, policy_noisy, reference, reference_noisy;
+    std::vector<std::int64_t> labels;
+    std::vector<float> weights;
+
+    std::vector<T>& tensor(int k) { return k == 0 ? policy : k == 1 ? policy_noisy : k == 2 ? reference : reference_noisy; }
+    tpo::hidden_view<const T> view(const std::vector<T>& h) const { return {h.data(), pairs, length, hidden}; }
+    tpo::hidden_side_batch<T, std::int64_t> batch() const {
+        return {view(policy), view(policy_noisy), view(reference), view(reference_noisy), {labels.data(), pairs, length},
+                {weights.data(), pairs, length}};
+    }
+};
+
+template <class T>
+struct hidden_data {
+    index_t vocab = 0, hidden = 0;
+    std::vector<T> weight, bias, reference_weight, reference_bias;
+    bool with_bias = true;
+    hidden_side<T> chosen, rejected;
+
+    tpo::head_view<const T> head() const { return {weight.data(), with_bias ? bias.data() : nullptr, vocab, hidden}; }
+    tpo::head_view<const T> reference_head() const {
+        return {reference_weight.data(), with_bias ? reference_bias.data() : nullptr, vocab, hidden};
+    }
+    tpo::hidden_preference_batch<T, std::int64_t> batch() const {
+        return {head(), reference_head(), chosen.batch(), rejected.batch()};
+    }
+};
+
+hidden_data<double> random_hidden(std::mt19937_64& rng, index_t pairs, index_t length_chosen, index_t length_rejected,
+                                  index_t hidden, index_t vocab, bool with_bias = true, double mask_rate = 0.3) {
+    std::normal_distribution<double> normal(0.0, 1.0);
+    std::uniform_real_distribution<double> u(0, 1);
+    std::uniform_int_distribution<std::int64_t> label(0, vocab - 1);
+    hidden_data<double> d;
+    d.vocab = vocab;
+    d.hidden = hidden;
+    d.with_bias = with_bias;
+    const double head_scale = 1.5 / std::sqrt(static_cast<double>(hidden));
+    for (auto* w : {&d.weight, &d.reference_weight}) {
+        w->resize(static_cast<std::size_t>(vocab * hidden));
+        for (auto& x : *w) x = head_scale * normal(rng);
+    }
+    for (auto* b : {&d.bias, &d.reference_bias}) {
+        b->resize(static_cast<std::size_t>(vocab));
+        for (auto& x : *b) x = 0.5 * normal(rng);
+    }
+    auto side = [&](hidden_side<double>& s, index_t length) {
+        s.pairs = pairs;
+        s.length = length;
+        s.hidden = hidden;
+        for (int k = 0; k < 4; ++k) {
+            s.tensor(k).resize(static_cast<std::size_t>(pairs * length * hidden));
+            for (auto& x : s.tensor(k)) x = normal(rng);
+        }
+        for (index_t i = 0; i < pairs * length; ++i) {
+            s.labels.push_back(u(rng) < mask_rate ? -100 : label(rng));
+            s.weights.push_back(static_cast<float>(0.2 + u(rng)));
+        }
+    };
+    side(d.chosen, length_chosen);
+    side(d.rejected, length_rejected);
+    return d;
+}
+
+template <class T, class S>
+hidden_data<T> convert(const hidden_data<S>& d) {
+    auto cast = [](const std::vector<S>& v) {
+        std::vector<T> out;
+        for (const S& x : v) out.push_back(tpo::narrow<T>(tpo::widen<double>(x)));
+        return out;
+    };
+    hidden_data<T> out;
+    out.vocab = d.vocab;
+    out.hidden = d.hidden;
+    out.with_bias = d.with_bias;
+    out.weight = cast(d.weight);
+    out.bias = cast(d.bias);
+    out.reference_weight = cast(d.reference_weight);
+    out.reference_bias = cast(d.reference_bias);
+    for (auto [src, dst] : {std::pair{&d.chosen, &out.chosen}, std::pair{&d.rejected, &out.rejected}}) {
+        dst->pairs = src->pairs;
+        dst->length = src->length;
+        dst->hidden = src->hidden;
+        for (int k = 0; k < 4; ++k) dst->tensor(k) = cast(const_cast<hidden_side<S>*>(src)->tensor(k));
+        dst->labels = src->labels;
+        dst->weights = src->weights;
+    }
+    return out;
+}
+
+/// The transform of the options, written out here: z = c·tanh(s·u/c)/τ (or s·u/τ), and dz/du.
+struct transform_of {
+    double scale, softcap, temperature;
+    explicit transform_of(const tpo::objective_options& o)
+        : scale(o.logit_scale), softcap(o.logit_softcap.value_or(0.0)), temperature(o.temperature) {}
+    double z(double u) const {
+        const double x = scale * u;
+        return (softcap > 0 ? softcap * std::tanh(x / softcap) : x) / temperature;
+    }
+    double dz(double u) const {
+        const double d = scale / temperature;
+        if (softcap <= 0) return d;
+        const double t = std::tanh(scale * u / softcap);
+        return d * (1 - t * t);
+    }
+};
+
+/// u = h·Wᵀ + b of every row of a (P, L, H) tensor, in double.
+std::vector<double> pre_logits(const std::vector<double>& h, index_t rows, const hidden_data<double>& d,
+                               const std::vector<double>& weight, const std::vector<double>& bias) {
+    std::vector<double> u(static_cast<std::size_t>(rows * d.vocab));
+    for (index_t r = 0; r < rows; ++r)
+        for (index_t v = 0; v < d.vocab; ++v) {
+            double sum = d.with_bias ? bias[v] : 0.0;
+            for (index_t k = 0; k < d.hidden; ++k) sum += h[r * d.hidden + k] * weight[v * d.hidden + k];
+            u[r * d.vocab + v] = sum;
+        }
+    return u;
+}
+
+/// The logits batch the fused path must agree with, built from the hidden states in double.
+tpo_test::batch_data<double> logits_of(const hidden_data<double>& d, const transform_of& f) {
+    tpo_test::batch_data<double> out;
+    for (auto [src, dst] : {std::pair{&d.chosen, &out.chosen}, std::pair{&d.rejected, &out.rejected}}) {
+        dst->pairs = src->pairs;
+        dst->length = src->length;
+        dst->vocab = d.vocab;
+        for (int k = 0; k < 4; ++k) {
+            const bool reference = k >= 2;
+            auto u = pre_logits(const_cast<hidden_side<double>*>(src)->tensor(k), src->pairs * src->length, d,
+                                reference ? d.reference_weight : d.weight, reference ? d.reference_bias : d.bias);
+            for (auto& x : u) x = f.z(x);
+            dst->tensor(k) = u;
+        }
+        dst->labels = src->labels;
+        dst->weights = src->weights;
+    }
+    return out;
+}
+
+/// ∂L/∂h, ∂L/∂W and ∂L/∂b from the logits path's ∂L/∂z, chained here through the transform.
+struct chained_gradients {
+    std::vector<double> hidden[4];  // chosen, chosen noisy, rejected, rejected noisy
+    std::vector<double> weight, bias;
+};
+
+chained_gradients chain(const hidden_data<double>& d, const transform_of& f, tpo_test::gradient_data<double>& g,
+                        bool noisy) {
+    chained_gradients c;
+    c.weight.assign(d.weight.size(), 0.0);
+    c.bias.assign(d.bias.size(), 0.0);
+    const hidden_side<double>* sides[2] = {&d.chosen, &d.rejected};
+    for (int k = 0; k < 4; ++k) {
+        const hidden_side<double>& s = *sides[k / 2];
+        const auto& h = const_cast<hidden_side<double>&>(s).tensor(k % 2);
+        const index_t rows = s.pairs * s.length;
+        c.hidden[k].assign(h.size(), 0.0);
+        if (k % 2 == 1 && !noisy) continue;
+        const auto u = pre_logits(h, rows, d, d.weight, d.bias);
+        const auto& gz = g.tensor(k);
+        for (index_t r = 0; r < rows; ++r)
+            for (index_t v = 0; v < d.vocab; ++v) {
+                const double gu = gz[r * d.vocab + v] * f.dz(u[r * d.vocab + v]);
+                for (index_t j = 0; j < d.hidden; ++j) {
+                    c.hidden[k][r * d.hidden + j] += gu * d.weight[v * d.hidden + j];
+                    c.weight[v * d.hidden + j] += gu * h[r * d.hidden + j];
+                }
+                c.bias[v] += gu;
+            }
+    }
+    return c;
+}
+
+template <class G>
+struct hidden_gradient_data {
+    std::vector<G> hidden[4];
+    std::vector<G> weight, bias;
+    template <class T>
+    explicit hidden_gradient_data(const hidden_data<T>& d) {
+        for (int k = 0; k < 4; ++k) hidden[k].assign((k < 2 ? d.chosen : d.rejected).policy.size(), G{});
+        weight.assign(d.weight.size(), G{});
+        bias.assign(d.bias.size(), G{});
+    }
+    template <class T>
+    tpo::hidden_gradients<G> views(const hidden_data<T>& d, bool with_bias) {
+        auto v = [&](int k) {
+            const auto& s = k < 2 ? d.chosen : d.rejected;
+            return tpo::hidden_view<G>{hidden[k].data(), s.pairs, s.length, s.hidden};
+        };
+        return {{v(0), v(1)}, {v(2), v(3)}, weight.data(), with_bias ? bias.data() : nullptr};
+    }
+};
+
+template <class G>
+std::vector<double> as_double(const std::vector<G>& v) {
+    std::vector<double> out;
+    for (const G& x : v) out.push_back(tpo::widen<double>(x));
+    return out;
+}
+
+/// The options of tpo_test::option_cases() with every transform the fused path must chain through.
+std::vector<std::pair<std::string, tpo::objective_options>> fused_cases() {
+    std::vector<std::pair<std::string, tpo::objective_options>> cases;
+    int i = 0;
+    for (auto [name, o] : tpo_test::option_cases()) {
+        switch (i++ % 3) {
+        case 0: break;
+        case 1:
+            o.logit_scale = 0.7;
+            o.temperature = 1.3;
+            break;
+        default:
+            o.logit_scale = 1.2;
+            o.logit_softcap = 2.5;
+            o.temperature = 0.8;
+            break;
+        }
+        cases.emplace_back(name, o);
+    }
+    tpo::objective_options o;
+    o.logit_softcap = 3.0;
+    o.chunk_tokens = 2;
+    cases.emplace_back("tpo softcap, chunks of two rows", o);
+    o = {};
+    o.weighting = tpo::token_weighting::none;
+    for (auto t : {tpo::loss_type::hinge, tpo::loss_type::ipo, tpo::loss_type::exo_pair, tpo::loss_type::nca_pair,
+                   tpo::loss_type::robust, tpo::loss_type::bco_pair, tpo::loss_type::sppo_hard})
+        o.losses.push_back({t, 0.3});
+    o.hyper.label_smoothing = 0.1;
+    o.chunk_tokens = 3;
+    cases.emplace_back("dpo, eight losses combined", o);
+    o.losses = {{tpo::loss_type::apo_down, 0.5}, {tpo::loss_type::discopop, 0.7}, {tpo::loss_type::sigmoid_norm, 1.1},
+                {tpo::loss_type::aot_unpaired, 0.4}};
+    o.chunk_tokens = 4;
+    cases.emplace_back("dpo, four more losses combined", o);
+    return cases;
+}
+
+}  // namespace
+
+TEST_CASE("hidden states in agree with the logits they make, fed to the oracle", "[fused]") {
+    if constexpr (!tpo::head_backend<tested_backend>) {
+        SUCCEED("this backend has no matrix product: the fused path is not available");
+    } else {
+        std::mt19937_64 rng(20261204);
+        tested_backend backend;
+        tpo::backend::reference oracle;
+        for (const auto& [name, options] : fused_cases()) {
+            for (bool with_bias : {true, false}) {
+                INFO(name << (with_bias ? ", with bias" : ", no bias"));
+                const hidden_data<double> d = random_hidden(rng, 2, 6, 5, 7, 11, with_bias);
+                const transform_of f(options);
+                tpo::objective_options plain = options;
+                plain.logit_scale = 1.0;
+                plain.logit_softcap.reset();
+                plain.temperature = 1.0;
+                const tpo_test::batch_data<double> logits = logits_of(d, f);
+                auto expected = tpo_test::evaluate_with_gradients<double>(oracle, plain, logits);
+                const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
+                const chained_gradients want = chain(d, f, expected.gradients, noisy);
+
+                hidden_gradient_data<double> got(d);
+                auto views = got.views(d, with_bias);
+                const tpo::objective_result r = tpo::evaluate(backend, options, d.batch(), &views);
+
+                const double tol = 1e-12;
+                const auto& e = expected.result;
+                tpo_test::check_close({r.loss, r.reward_accuracy, r.reward_margin},
+                                      {e.loss, e.reward_accuracy, e.reward_margin}, tol, "loss, accuracy, margin");
+                tpo_test::check_close(r.chosen_rewards, e.chosen_rewards, tol, "chosen rewards");
+                tpo_test::check_close(r.rejected_rewards, e.rejected_rewards, tol, "rejected rewards");
+                tpo_test::check_close(r.policy_chosen_scores, e.policy_chosen_scores, tol, "policy chosen scores");
+                tpo_test::check_close(r.reference_rejected_scores, e.reference_rejected_scores, tol,
+                                      "reference rejected scores");
+                tpo_test::check_close(r.mean_visual_score_chosen, e.mean_visual_score_chosen, tol, "visual scores");
+                for (int k = 0; k < 4; ++k) {
+                    INFO("hidden-state gradient " << k);
+                    tpo_test::check_close(got.hidden[k], want.hidden[k], tol, "dL/dh");
+                }
+                tpo_test::check_close(got.weight, want.weight, tol, "dL/dW");
+                if (with_bias) tpo_test::check_close(got.bias, want.bias, tol, "dL/db");
+            }
+        }
+    }
+}
+
+TEST_CASE("hidden states in: float and bf16 agree with the double oracle", "[fused]") {
+    if constexpr (!tpo::head_backend<tested_backend>) {
+        SUCCEED("this backend has no matrix product");
+    } else {
+        std::mt19937_64 rng(77);
+        tested_backend backend;
+        tpo::backend::reference oracle;
+        tpo::objective_options options;
+        options.logit_softcap = 4.0;
+        options.chunk_tokens = 3;
+        const hidden_data<double> d = random_hidden(rng, 2, 9, 7, 16, 40);
+        hidden_gradient_data<double> exact(d);
+        auto exact_views = exact.views(d, true);
+        const tpo::objective_result e = tpo::evaluate(oracle, options, d.batch(), &exact_views);
+
+        const hidden_data<float> f = convert<float>(convert<double>(d));
+        hidden_gradient_data<float> got(f);
+        auto views = got.views(f, true);
+        const tpo::objective_result r = tpo::evaluate(backend, options, f.batch(), &views);
+        tpo_test::check_close({r.loss}, {e.loss}, 1e-5, "float loss");
+        tpo_test::check_close(r.chosen_rewards, e.chosen_rewards, 1e-5, "float chosen rewards");
+        for (int k = 0; k < 4; ++k) tpo_test::check_close(as_double(got.hidden[k]), exact.hidden[k], 1e-5, "float dL/dh");
+        tpo_test::check_close(as_double(got.weight), exact.weight, 1e-5, "float dL/dW");
+        tpo_test::check_close(as_double(got.bias), exact.bias, 1e-5, "float dL/db");
+
+        // bf16 inputs: the oracle on the same rounded inputs, in double; gradients written in bf16.
+        const hidden_data<tpo::bfloat16> h = convert<tpo::bfloat16>(d);
+        const hidden_data<double> rounded = convert<double>(h);
+        hidden_gradient_data<double> exact16(rounded);
+        auto exact16_views = exact16.views(rounded, true);
+        const tpo::objective_result e16 = tpo::evaluate(oracle, options, rounded.batch(), &exact16_views);
+        hidden_gradient_data<tpo::bfloat16> got16(h);
+        auto views16 = got16.views(h, true);
+        const tpo::objective_result r16 = tpo::evaluate(backend, options, h.batch(), &views16);
+        tpo_test::check_close({r16.loss}, {e16.loss}, 1e-5, "bf16 loss");
+        tpo_test::check_close(as_double(got16.weight), exact16.weight, 1.0 / 128, "bf16 dL/dW");
+        for (int k = 0; k < 4; ++k)
+            tpo_test::check_close(as_double(got16.hidden[k]), exact16.hidden[k], 1.0 / 128, "bf16 dL/dh");
+    }
+}
+
+TEST_CASE("hidden-state gradients match finite differences", "[fused][fd]") {
+    if constexpr (!tpo::head_backend<tested_backend>) {
+        SUCCEED("this backend has no matrix product");
+    } else {
+        std::mt19937_64 rng(5);
+        tested_backend backend;
+        std::vector<tpo::objective_options> cases(3);
+        cases[0].logit_softcap = 2.0;
+        cases[0].logit_scale = 1.3;
+        cases[0].temperature = 0.9;
+        cases[1].score = tpo::score_kind::logprob;
+        cases[1].ld_alpha = 0.5;  // (WPO's pair weight is a constant of the gradient: not for differences)
+        cases[1].chunk_tokens = 2;
+        cases[2].weighting = tpo::token_weighting::none;
+        cases[2].losses = {{tpo::loss_type::ipo, 1.0}, {tpo::loss_type::sft, 0.5}};
+        for (std::size_t c = 0; c < cases.size(); ++c) {
+            INFO("case " << c);
+            const tpo::objective_options& options = cases[c];
+            hidden_data<double> d = random_hidden(rng, 2, 4, 3, 3, 6);
+            hidden_gradient_data<double> g(d);
+            auto views = g.views(d, true);
+            tpo::evaluate(backend, options, d.batch(), &views);
+            const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
+            auto loss = [&] { return tpo::evaluate(backend, options, d.batch()).loss; };
+            auto check = [&](std::vector<double>& x, const std::vector<double>& analytic, const char* what) {
+                for (std::size_t i = 0; i < x.size(); ++i) {
+                    const double eps = 1e-6, saved = x[i];
+                    x[i] = saved + eps;
+                    const double up = loss();
+                    x[i] = saved - eps;
+                    const double down = loss();
+                    x[i] = saved;
+                    const double numeric = (up - down) / (2 * eps);
+                    INFO(what << "[" << i << "]: analytic " << analytic[i] << ", numeric " << numeric);
+                    CHECK(std::abs(analytic[i] - numeric) <= 1e-6 + 1e-5 * std::abs(numeric));
+                }
+            };
+            check(d.chosen.policy, g.hidden[0], "dL/dh chosen");
+            check(d.rejected.policy, g.hidden[2], "dL/dh rejected");
+            if (noisy) check(d.chosen.policy_noisy, g.hidden[1], "dL/dh chosen noisy");
+            check(d.weight, g.weight, "dL/dW");
+            check(d.bias, g.bias, "dL/db");
+        }
+    }
+}
+
+TEST_CASE("hidden states in: properties", "[fused][property]") {
+    if constexpr (!tpo::head_backend<tested_backend>) {
+        SUCCEED("this backend has no matrix product");
+    } else {
+        rc::prop("any chunk size gives the same result; the policy as its own reference gives ln 2", [] {
+            const auto pairs = *rc::gen::inRange<index_t>(1, 3);
+            const auto length = *rc::gen::inRange<index_t>(1, 6);
+            const auto hidden = *rc::gen::inRange<index_t>(1, 5);
+            const auto vocab = *rc::gen::inRange<index_t>(1, 9);
+            const auto chunk = *rc::gen::inRange<index_t>(1, 7);
+            const auto seed = *rc::gen::inRange<std::uint64_t>(0, 1000000);
+            std::mt19937_64 rng(seed);
+            hidden_data<double> d = random_hidden(rng, pairs, length, length, hidden, vocab, true, 0.4);
+            tested_backend backend;
+            tpo::objective_options options;
+            options.logit_softcap = 3.0;
+            hidden_gradient_data<double> whole(d), chunked(d);
+            auto v1 = whole.views(d, true);
+            auto v2 = chunked.views(d, true);
+            const auto a = tpo::evaluate(backend, options, d.batch(), &v1);
+            options.chunk_tokens = chunk;
+            const auto b = tpo::evaluate(backend, options, d.batch(), &v2);
+            RC_ASSERT(std::isfinite(a.loss));
+            RC_ASSERT(std::abs(a.loss - b.loss) <= 1e-12 * std::max(1.0, std::abs(a.loss)));
+            for (std::size_t i = 0; i < whole.weight.size(); ++i)
+                RC_ASSERT(std::abs(whole.weight[i] - chunked.weight[i]) <= 1e-12 * std::max(1.0, std::abs(whole.weight[i])));
+            // The reference is the policy (same states, same head): every h is 0, the loss ln 2.
+            d.reference_weight = d.weight;
+            d.reference_bias = d.bias;
+            for (auto* s : {&d.chosen, &d.rejected}) {
+                s->reference = s->policy;
+                s->reference_noisy = s->policy_noisy;
+            }
+            const auto same = tpo::evaluate(backend, options, d.batch());
+            RC_ASSERT(same.loss == std::log(2.0));
+        });
+    }
+}
+
+TEST_CASE("hidden states in: bad input is a clear error", "[fused][bad-input]") {
+    if constexpr (!tpo::head_backend<tested_backend>) {
+        SUCCEED("this backend has no matrix product");
+    } else {
+        std::mt19937_64 rng(9);
+        tested_backend backend;
+        const hidden_data<double> good = random_hidden(rng, 2, 4, 3, 5, 7);
+        tpo::objective_options options;
+        auto fails = [&](const hidden_data<double>& d, const tpo::objective_options& o, const char* needle) {
+            hidden_gradient_data<double> g(d);
+            auto views = g.views(d, d.with_bias);
+            REQUIRE_THROWS_WITH(tpo::evaluate(backend, o, d.batch(), &views), Catch::Contains(needle));
+        };
+        hidden_data<double> d = good;
+        d.chosen.hidden = 4;  // hidden states of H = 4 against a head of H = 5
+        fails(d, options, "differs from the lm_head's H = 5");
+        d = good;
+        d.chosen.labels[1] = 0;  // row 0 is scored
+        d.chosen.policy[3] = std::nan("");
+        fails(d, options, "hidden state holds a NaN");
+        d = good;
+        d.weight[2 * 5 + 1] = INFINITY;
+        fails(d, options, "lm_head: row 2 of the weight");
+        d = good;
+        d.bias[6] = std::nan("");
+        fails(d, options, "lm_head: row 6");
+        d = good;
+        d.chosen.labels[1] = 7;
+        fails(d, options, "label 7");
+        for (auto [field, value, needle] : {std::tuple{0, 0.0, "temperature"}, std::tuple{0, -1.0, "temperature"},
+                                            std::tuple{1, 0.0, "logit_softcap"}, std::tuple{1, -2.0, "logit_softcap"},
+                                            std::tuple{2, 0.0, "chunk_tokens"}}) {
+            tpo::objective_options o;
+            if (field == 0) o.temperature = value;
+            if (field == 1) o.logit_softcap = value;
+            if (field == 2) o.chunk_tokens = static_cast<index_t>(value);
+            fails(good, o, needle);
+        }
+        // A bias gradient asked of a head without bias.
+        d = good;
+        d.with_bias = false;
+        hidden_gradient_data<double> g(d);
+        auto views = g.views(d, true);
+        REQUIRE_THROWS_WITH(tpo::evaluate(backend, options, d.batch(), &views), Catch::Contains("has no bias"));
+    }
+}
