@@ -265,12 +265,13 @@ std::vector<std::pair<std::string, tpo::objective_options>> fused_cases() {
 
 }  // namespace
 
-TEST_CASE("hidden states in agree with the logits they make, fed to the oracle", "[fused]") {
-    if constexpr (!tpo::head_backend<tested_backend>) {
+template <class B>
+void fused_agreement() {
+    if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product: the fused path is not available");
     } else {
         std::mt19937_64 rng(20261204);
-        tested_backend backend;
+        B backend;
         tpo::backend::reference oracle;
         for (const auto& [name, options] : fused_cases()) {
             for (bool with_bias : {true, false}) {
@@ -311,12 +312,17 @@ TEST_CASE("hidden states in agree with the logits they make, fed to the oracle",
     }
 }
 
-TEST_CASE("hidden states in: float and bf16 agree with the double oracle", "[fused]") {
-    if constexpr (!tpo::head_backend<tested_backend>) {
+TEST_CASE("hidden states in agree with the logits they make, fed to the oracle", "[fused]") {
+    fused_agreement<tested_backend>();
+}
+
+template <class B>
+void fused_precision() {
+    if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product");
     } else {
         std::mt19937_64 rng(77);
-        tested_backend backend;
+        B backend;
         tpo::backend::reference oracle;
         tpo::objective_options options;
         options.logit_softcap = 4.0;
@@ -352,12 +358,17 @@ TEST_CASE("hidden states in: float and bf16 agree with the double oracle", "[fus
     }
 }
 
-TEST_CASE("hidden-state gradients match finite differences", "[fused][fd]") {
-    if constexpr (!tpo::head_backend<tested_backend>) {
+TEST_CASE("hidden states in: float and bf16 agree with the double oracle", "[fused]") {
+    fused_precision<tested_backend>();
+}
+
+template <class B>
+void fused_finite_differences() {
+    if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product");
     } else {
         std::mt19937_64 rng(5);
-        tested_backend backend;
+        B backend;
         std::vector<tpo::objective_options> cases(3);
         cases[0].logit_softcap = 2.0;
         cases[0].logit_scale = 1.3;
@@ -398,8 +409,13 @@ TEST_CASE("hidden-state gradients match finite differences", "[fused][fd]") {
     }
 }
 
-TEST_CASE("hidden states in: properties", "[fused][property]") {
-    if constexpr (!tpo::head_backend<tested_backend>) {
+TEST_CASE("hidden-state gradients match finite differences", "[fused][fd]") {
+    fused_finite_differences<tested_backend>();
+}
+
+template <class B>
+void fused_properties() {
+    if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product");
     } else {
         rc::prop("any chunk size gives the same result; the policy as its own reference gives ln 2", [] {
@@ -411,7 +427,7 @@ TEST_CASE("hidden states in: properties", "[fused][property]") {
             const auto seed = *rc::gen::inRange<std::uint64_t>(0, 1000000);
             std::mt19937_64 rng(seed);
             hidden_data<double> d = random_hidden(rng, pairs, length, length, hidden, vocab, true, 0.4);
-            tested_backend backend;
+            B backend;
             tpo::objective_options options;
             options.logit_softcap = 3.0;
             hidden_gradient_data<double> whole(d), chunked(d);
@@ -437,12 +453,17 @@ TEST_CASE("hidden states in: properties", "[fused][property]") {
     }
 }
 
-TEST_CASE("hidden states in: bad input is a clear error", "[fused][bad-input]") {
-    if constexpr (!tpo::head_backend<tested_backend>) {
+TEST_CASE("hidden states in: properties", "[fused][property]") {
+    fused_properties<tested_backend>();
+}
+
+template <class B>
+void fused_bad_input() {
+    if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product");
     } else {
         std::mt19937_64 rng(9);
-        tested_backend backend;
+        B backend;
         const hidden_data<double> good = random_hidden(rng, 2, 4, 3, 5, 7);
         tpo::objective_options options;
         auto fails = [&](const hidden_data<double>& d, const tpo::objective_options& o, const char* needle) {
@@ -482,4 +503,8 @@ TEST_CASE("hidden states in: bad input is a clear error", "[fused][bad-input]") 
         auto views = g.views(d, true);
         REQUIRE_THROWS_WITH(tpo::evaluate(backend, options, d.batch(), &views), Catch::Contains("has no bias"));
     }
+}
+
+TEST_CASE("hidden states in: bad input is a clear error", "[fused][bad-input]") {
+    fused_bad_input<tested_backend>();
 }
