@@ -208,6 +208,101 @@ TEST_CASE("gradient outputs must match their inputs", "[bad-input]") {
     CHECK_THROWS_WITH(obj.backward(data.batch(), g.views()), Contains("forward() must run first"));
 }
 
+namespace {
+
+/// Expects an overflow_error mentioning `needle` from a forward and backward into gradients of
+/// type G, and the gradient buffers left exactly as they were (no Inf reaches the caller).
+template <class G>
+void expect_overflow(const batch_data<double>& data, const tpo::objective_options& o, const std::string& needle) {
+    tested_backend backend;
+    gradient_data<G> g(data);
+    for (int k = 0; k < 4; ++k)
+        for (G& x : g.tensor(k)) x = G(7.0f);
+    auto views = g.views();
+    INFO("expected an overflow mentioning: " << needle);
+    try {
+        tpo::evaluate(backend, o, data.batch(), &views);
+        FAIL("no error was raised");
+    } catch (const tpo::overflow_error& e) {
+        CHECK_THAT(e.what(), Contains(needle));
+    }
+    for (int k = 0; k < 4; ++k)
+        for (G x : g.tensor(k)) CHECK(static_cast<float>(x) == 7.0f);
+}
+
+template <class G>
+bool all_finite(gradient_data<G>& g) {
+    for (int k = 0; k < 4; ++k)
+        for (G x : g.tensor(k)) {
+            double wide = 0;
+            if constexpr (std::is_floating_point_v<G>) wide = x;
+            else wide = static_cast<float>(x);
+            if (!std::isfinite(wide)) return false;
+        }
+    return true;
+}
+
+}  // namespace
+
+TEST_CASE("a result that overflows is an error naming what overflowed, never a NaN or an Inf", "[bad-input]") {
+    SECTION("finite float64 logits near the limit: the token log-probability overflows") {
+        auto data = good_batch();
+        // Row t = 0 of chosen sequence 0, scored against the label at position 1.
+        const std::int64_t label = data.chosen.labels[1];
+        for (int v = 0; v < 5; ++v) data.chosen.policy[static_cast<std::size_t>(v)] = v == label ? -1e308 : 1e308;
+        expect_overflow<double>(data, {}, "result: chosen policy sequence score of pair 0 is -inf");
+    }
+    SECTION("beta = 1e-300 with ipo: the loss overflows") {
+        tpo::objective_options o;
+        o.losses = {{tpo::loss_type::ipo, 1.0}};
+        o.hyper.beta = 1e-300;
+        expect_overflow<double>(good_batch(), o, "result: loss of pair 0 is inf, expected a finite value: it "
+                                                 "overflowed (loss ipo, beta = 1e-300)");
+    }
+    SECTION("finite coefficients whose gradient overflows float32 or float16 outputs") {
+        // ipo's slope is 2u/n with u ≈ −1/(2β): β = 1e-40 gives coefficients near 1e40, finite in
+        // double and beyond float's 3.4e38; β = 1e-6 gives ~1e5, beyond float16's 65504.
+        tpo::objective_options o;
+        o.losses = {{tpo::loss_type::ipo, 1.0}};
+        o.hyper.beta = 1e-40;
+        tested_backend backend;
+        auto wide = evaluate_with_gradients<double>(backend, o, good_batch());
+        CHECK(all_finite(wide.gradients));
+        expect_overflow<float>(good_batch(), o, "exceed what float32 gradients of float64 logits hold");
+        o.hyper.beta = 1e-6;
+        auto narrow = evaluate_with_gradients<float>(backend, o, good_batch());
+        CHECK(all_finite(narrow.gradients));
+        expect_overflow<tpo::float16>(good_batch(), o, "float16 gradients of float64 logits hold");
+        expect_overflow<tpo::float16>(good_batch(), o, "gradient of the chosen policy logits at sequence 0");
+        // Well inside float16's range the same loss writes finite gradients.
+        o.hyper.beta = 1e-3;
+        auto half = evaluate_with_gradients<tpo::float16>(backend, o, good_batch());
+        CHECK(all_finite(half.gradients));
+    }
+    SECTION("float logits: beta is held in float while the row is written") {
+        tpo::objective_options o;
+        o.losses = {{tpo::loss_type::ipo, 1.0}};
+        o.hyper.beta = 1e-40;
+        tested_backend backend;
+        const auto data = convert<float>(good_batch());
+        gradient_data<double> g(data);
+        auto views = g.views();
+        CHECK_THROWS_AS(tpo::evaluate(backend, o, data.batch(), &views), tpo::overflow_error);
+        CHECK_THROWS_WITH(tpo::evaluate(backend, o, data.batch(), &views), Contains("float32 logits"));
+    }
+    SECTION("a failed forward leaves nothing for backward") {
+        tpo::objective_options o;
+        o.losses = {{tpo::loss_type::ipo, 1.0}};
+        o.hyper.beta = 1e-300;
+        tested_backend backend;
+        const auto data = good_batch();
+        tpo::objective<tested_backend> obj(backend, o);
+        CHECK_THROWS_AS(obj.forward(data.batch()), tpo::overflow_error);
+        gradient_data<double> g(data);
+        CHECK_THROWS_WITH(obj.backward(data.batch(), g.views()), Contains("forward() must run first"));
+    }
+}
+
 TEST_CASE("legitimate edges are not errors", "[bad-input][edge]") {
     tested_backend backend;
     std::mt19937_64 rng(4);

@@ -522,6 +522,34 @@ TEST_CASE("tpo loss: every bad input exits 2 with one line and writes nothing", 
     restore();
 }
 
+TEST_CASE("tpo loss: a result that overflows exits 2 naming it, with no gradient file", "[cli][hostile]") {
+    std::mt19937_64 rng(19);
+    auto b = tpo_test::random_batch<double>(rng, 2, 4, 3, 5, 2.0, 0.0);
+    temp_dir dir;
+    const fs::path grads = dir / "grads";
+    SECTION("finite float64 logits of +-1e308") {
+        const std::int64_t label = b.chosen.labels[1];  // row t = 0 is scored against position 1
+        for (int v = 0; v < 5; ++v) b.chosen.policy[static_cast<std::size_t>(v)] = v == label ? -1e308 : 1e308;
+        save_batch(dir.path, b);
+        check_rejected(run_tool({"loss", "--dir", dir.path.string(), "--grad-dir", grads.string()}),
+                       "result: chosen policy sequence score of pair 0 is -inf, expected a finite value");
+    }
+    SECTION("--beta 1e-300 with ipo") {
+        save_batch(dir.path, b);
+        check_rejected(run_tool({"loss", "--dir", dir.path.string(), "--loss", "ipo", "--beta", "1e-300",
+                                 "--grad-dir", grads.string()}),
+                       "result: loss of pair 0 is inf, expected a finite value: it overflowed (loss ipo, "
+                       "beta = 1e-300)");
+    }
+    SECTION("float32 gradients that would overflow though the loss is finite") {
+        save_batch(dir.path, tpo_test::convert<float>(b));
+        check_rejected(run_tool({"loss", "--dir", dir.path.string(), "--loss", "ipo", "--beta", "1e-40",
+                                 "--grad-dir", grads.string()}),
+                       "exceeds what the row pass over float32 logits holds");
+    }
+    CHECK(files_under(grads).empty());
+}
+
 TEST_CASE("tpo score and corrupt: bad inputs exit 2 with one line and write nothing", "[cli]") {
     std::mt19937_64 rng(17);
     const auto b = tpo_test::random_batch<float>(rng, 2, 4, 3, 5, 2.0, 0.0);

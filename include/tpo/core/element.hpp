@@ -126,6 +126,17 @@ TPO_HOST_DEVICE TPO_FORCE_INLINE T narrow(Acc x) {
         return T(static_cast<float>(x));
 }
 
+/// The largest finite value of an element type.
+template <class T>
+constexpr double largest_finite() {
+    using U = std::remove_const_t<T>;
+    if constexpr (std::is_same_v<U, double>) return 1.7976931348623157e308;
+    else if constexpr (std::is_same_v<U, float>) return 3.4028234663852886e38;
+    else if constexpr (std::is_same_v<U, bfloat16>) return 3.3895313892515355e38;  // (2 − 2^−7)·2^127
+    else if constexpr (std::is_same_v<U, float16>) return 65504.0;
+    else static_assert(!sizeof(U), "no largest_finite for this element type");
+}
+
 template <class T>
 constexpr const char* element_name() {
     using U = std::remove_const_t<T>;

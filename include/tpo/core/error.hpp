@@ -30,6 +30,13 @@ public:
     using error::error;
 };
 
+/// A result (loss, metric or gradient) would not be finite: something overflowed. The inputs
+/// passed their checks, so the message names the value that overflowed and the settings behind it.
+class overflow_error : public value_error {
+public:
+    using value_error::value_error;
+};
+
 namespace detail {
 
 // Floating-point values print in their shortest round-trip form (0.6, not 0.59999999999999998),

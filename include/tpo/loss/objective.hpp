@@ -21,6 +21,7 @@
 #include "tpo/loss/batch.hpp"
 #include "tpo/loss/checks.hpp"
 #include "tpo/loss/options.hpp"
+#include "tpo/loss/overflow.hpp"
 #include "tpo/loss/passes.hpp"
 #include "tpo/rows/fused.hpp"
 
@@ -78,7 +79,7 @@ public:
                                    "gradient of policy noisy logits");
         }
         side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
-        run_coefficient_pass(chosen, rejected);
+        run_coefficient_pass<T, G>(chosen, rejected);
         auto write = [&](const auto& z, coefficient_buffer& coef, const logits_view<G>& out, index_t scored) {
             if (!out.empty()) backend_.row_gradient(z, backend_.raw(coef), scored, out);
         };
@@ -102,7 +103,7 @@ public:
         detail::check_hidden_gradients(options_, batch, grads);
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
-        run_coefficient_pass(chosen, rejected);
+        run_coefficient_pass<T, G>(chosen, rejected);
 
         const index_t V = batch.head.vocab, H = batch.head.hidden;
         // The head's gradient accumulates in A: in the caller's buffer when G is A, else in scratch.
@@ -166,6 +167,7 @@ private:
 
     /// The O(S·L) and O(P) passes over the row statistics of both sides.
     objective_result run_passes(index_t pairs) {
+        forward_done_ = false;
         pairs_ = pairs;
         summaries_ = backend_.template allocate<loss::sequence_summary>(2 * pairs);
         pair_results_ = backend_.template allocate<loss::pair_result>(pairs);
@@ -184,8 +186,9 @@ private:
                                               options_.use_weighting, pairs, backend_.raw(summaries_),
                                               backend_.raw(pair_results_), backend_.raw(batch_result_),
                                               backend_.raw(scratch_), backend_.raw(order_scratch_)});
+        objective_result result = collect(summaries);
         forward_done_ = true;
-        return collect(summaries);
+        return result;
     }
 
     side_coefficients coefficients(const side_state& s) {
@@ -194,14 +197,20 @@ private:
                 backend_.template allocate<row_coefficients>(noisy ? pairs_ * s.scored : 0)};
     }
 
+    /// The row coefficients for logits of type T and gradients of type G; throws overflow_error,
+    /// before any gradient is written, when a row's gradient would not be finite in them.
+    template <class T, class G>
     void run_coefficient_pass(side_coefficients& chosen, side_coefficients& rejected) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
+        auto overflow = backend_.template allocate<loss::gradient_overflow>(2 * pairs_);
         backend_.for_each(pairs_, loss::coefficient_pass{
                                       loss::token_settings::from(options_), rows(chosen_), rows(rejected_),
                                       {backend_.raw(chosen.clean), noisy ? backend_.raw(chosen.noisy) : nullptr},
                                       {backend_.raw(rejected.clean), noisy ? backend_.raw(rejected.noisy) : nullptr},
                                       backend_.raw(summaries_), backend_.raw(pair_results_),
-                                      backend_.raw(batch_result_), pairs_});
+                                      backend_.raw(batch_result_), pairs_, loss::gradient_limits_for<T, G>(),
+                                      backend_.raw(overflow)});
+        loss::report_gradient_overflow<T, G>(backend_.to_host(overflow), pairs_, options_);
     }
 
     rows::fused_settings fused_settings() const {
@@ -318,6 +327,7 @@ private:
     objective_result collect(const std::vector<loss::sequence_summary>& summaries) {
         const std::vector<loss::pair_result> pairs = backend_.to_host(pair_results_);
         const loss::batch_result batch = backend_.to_host(batch_result_).front();
+        loss::check_finite_forward(summaries, pairs, batch, options_);
         objective_result r;
         r.loss = batch.loss;
         r.reward_accuracy = batch.reward_accuracy;

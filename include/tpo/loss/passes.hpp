@@ -353,6 +353,40 @@ struct side_coefficients {
     row_coefficients* noisy = nullptr;  // self-calibrated weights only
 };
 
+/// How large a row's coefficients may be for its gradient to be written finite. beta is held in
+/// the logits' accumulation type (float below double logits) while the row is written, and every
+/// entry alpha·δ − beta·p[v] is narrowed to the gradient's element type.
+struct gradient_limits {
+    double beta = 0;   // largest |beta|
+    double entry = 0;  // largest bound on |∂L/∂z[v]| over the row
+};
+
+/// The first row of a sequence whose gradient would not be finite.
+struct gradient_overflow {
+    std::int32_t found = 0;
+    std::int32_t noisy = 0;  // in the noisy logits' gradient
+    index_t position = 0;    // label position t
+    double alpha = 0, beta = 0;
+    double bound = 0;        // max over v of |∂L/∂z[v]|, bounded from the coefficients
+};
+
+/// Bounds max_v |alpha·δ(v=y) − beta·p[v]| from the row's label probability p_y alone (O(1) per
+/// row, no pass over the logits): the label's entry is alpha − beta·p_y, and every other entry is
+/// at most |beta|·(1 − p_y), the whole probability the other entries share. Checking it against
+/// the limits is what makes a finite coefficient that would still overflow a float or 16-bit
+/// gradient an error rather than an Inf in the output.
+TPO_HOST_DEVICE inline bool gradient_fits(double alpha, double beta, const row_stats& row, const gradient_limits& limits,
+                                          double& bound) {
+    using std::exp;
+    using std::fabs;
+    const double p = beta == 0 ? 0.0 : exp(row.label_logit - row.lse);
+    const double rest = 1.0 - p > 0.0 ? 1.0 - p : 0.0;
+    const double at_label = fabs(alpha - beta * p), elsewhere = fabs(beta) * rest;
+    bound = at_label > elsewhere ? at_label : elsewhere;
+    // Written so that a NaN anywhere fails.
+    return fabs(beta) <= limits.beta && bound <= limits.entry;
+}
+
 struct coefficient_pass {
     token_settings ts;
     side_rows chosen, rejected;
@@ -361,19 +395,28 @@ struct coefficient_pass {
     const pair_result* pair_results;
     const batch_result* batch;
     index_t pairs;
+    gradient_limits limits;
+    gradient_overflow* overflow;  // [0, P): chosen; [P, 2P): rejected
 
     TPO_HOST_DEVICE void operator()(index_t i) const {
         const sequence_summary& w = summaries[i];
         const sequence_summary& l = summaries[pairs + i];
         const index_t shared = w.tokens < l.tokens ? static_cast<index_t>(w.tokens) : static_cast<index_t>(l.tokens);
         write(chosen, chosen_out, response_side::chosen, i, pair_results[i].grad_chosen, w.tokens, shared,
-              batch->sft_logp_coefficient);
+              batch->sft_logp_coefficient, overflow[i]);
         write(rejected, rejected_out, response_side::rejected, i, pair_results[i].grad_rejected, l.tokens, shared,
-              0.0);
+              0.0, overflow[pairs + i]);
     }
 
     TPO_HOST_DEVICE void write(const side_rows& side, const side_coefficients& out, response_side which, index_t s,
-                               double grad_score, double tokens, index_t shared, double sft) const {
+                               double grad_score, double tokens, index_t shared, double sft,
+                               gradient_overflow& problem) const {
+        problem = gradient_overflow{};
+        auto check = [&](double alpha, double beta, const row_stats& row, bool noisy_row, index_t t) {
+            double bound = 0;
+            if (gradient_fits(alpha, beta, row, limits, bound) || problem.found) return;
+            problem = {1, noisy_row ? 1 : 0, ts.alignment.label_position(t), alpha, beta, bound};
+        };
         const bool noisy = ts.weighting == token_weighting::self_calibrated;
         // ∂A/∂(term) is 1, or 1/n with the average option.
         const double per_token = (ts.average && tokens > 0) ? grad_score / tokens : grad_score;
@@ -396,7 +439,11 @@ struct coefficient_pass {
             const reward::row_pair_coefficients k =
                 reward::chain_to_logits(ts.score, g_logp, g_score, clean, noisy ? side.policy_noisy[r] : clean);
             c = {k.clean_alpha, k.clean_beta, clean.lse, clean.label};
-            if (noisy) out.noisy[r] = {k.noisy_alpha, k.noisy_beta, side.policy_noisy[r].lse, clean.label};
+            check(k.clean_alpha, k.clean_beta, clean, false, t);
+            if (noisy) {
+                out.noisy[r] = {k.noisy_alpha, k.noisy_beta, side.policy_noisy[r].lse, clean.label};
+                check(k.noisy_alpha, k.noisy_beta, side.policy_noisy[r], true, t);
+            }
         }
     }
 };
