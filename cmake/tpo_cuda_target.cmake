@@ -6,7 +6,7 @@ include_guard(GLOBAL)
 find_package(CUDAToolkit REQUIRED)
 
 function(tpo_cuda_target target)
-    target_link_libraries(${target} PRIVATE tpo_thrust_cuda CUDA::cudart)
+    target_link_libraries(${target} PRIVATE tpo_thrust_cuda CUDA::cudart CUDA::cublas)
     target_compile_options(${target} PRIVATE
         $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20 --expt-relaxed-constexpr -diag-suppress=554 -Xcompiler=-Wall>)
 endfunction()

@@ -23,6 +23,7 @@
 
 #include "support/agreement.hpp"
 #include "support/batch.hpp"
+#include "support/hidden.hpp"
 
 using namespace tpo_test;
 using cuda_backend = tpo::backend::thrust<thrust::cuda::tag>;
@@ -226,4 +227,92 @@ TEST_CASE("CUDA: diffusion noise matches the host's within a few ulps", "[cuda][
     thrust::copy(out.begin(), out.end(), got.begin());
     for (std::size_t i = 0; i < got.size(); ++i)
         CHECK(std::abs(got[i] - expected[i]) <= 4 * 1.2e-7f * std::max(1.0f, std::abs(expected[i])));
+}
+
+namespace {
+
+/// A hidden-state batch's tensors on the device and its views there.
+template <class T>
+struct device_hidden {
+    thrust::device_vector<T> weight, bias, reference_weight, reference_bias;
+    thrust::device_vector<T> states[2][4];
+    thrust::device_vector<std::int64_t> labels[2];
+    thrust::device_vector<float> weights[2];
+    const tpo_test::hidden::hidden_data<T>& host;
+
+    explicit device_hidden(const tpo_test::hidden::hidden_data<T>& d)
+        : weight(d.weight), bias(d.bias), reference_weight(d.reference_weight), reference_bias(d.reference_bias),
+          host(d) {
+        const tpo_test::hidden::hidden_side<T>* sides[2] = {&d.chosen, &d.rejected};
+        for (int s = 0; s < 2; ++s) {
+            for (int k = 0; k < 4; ++k)
+                states[s][k] = const_cast<tpo_test::hidden::hidden_side<T>*>(sides[s])->tensor(k);
+            labels[s] = sides[s]->labels;
+            weights[s] = sides[s]->weights;
+        }
+    }
+    tpo::hidden_preference_batch<T, std::int64_t> batch() {
+        auto side = [&](int s, const tpo_test::hidden::hidden_side<T>& h) {
+            auto v = [&](int k) {
+                return tpo::hidden_view<const T>{thrust::raw_pointer_cast(states[s][k].data()), h.pairs, h.length,
+                                                 h.hidden};
+            };
+            return tpo::hidden_side_batch<T, std::int64_t>{
+                v(0), v(1), v(2), v(3), tpo::labels_of(labels[s], h.pairs, h.length),
+                tpo::token_values_of(weights[s], h.pairs, h.length)};
+        };
+        const T* b = host.with_bias ? thrust::raw_pointer_cast(bias.data()) : nullptr;
+        const T* rb = host.with_bias ? thrust::raw_pointer_cast(reference_bias.data()) : nullptr;
+        return {{thrust::raw_pointer_cast(weight.data()), b, host.vocab, host.hidden},
+                {thrust::raw_pointer_cast(reference_weight.data()), rb, host.vocab, host.hidden},
+                side(0, host.chosen),
+                side(1, host.rejected)};
+    }
+};
+
+/// The fused path on the GPU (cuBLAS products) against the reference backend's on the host.
+template <class T>
+void check_fused(const tpo::objective_options& options, double forward_tol, double gradient_tol) {
+    using namespace tpo_test::hidden;
+    std::mt19937_64 rng(2026);
+    const hidden_data<T> d = convert<T>(random_hidden(rng, 3, 70, 45, 96, 1000));
+    tpo::backend::reference oracle;
+    hidden_gradient_data<double> want(d);
+    auto want_views = want.views(d, true);
+    const tpo::objective_result e = tpo::evaluate(oracle, options, d.batch(), &want_views);
+
+    device_hidden<T> dev(d);
+    thrust::device_vector<double> g[4], gw(d.weight.size()), gb(d.bias.size());
+    for (int k = 0; k < 4; ++k) g[k].resize(want.hidden[k].size());
+    auto view = [&](int k) {
+        const auto& s = k < 2 ? d.chosen : d.rejected;
+        return tpo::hidden_view<double>{thrust::raw_pointer_cast(g[k].data()), s.pairs, s.length, s.hidden};
+    };
+    tpo::hidden_gradients<double> grads{{view(0), view(1)}, {view(2), view(3)}, thrust::raw_pointer_cast(gw.data()),
+                                        thrust::raw_pointer_cast(gb.data())};
+    cuda_backend gpu;
+    const tpo::objective_result r = tpo::evaluate(gpu, options, dev.batch(), &grads);
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    check_close({r.loss, r.reward_margin}, {e.loss, e.reward_margin}, forward_tol, "loss, margin");
+    check_close(r.chosen_rewards, e.chosen_rewards, forward_tol, "chosen rewards");
+    check_close(r.rejected_rewards, e.rejected_rewards, forward_tol, "rejected rewards");
+    auto host = [](const thrust::device_vector<double>& v) { return std::vector<double>(v.begin(), v.end()); };
+    for (int k = 0; k < 4; ++k) check_close(host(g[k]), want.hidden[k], gradient_tol, "dL/dh");
+    check_close(host(gw), want.weight, gradient_tol, "dL/dW");
+    check_close(host(gb), want.bias, gradient_tol, "dL/db");
+}
+
+}  // namespace
+
+TEST_CASE("CUDA: hidden states in (cuBLAS) agree with the reference backend", "[cuda][fused]") {
+    tpo::objective_options options;
+    options.logit_softcap = 5.0;
+    options.temperature = 0.9;
+    options.chunk_tokens = 64;
+    SECTION("double") { check_fused<double>(options, 1e-10, 1e-10); }
+    SECTION("float") { check_fused<float>(options, 1e-5, 1e-4); }
+    SECTION("bf16 (∂L/∂u rounded to bf16 for the products)") { check_fused<tpo::bfloat16>(options, 1e-5, 2e-2); }
+    options.score = tpo::score_kind::prob;
+    options.chunk_tokens.reset();
+    SECTION("float, prob score, default chunks") { check_fused<float>(options, 1e-5, 1e-4); }
 }

@@ -65,6 +65,20 @@ public:
         return system::template to_host<T>(context_, b);
     }
 
+    /// A host vector in the system's memory (small index lists of the fused lm_head path).
+    template <class T>
+    buffer<T> upload(const std::vector<T>& host) const {
+        return system::template upload<T>(context_, host);
+    }
+
+    /// C (m×n) = op(A)·op(B) + beta·C (beta 0 or 1), A stored m×k (k×m when trans_a) with row
+    /// stride lda, B likewise: a product per entry on the host systems, cuBLAS on CUDA.
+    template <class X, class Y, class Acc>
+    void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
+                index_t ldb, Acc* c, index_t ldc, Acc beta) const {
+        system::matmul(context_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+    }
+
     template <class F>
     void for_each(index_t n, F&& f) const {
         system::for_each(context_, n, static_cast<const std::decay_t<F>&>(f));

@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "tpo/backend/thrust/cuda_blas.cuh"
 #include "tpo/backend/thrust/cuda_buffer.cuh"
 #include "tpo/backend/thrust/cuda_rows.cuh"
 #include "tpo/backend/thrust/host_systems.hpp"
@@ -61,6 +62,22 @@ struct system<::thrust::cuda::tag> {
                         "copy of a result to the host");
         cuda::check(cudaStreamSynchronize(stream), "stream synchronisation");
         return h;
+    }
+
+    template <class T>
+    static vector<T> upload(cudaStream_t stream, const std::vector<T>& host) {
+        vector<T> b(static_cast<index_t>(host.size()), stream);
+        if (!host.empty())
+            cuda::check(cudaMemcpyAsync(b.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice,
+                                        stream),
+                        "copy of an index list to the device");
+        return b;
+    }
+
+    template <class X, class Y, class Acc>
+    static void matmul(cudaStream_t stream, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
+                       index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+        cuda::matmul(stream, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
     template <class F>

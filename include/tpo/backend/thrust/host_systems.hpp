@@ -55,6 +55,18 @@ struct host_system {
         return h;
     }
 
+    template <class T>
+    static vector<T> upload(no_context, const std::vector<T>& host) {
+        return vector<T>(host.begin(), host.end());
+    }
+
+    template <class X, class Y, class Acc>
+    static void matmul(no_context, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
+                       index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+        run(m * n, matmul_op<X, Y, Acc>{trans_a, trans_b, n, k, a, lda, b, ldb, c, ldc, beta},
+            m * n * k >= parallel_elements);
+    }
+
     /// Work below these sizes runs on the calling thread: waking a thread team (or spawning TBB
     /// tasks) for a pass over the P pairs, or over a few short rows, costs more than the pass.
     static constexpr index_t parallel_items = 256;

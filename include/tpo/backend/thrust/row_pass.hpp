@@ -189,5 +189,30 @@ struct row_gradient_op {
     }
 };
 
+/// One entry of C = op(A)·op(B) + beta·C (beta 0 or 1) per index, summed in Acc in order of k:
+/// the host systems' matrix product for the fused lm_head path.
+template <class X, class Y, class Acc>
+struct matmul_op {
+    bool trans_a, trans_b;
+    index_t n, k;
+    const X* a;
+    index_t lda;
+    const Y* b;
+    index_t ldb;
+    Acc* c;
+    index_t ldc;
+    Acc beta;
+
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        const index_t i = e / n, j = e % n;
+        Acc sum = Acc(0);
+        for (index_t p = 0; p < k; ++p)
+            sum += widen<Acc>(trans_a ? a[p * lda + i] : a[i * lda + p]) *
+                   widen<Acc>(trans_b ? b[j * ldb + p] : b[p * ldb + j]);
+        Acc& out = c[i * ldc + j];
+        out = beta == Acc(0) ? sum : out + sum;
+    }
+};
+
 }  // namespace backend::thrust_detail
 TPO_END_NAMESPACE
