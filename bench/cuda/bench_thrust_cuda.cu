@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include <tpo/backend/thrust.hpp>
 #include <tpo/tpo.hpp>
@@ -173,6 +174,130 @@ void run(const workload& w, cudaStream_t stream, double copy_bw, int repeats) {
                 kernel_bw * 1e-9, 100.0 * kernel_bw / copy_bw);
 }
 
+/// Deterministic pseudo-random hidden states or head weights, scaled.
+struct fill_values {
+    element* out;
+    std::uint64_t seed;
+    float scale;
+    __device__ void operator()(index_t i) const {
+        const tpo::math::philox_stream rng{seed, 0};
+        out[i] = element(rng.normal(i) * scale);
+    }
+};
+
+/// The peak of the default memory pool (the backend's scratch) since the last reset, in bytes.
+std::size_t pool_peak(int device, bool reset) {
+    cudaMemPool_t pool;
+    check(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool");
+    std::uint64_t value = 0;
+    if (reset) {
+        check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &value), "reset of the pool's peak");
+        return 0;
+    }
+    check(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &value), "the pool's peak");
+    return static_cast<std::size_t>(value);
+}
+
+/// Hidden states in: the fused TPO (logit score) and DPO steps, forward + backward to the hidden
+/// states and the head, against the floor of the same matrix products done once each by cuBLAS
+/// (the logits of every valid row of both sides, then recompute, ∂L/∂h and ∂L/∂W), bf16.
+void run_fused(cudaStream_t stream, int device, index_t pairs, index_t length, index_t hidden, index_t vocab,
+               int repeats) {
+    backend_t gpu(stream);
+    const index_t states = pairs * length * hidden;
+    thrust::device_vector<element> head(static_cast<std::size_t>(vocab * hidden)), grad_head(head.size());
+    gpu.for_each(vocab * hidden, fill_values{thrust::raw_pointer_cast(head.data()), 99, 1.0f / 64});
+    thrust::device_vector<element> h[2][2], gh[2][2];  // side × (clean, noisy)
+    thrust::device_vector<std::int64_t> labels[2];
+    for (int side = 0; side < 2; ++side) {
+        for (int k = 0; k < 2; ++k) {
+            h[side][k].resize(static_cast<std::size_t>(states));
+            gh[side][k].resize(static_cast<std::size_t>(states));
+            gpu.for_each(states, fill_values{thrust::raw_pointer_cast(h[side][k].data()),
+                                             static_cast<std::uint64_t>(10 + 2 * side + k), 1.0f});
+        }
+        labels[side].resize(static_cast<std::size_t>(pairs * length));
+        gpu.for_each(pairs * length, fill_labels{thrust::raw_pointer_cast(labels[side].data()), vocab});
+    }
+    auto view = [&](thrust::device_vector<element>& v) {
+        return tpo::hidden_view<element>{thrust::raw_pointer_cast(v.data()), pairs, length, hidden};
+    };
+    const tpo::head_view<const element> w{thrust::raw_pointer_cast(head.data()), nullptr, vocab, hidden};
+    // The reference as its own states once, to get its sequence scores; then as those scores.
+    tpo::hidden_preference_batch<element, std::int64_t> batch{
+        w, w,
+        {view(h[0][0]), view(h[0][1]), view(h[0][1]), view(h[0][0]), tpo::labels_of(labels[0], pairs, length), {}, {}},
+        {view(h[1][0]), view(h[1][1]), view(h[1][1]), view(h[1][0]), tpo::labels_of(labels[1], pairs, length), {}, {}}};
+    const tpo::objective_result first = tpo::evaluate(gpu, tpo::objective_options{}, batch);
+    thrust::device_vector<double> scores[2] = {first.reference_chosen_scores, first.reference_rejected_scores};
+    for (int side = 0; side < 2; ++side) {
+        auto& s = side == 0 ? batch.chosen : batch.rejected;
+        s.reference = {};
+        s.reference_noisy = {};
+        s.reference_scores = {thrust::raw_pointer_cast(scores[side].data()), pairs};
+    }
+    tpo::hidden_gradients<element> grads{{view(gh[0][0]), view(gh[0][1])},
+                                         {view(gh[1][0]), view(gh[1][1])},
+                                         thrust::raw_pointer_cast(grad_head.data()),
+                                         nullptr};
+    auto time_step = [&](const tpo::objective_options& options, std::size_t& peak) {
+        tpo::evaluate(gpu, options, batch, &grads);  // warm-up
+        check(cudaStreamSynchronize(stream), "warm-up");
+        pool_peak(device, true);
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < repeats; ++i) tpo::evaluate(gpu, options, batch, &grads);
+        check(cudaStreamSynchronize(stream), "fused step");
+        peak = pool_peak(device, false);
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+    };
+    std::size_t tpo_peak = 0, dpo_peak = 0;
+    const double tpo_s = time_step(tpo::objective_options{}, tpo_peak);
+    tpo::objective_options dpo;
+    dpo.weighting = tpo::token_weighting::none;
+    const double dpo_s = time_step(dpo, dpo_peak);
+
+    // The floor: the four products of the clean pass of both sides, each once, on all valid rows.
+    std::vector<std::int64_t> host_labels(static_cast<std::size_t>(pairs * length));
+    index_t valid = 0;
+    for (int side = 0; side < 2; ++side) {
+        thrust::copy(labels[side].begin(), labels[side].end(), host_labels.begin());
+        for (index_t i = 0; i < pairs * length; ++i)
+            if (i % length != 0 && host_labels[static_cast<std::size_t>(i)] >= 0) ++valid;  // shifted, not ignored
+    }
+    const index_t n = valid;
+    thrust::device_vector<element> rows(static_cast<std::size_t>(n * hidden));
+    gpu.for_each(n * hidden, fill_values{thrust::raw_pointer_cast(rows.data()), 7, 1.0f});
+    auto logits = gpu.allocate<float>(n * vocab);
+    auto dh = gpu.allocate<float>(n * hidden);
+    auto dw = gpu.allocate<float>(vocab * hidden);
+    const element* hp = thrust::raw_pointer_cast(rows.data());
+    auto products = [&] {
+        gpu.matmul(false, true, n, vocab, hidden, hp, hidden, w.weight, hidden, gpu.raw(logits), vocab, 0.0f);
+        gpu.matmul(false, true, n, vocab, hidden, hp, hidden, w.weight, hidden, gpu.raw(logits), vocab, 0.0f);
+        gpu.matmul(false, false, n, hidden, vocab, gpu.raw(logits), vocab, w.weight, hidden, gpu.raw(dh), hidden, 0.0f);
+        gpu.matmul(true, false, vocab, hidden, n, gpu.raw(logits), vocab, hp, hidden, gpu.raw(dw), hidden, 1.0f);
+    };
+    products();
+    timer t;
+    cudaEventRecord(t.start, stream);
+    for (int i = 0; i < repeats; ++i) products();
+    cudaEventRecord(t.stop, stream);
+    check(cudaEventSynchronize(t.stop), "products");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t.start, t.stop);
+    const double floor_s = ms * 1e-3 / repeats;
+    const double flops = 2.0 * 4.0 * static_cast<double>(n) * vocab * hidden;
+    std::printf("fused lm_head  P=%lld L=%lld H=%lld V=%lld bf16, %lld valid rows of both sides\n",
+                static_cast<long long>(pairs), static_cast<long long>(length), static_cast<long long>(hidden),
+                static_cast<long long>(vocab), static_cast<long long>(n));
+    std::printf("  matrix-product floor     %8.3f ms  %6.1f TFLOP/s (4 products, float C, 16-bit operands rounded)\n",
+                floor_s * 1e3, flops / floor_s * 1e-12);
+    std::printf("  TPO (logit) fwd+bwd      %8.3f ms  %5.2fx floor  scratch peak %.1f MiB\n", tpo_s * 1e3,
+                tpo_s / floor_s, tpo_peak / 1048576.0);
+    std::printf("  DPO fwd+bwd              %8.3f ms  %5.2fx floor  scratch peak %.1f MiB\n", dpo_s * 1e3,
+                dpo_s / floor_s, dpo_peak / 1048576.0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -193,6 +318,8 @@ int main(int argc, char** argv) {
                 copy * 1e-9, 100.0 * copy / peak);
     const workload workloads[] = {{"LLaVA-1.5 (V=32000)", 4, 1024, 32000}, {"Qwen2-VL (V=151936)", 2, 512, 151936}};
     for (const workload& w : workloads) run(w, stream, copy, repeats);
+    run_fused(stream, device, 2, 1024, 4096, 152064, repeats);
+    run_fused(stream, device, 2, 256, 512, 32000, repeats);
     cudaStreamDestroy(stream);
     return 0;
 }
