@@ -164,7 +164,14 @@ TEST_CASE("hyperparameters out of range", "[bad-input]") {
                  with([](auto& o) { o.losses = {{tpo::loss_type::sft, std::numeric_limits<double>::infinity()}}; }));
     CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid,bogus"), Contains("unknown loss_type 'bogus'"));
     CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid,sft", "1"), Contains("1 weights for 2 losses"));
-    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid", "x"), Contains("'x' is not a number"));
+    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid", "x"), Contains("'x' is not a decimal number"));
+    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid", "0x1"), Contains("'0x1' is not a decimal number"));
+    CHECK_THROWS_WITH(tpo::parse_loss_terms("sigmoid", " 1"), Contains("' 1' is not a decimal number"));
+    CHECK(tpo::parse_loss_terms("sigmoid,sft", "+1_0,.5")[0].weight == 10.0);
+    expect_error(none, "weight of sft is -1, expected a finite value >= 0",
+                 with([](auto& o) { o.losses = {{tpo::loss_type::sigmoid, 1}, {tpo::loss_type::sft, -1}}; }));
+    expect_error(none, "f_alpha_divergence_coef = -0.5, expected a finite value >= 0",
+                 with([](auto& o) { o.hyper.f_alpha_divergence_coef = -0.5; }));
     CHECK(tpo::parse_loss_terms("aot_pair")[0].type == tpo::loss_type::aot_unpaired);
 }
 

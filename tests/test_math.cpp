@@ -2,12 +2,16 @@
 // their reference figures (SPEC §2.1, §7), stable sigmoids, online log-sum-exp, 16-bit floats.
 
 #include <catch2/catch.hpp>
+
+#include "tpo/core/parse.hpp"
 #include <rapidcheck/catch.h>
 
 #include <cmath>
+#include <optional>
 #include <cstring>
 #include <limits>
 
+#include <tpo/core/parse.hpp>
 #include <tpo/tpo.hpp>
 
 using tpo::math::philox4x32_10;
@@ -197,4 +201,43 @@ TEST_CASE("16-bit floats convert like IEEE round-to-nearest-even", "[element]") 
                                                                : std::ldexp(1.0f, std::ilogb(x) - 10);
         RC_ASSERT(std::abs(r - x) <= ulp / 2);
     });
+}
+
+TEST_CASE("numbers as text: Python's float() and int() grammar without stripping", "[parse]") {
+    // Expected values as Python 3 prints float(text); nullopt where float(text) raises (or where
+    // it would strip whitespace) or where the text has non-ASCII digits.
+    const std::pair<const char*, std::optional<double>> reals[] = {
+        {"0.1", 0.1}, {".5", 0.5}, {"5.", 5.0}, {"1.e5", 1e5}, {"1E+05", 1e5}, {"+2", 2.0}, {"-0", -0.0},
+        {"1_000.5", 1000.5}, {"1e1_0", 1e10}, {"1e-320", 1e-320}, {"2.4e-324", 0.0}, {"2.5e-324", 5e-324},
+        {"1e-400", 0.0}, {"1.7976931348623157e308", 1.7976931348623157e308},
+        {"1.7976931348623159e308", INFINITY}, {"1e400", INFINITY}, {"-1e400", -INFINITY}, {"inf", INFINITY},
+        {"-Infinity", -INFINITY}, {"0x10", std::nullopt}, {" 1", std::nullopt}, {"1 ", std::nullopt},
+        {"1e", std::nullopt}, {"1e+", std::nullopt}, {".", std::nullopt}, {"", std::nullopt}, {"+", std::nullopt},
+        {"1__0", std::nullopt}, {"_1", std::nullopt}, {"1_", std::nullopt}, {"1_.5", std::nullopt},
+        {"1._5", std::nullopt}, {"0.1x", std::nullopt}, {"e5", std::nullopt}, {"infinit", std::nullopt},
+    };
+    for (const auto& [text, expected] : reals) {
+        INFO("'" << text << "'");
+        const std::optional<double> got = tpo::parse_real(text);
+        REQUIRE(got.has_value() == expected.has_value());
+        if (expected) {
+            CHECK(*got == *expected);
+            CHECK(std::signbit(*got) == std::signbit(*expected));
+        }
+    }
+    CHECK(std::isnan(*tpo::parse_real("nAn")));
+    CHECK(*tpo::parse_real(std::string("0.") + std::string(340, '0') + "1e10") == 0.0);
+    bool overflow = false;
+    CHECK(*tpo::parse_integer<std::int64_t>("-9223372036854775808") == INT64_MIN);
+    CHECK(!tpo::parse_integer<std::int64_t>("9223372036854775808", &overflow));
+    CHECK(overflow);
+    CHECK(*tpo::parse_integer<std::uint64_t>("-0") == 0u);
+    CHECK(!tpo::parse_integer<std::uint64_t>("-1", &overflow));
+    CHECK(overflow);
+    CHECK(*tpo::parse_integer<std::uint64_t>("007") == 7u);
+    CHECK(*tpo::parse_integer<std::int64_t>("+1_000") == 1000);
+    for (const char* bad : {"1.0", "1e3", " 5", "5 ", "0x10", "", "-", "1__0"}) {
+        CHECK(!tpo::parse_integer<std::int64_t>(bad, &overflow));
+        CHECK(!overflow);
+    }
 }

@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <span>
 #include <string>
@@ -376,30 +375,18 @@ inline npy_array parse_npy(std::span<const unsigned char> bytes, std::string_vie
     return detail::make_array(h, [&](void* to, std::size_t n) { std::memcpy(to, bytes.data() + h.data_offset, n); });
 }
 
-/// Reads and validates a .npy file. The header is checked against the file's size before the
-/// payload is allocated, and the payload is read straight into the array (one copy in memory).
+/// Reads and validates a .npy file: a regular file only (see io::input_file). The header is
+/// checked against the file's size before the payload is allocated, and the payload is read
+/// straight into the array (one copy in memory).
 inline npy_array read_npy(const std::filesystem::path& path, const npy_limits& limits = {}) {
-    const std::string name = path.string();
-    std::error_code ec;
-    const auto status = std::filesystem::status(path, ec);
-    if (ec || !std::filesystem::exists(status))
-        throw file_error(tpo::detail::concat(name, ": file: does not exist, expected a readable file"));
-    if (!std::filesystem::is_regular_file(status))
-        throw file_error(tpo::detail::concat(name, ": file: not a regular file"));
-    const std::uint64_t size = std::filesystem::file_size(path, ec);
-    std::ifstream in(path, std::ios::binary);
-    if (ec || !in) throw file_error(tpo::detail::concat(name, ": file: cannot open for reading"));
+    const input_file in(path);
+    const std::uint64_t size = in.size();
     std::vector<unsigned char> prefix(static_cast<std::size_t>(std::min<std::uint64_t>(size, 12 + limits.max_header_bytes)));
-    in.read(reinterpret_cast<char*>(prefix.data()), static_cast<std::streamsize>(prefix.size()));
-    if (in.gcount() != static_cast<std::streamsize>(prefix.size()))
-        throw file_error(tpo::detail::concat(name, ": file: read error"));
-    const npy_header h = parse_npy_header(prefix, size, name, limits);
-    return detail::make_array(h, [&](void* to, std::size_t n) {
-        in.seekg(static_cast<std::streamoff>(h.data_offset));
-        in.read(static_cast<char*>(to), static_cast<std::streamsize>(n));
-        if (in.gcount() != static_cast<std::streamsize>(n))
-            throw file_error(tpo::detail::concat(name, ": data: read error (file changed while reading?)"));
-    });
+    if (!prefix.empty()) in.read_at(prefix.data(), prefix.size(), 0);
+    const npy_header h = parse_npy_header(prefix, size, in.name(), limits);
+    npy_array a = detail::make_array(h, [&](void* to, std::size_t n) { in.read_at(to, n, h.data_offset); });
+    if (in.grew()) in.fail("read error (the file grew while it was read)");
+    return a;
 }
 
 /// The bytes of a .npy file (version 1.0, or 2.0 when the header needs it) holding `count`

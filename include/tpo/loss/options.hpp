@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tpo/core/error.hpp"
+#include "tpo/core/parse.hpp"
 #include "tpo/core/views.hpp"
 #include "tpo/loss/family.hpp"
 #include "tpo/reward/options.hpp"
@@ -80,8 +81,8 @@ inline void validate(const objective_options& o) {
     const double eps = h.label_smoothing;
     require(std::isfinite(eps), "label_smoothing = ", eps, ", expected a finite value");
     for (const loss_term& term : o.losses) {
-        require(std::isfinite(term.weight), "loss_weights: weight of ", name(term.type), " is ", term.weight,
-                ", expected a finite value");
+        require(std::isfinite(term.weight) && term.weight >= 0, "loss_weights: weight of ", name(term.type), " is ",
+                term.weight, ", expected a finite value >= 0");
         switch (term.type) {
         case loss_type::sigmoid:
         case loss_type::aot:
@@ -107,8 +108,10 @@ inline void validate(const objective_options& o) {
             require(term.type != loss_type::aot && term.type != loss_type::aot_unpaired,
                     "use_weighting: WPO weighting is not defined for loss ", name(term.type));
     }
-    require(std::isfinite(h.f_alpha_divergence_coef), "f_alpha_divergence_coef = ", h.f_alpha_divergence_coef,
-            ", expected a finite value");
+    // α < 0 is no f-divergence the DPO derivation holds for (f' stays finite at 0); α = 0 and
+    // α = 1 are the limits forward_kl and reverse_kl.
+    require(std::isfinite(h.f_alpha_divergence_coef) && h.f_alpha_divergence_coef >= 0, "f_alpha_divergence_coef = ",
+            h.f_alpha_divergence_coef, ", expected a finite value >= 0");
     require(std::isfinite(o.a) && o.a >= 0, "a = ", o.a, ", expected a finite margin >= 0");
     if (o.ld_alpha)
         require(*o.ld_alpha >= 0 && *o.ld_alpha <= 1, "ld_alpha = ", *o.ld_alpha, ", expected 0 <= ld_alpha <= 1");
@@ -141,12 +144,9 @@ inline std::vector<loss_term> parse_loss_terms(std::string_view types, std::stri
         detail::require(w.size() == terms.size(), "loss_weights: ", w.size(), " weights for ", terms.size(),
                         " losses");
         for (std::size_t i = 0; i < w.size(); ++i) {
-            const std::string text(w[i]);
-            char* end = nullptr;
-            const double value = std::strtod(text.c_str(), &end);
-            detail::require(!text.empty() && end == text.c_str() + text.size(), "loss_weights: '", text,
-                            "' is not a number");
-            terms[i].weight = value;
+            const std::optional<double> value = parse_real(w[i]);
+            detail::require(value.has_value(), "loss_weights: '", w[i], "' is not a decimal number");
+            terms[i].weight = *value;
         }
     }
     return terms;
