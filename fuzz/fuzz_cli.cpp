@@ -96,7 +96,7 @@ struct workspace {
 
 bool leftover_temporaries(const fs::path& root) {
     for (const auto& e : fs::recursive_directory_iterator(root))
-        if (e.path().filename().string().find(".tmp-") != std::string::npos) return true;
+        if (e.path().filename().string().find(".tpo-") != std::string::npos) return true;
     return false;
 }
 

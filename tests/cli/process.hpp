@@ -1,9 +1,10 @@
 #pragma once
-// Runs the built tpo binary with arguments and captures its exit status, stdout and stderr,
-// plus small helpers for the temporary directories the CLI tests work in.
+// Runs the built tpo binary with arguments and captures its exit status, stdout and stderr (a
+// run that hangs is killed after a timeout), plus small helpers for the temporary directories
+// the CLI tests work in.
 
 #include <fcntl.h>
-#include <spawn.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -48,33 +49,82 @@ struct temp_dir {
     fs::path operator/(const std::string& name) const { return path / name; }
 };
 
-inline run_result run_tool(const std::vector<std::string>& args) {
+/// How run_tool starts the tool. Standard output goes to a capture file unless `stdout_path` names
+/// another file (e.g. /dev/full) or `close_stdout` closes it.
+struct run_options {
+    std::string stdout_path{};
+    bool close_stdout = false;
+    std::vector<std::string> environment{};  // NAME=VALUE added to the tool's environment
+    int timeout_seconds = 60;              // then SIGKILL: a hang shows as status 128 + 9
+};
+
+/// A started tool process.
+struct process {
+    pid_t pid = -1;
+    std::string out_path, err_path;
+};
+
+inline process start_tool(const std::vector<std::string>& args, const run_options& options = {}) {
     static int counter = 0;
     const fs::path capture = fs::temp_directory_path() / ("tpo-cli-capture-" + std::to_string(::getpid()) + "-" +
                                                           std::to_string(counter++));
-    const std::string out_path = capture.string() + ".out", err_path = capture.string() + ".err";
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    process p;
+    p.out_path = options.stdout_path.empty() ? capture.string() + ".out" : options.stdout_path;
+    p.err_path = capture.string() + ".err";
     std::vector<std::string> full{TPO_TOOL_PATH};
     full.insert(full.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (std::string& a : full) argv.push_back(a.data());
     argv.push_back(nullptr);
-    pid_t pid = 0;
-    const int spawned = posix_spawn(&pid, TPO_TOOL_PATH, &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    if (spawned != 0) throw std::runtime_error("cannot start " TPO_TOOL_PATH);
+    std::vector<std::string> env_strings;
+    for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
+    env_strings.insert(env_strings.end(), options.environment.begin(), options.environment.end());
+    std::vector<char*> envp;
+    for (std::string& e : env_strings) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    p.pid = ::fork();
+    if (p.pid < 0) throw std::runtime_error("fork failed");
+    if (p.pid == 0) {
+        const int out = options.close_stdout ? -1 : ::open(p.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        const int err = ::open(p.err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (options.close_stdout) ::close(1);
+        else ::dup2(out, 1);
+        ::dup2(err, 2);
+        if (out > 2) ::close(out);
+        if (err > 2) ::close(err);
+        ::execve(TPO_TOOL_PATH, argv.data(), envp.data());
+        ::_exit(127);
+    }
+    return p;
+}
+
+/// Waits for `p` (killing it after `timeout_seconds`) and collects its status and output.
+inline run_result finish_tool(process& p, int timeout_seconds = 60, bool captured_stdout = true) {
     int status = 0;
-    waitpid(pid, &status, 0);
+    for (int waited_ms = 0;; waited_ms += 5) {
+        const pid_t done = ::waitpid(p.pid, &status, WNOHANG);
+        if (done == p.pid) break;
+        if (waited_ms >= timeout_seconds * 1000) {
+            ::kill(p.pid, SIGKILL);
+            ::waitpid(p.pid, &status, 0);
+            break;
+        }
+        ::usleep(5000);
+    }
     run_result r;
     r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    r.out = slurp(out_path);
-    r.err = slurp(err_path);
-    fs::remove(out_path);
-    fs::remove(err_path);
+    if (captured_stdout) {
+        r.out = slurp(p.out_path);
+        fs::remove(p.out_path);
+    }
+    r.err = slurp(p.err_path);
+    fs::remove(p.err_path);
     return r;
+}
+
+inline run_result run_tool(const std::vector<std::string>& args, const run_options& options = {}) {
+    process p = start_tool(args, options);
+    return finish_tool(p, options.timeout_seconds, options.stdout_path.empty() && !options.close_stdout);
 }
 
 /// Every regular file under `dir`, recursively (to prove that a failed run wrote nothing).

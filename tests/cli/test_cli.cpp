@@ -111,7 +111,9 @@ const std::set<std::string> loss_keys{"loss",
                                       "mean_visual_score_chosen",
                                       "mean_visual_score_rejected",
                                       "reward_accuracy",
-                                      "reward_margin"};
+                                      "reward_margin",
+                                      "chosen_tokens",
+                                      "rejected_tokens"};
 
 void check_json_matches(const std::map<std::string, json_value>& j, const tpo::objective_result& r) {
     std::set<std::string> keys;
@@ -128,6 +130,8 @@ void check_json_matches(const std::map<std::string, json_value>& j, const tpo::o
     CHECK(j.at("policy_rejected_scores") == r.policy_rejected_scores);
     CHECK(j.at("mean_visual_score_chosen") == r.mean_visual_score_chosen);
     CHECK(j.at("mean_visual_score_rejected") == r.mean_visual_score_rejected);
+    CHECK(j.at("chosen_tokens") == r.chosen_tokens);
+    CHECK(j.at("rejected_tokens") == r.rejected_tokens);
 }
 
 /// A bad run: exit 2, exactly one non-empty line on stderr mentioning `mention`, nothing on stdout.
@@ -423,6 +427,40 @@ TEST_CASE("tpo corrupt on a PNG produces a PNG with the library's 8-bit noise", 
     CHECK(slurp(dir / "out.jpg").compare(0, 2, "\xff\xd8") == 0);
 }
 
+TEST_CASE("tpo corrupt reads every valid PNG and JPEG of the test images as libstb decodes them", "[cli]") {
+    // The tool checks each file before its own PNG/JPEG-only copy of stb decodes it: those checks
+    // must let every valid file through, to the same pixels as Debian's libstb (all its decoders).
+    temp_dir dir;
+    const fs::path images = fs::path(TPO_TEST_SOURCE_DIR) / "images";
+    int tried = 0;
+    for (const auto& e : fs::directory_iterator(images)) {
+        const std::string name = e.path().filename().string();
+        if (name.rfind("valid_", 0) != 0) continue;
+        ++tried;
+        INFO(name);
+        const std::string out = (dir / "out.png").string();
+        const run_result r = run_tool({"corrupt", "--in", e.path().string(), "--out", out, "--seed", "5", "--step", "50"});
+        REQUIRE(r.status == 0);
+        int w = 0, h = 0, c = 0;
+        std::uint8_t* in = stbi_load(e.path().c_str(), &w, &h, &c, 3);
+        REQUIRE(in);
+        std::vector<std::uint8_t> px(in, in + w * h * 3), expected(px.size());
+        stbi_image_free(in);
+        tpo::diffusion_options o;
+        o.seed = 5;
+        o.step = 50;
+        tpo::backend::reference backend;
+        tpo::add_diffusion_noise(backend, tpo::image_view<const std::uint8_t>::hwc(px.data(), h, w, 3),
+                                 tpo::image_view<std::uint8_t>::hwc(expected.data(), h, w, 3), o);
+        int ow = 0, oh = 0, oc = 0;
+        std::uint8_t* got = stbi_load(out.c_str(), &ow, &oh, &oc, 3);
+        REQUIRE(got);
+        CHECK(std::vector<std::uint8_t>(got, got + ow * oh * 3) == expected);
+        stbi_image_free(got);
+    }
+    CHECK(tried >= 40);
+}
+
 TEST_CASE("tpo loss: every bad input exits 2 with one line and writes nothing", "[cli]") {
     std::mt19937_64 rng(13);
     const auto b = tpo_test::random_batch<float>(rng, 2, 4, 3, 5, 2.0, 0.0);
@@ -507,7 +545,7 @@ TEST_CASE("tpo loss: every bad input exits 2 with one line and writes nothing", 
         check_rejected(run_loss(), "labels_chosen.npy: descr: <f4, expected '<i4' or '<i8'");
     }
     SECTION("unknown flag") { check_rejected(run_loss({"--bogus"}), "unknown flag '--bogus'"); }
-    SECTION("malformed number") { check_rejected(run_loss({"--beta", "0.1x"}), "--beta: '0.1x' is not a finite number"); }
+    SECTION("malformed number") { check_rejected(run_loss({"--beta", "0.1x"}), "--beta: '0.1x' is not a decimal number"); }
     SECTION("hyperparameter out of range") { check_rejected(run_loss({"--beta", "-1"}), "beta = -1"); }
     SECTION("unknown loss") { check_rejected(run_loss({"--loss", "sigmoid,nope"}), "unknown loss_type 'nope'"); }
     SECTION("unwritable output directory") {
@@ -518,7 +556,7 @@ TEST_CASE("tpo loss: every bad input exits 2 with one line and writes nothing", 
     }
     // Nothing was written: no gradient file, no temporary file anywhere.
     CHECK(files_under(grads).empty());
-    for (const std::string& f : files_under(dir.path)) CHECK(f.find(".tmp-") == std::string::npos);
+    for (const std::string& f : files_under(dir.path)) CHECK(f.find(".tpo-") == std::string::npos);
     restore();
 }
 
@@ -583,11 +621,11 @@ TEST_CASE("tpo score and corrupt: bad inputs exit 2 with one line and write noth
                    "missing.png: file: does not exist");
     write_text(dir / "fake.png", "not a png at all");
     check_rejected(corrupt({"--in", (dir / "fake.png").string(), "--out", (out / "y.png").string()}),
-                   "fake.png: image: cannot decode");
+                   "fake.png: image: no PNG or JPEG signature");
     write_text(dir / "blocker", "x");
     check_rejected(corrupt({"--in", in, "--out", (dir / "blocker/y.npy").string()}), "blocker/y.npy: output");
     CHECK(files_under(out).empty());
-    for (const std::string& f : files_under(dir.path)) CHECK(f.find(".tmp-") == std::string::npos);
+    for (const std::string& f : files_under(dir.path)) CHECK(f.find(".tpo-") == std::string::npos);
 }
 
 TEST_CASE("tpo demo runs the end-to-end example", "[cli]") {

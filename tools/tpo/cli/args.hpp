@@ -1,7 +1,8 @@
 #pragma once
 // Flag parsing for the tpo tool: each subcommand declares its flags; anything else is a usage
-// error naming the flag and what was expected. Values are parsed strictly (the whole text must be
-// a number), because "0.1x" silently read as 0.1 is a wrong experiment, not a convenience.
+// error naming the flag and what was expected. Numbers are read with one grammar (tpo/core/parse.hpp),
+// the whole text or nothing, because "0.1x" silently read as 0.1 is a wrong experiment, not a
+// convenience.
 
 #include <cerrno>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "tpo/core/error.hpp"
+#include "tpo/core/parse.hpp"
 
 namespace tpo_cli {
 
@@ -80,41 +82,51 @@ public:
         return it->second;
     }
 
+    /// A finite decimal number (the grammar of tpo/core/parse.hpp: Python's float() without its
+    /// whitespace stripping); ranges are checked where the option is (tpo::validate and the
+    /// commands), each message naming the range.
     double real(std::string_view name, double fallback) const {
         if (!has(name)) return fallback;
-        const std::string t = text(name, "");
-        errno = 0;
-        char* end = nullptr;
-        const double v = std::strtod(t.c_str(), &end);
-        if (t.empty() || end != t.c_str() + t.size() || errno == ERANGE || !std::isfinite(v))
-            fail(tpo::detail::concat("flag --", name, ": '", shorten(t), "' is not a finite number"));
-        return v;
+        return real_value(name, text(name, ""));
     }
 
+    /// `text`, one value of flag `name`, as a finite decimal number.
+    double real_value(std::string_view name, const std::string& text) const {
+        const std::optional<double> v = tpo::parse_real(text);
+        if (!v)
+            fail(tpo::detail::concat("flag --", name, ": '", shorten(text),
+                                     "' is not a decimal number (such as 0.1, 1e-3 or -2)"));
+        if (!std::isfinite(*v))
+            fail(tpo::detail::concat("flag --", name, ": '", shorten(text), "' is ", *v,
+                                     ", expected a finite number (at most 1.7976931348623157e308 in magnitude)"));
+        return *v;
+    }
+
+    /// A decimal integer in [lo, hi] (Python's int() grammar in base 10, without stripping).
     std::int64_t integer(std::string_view name, std::int64_t fallback, std::int64_t lo, std::int64_t hi) const {
         if (!has(name)) return fallback;
         const std::string t = text(name, "");
-        errno = 0;
-        char* end = nullptr;
-        const long long v = std::strtoll(t.c_str(), &end, 10);
-        if (t.empty() || end != t.c_str() + t.size() || errno == ERANGE)
-            fail(tpo::detail::concat("flag --", name, ": '", shorten(t), "' is not an integer"));
-        if (v < lo || v > hi)
-            fail(tpo::detail::concat("flag --", name, ": ", v, " is out of range, expected ", lo, " to ", hi));
-        return v;
+        bool overflow = false;
+        const std::optional<std::int64_t> v = tpo::parse_integer<std::int64_t>(t, &overflow);
+        if (!v && !overflow)
+            fail(tpo::detail::concat("flag --", name, ": '", shorten(t), "' is not a decimal integer"));
+        if (!v || *v < lo || *v > hi)
+            fail(tpo::detail::concat("flag --", name, ": ", shorten(t), " is out of range, expected ", lo, " to ", hi));
+        return *v;
     }
 
+    /// A decimal integer in [0, 2^64 - 1].
     std::uint64_t unsigned_integer(std::string_view name, std::uint64_t fallback) const {
         if (!has(name)) return fallback;
         const std::string t = text(name, "");
-        errno = 0;
-        char* end = nullptr;
-        if (t.empty() || t[0] < '0' || t[0] > '9')
-            fail(tpo::detail::concat("flag --", name, ": '", shorten(t), "' is not a non-negative integer"));
-        const unsigned long long v = std::strtoull(t.c_str(), &end, 10);
-        if (end != t.c_str() + t.size() || errno == ERANGE)
-            fail(tpo::detail::concat("flag --", name, ": '", shorten(t), "' is not a 64-bit non-negative integer"));
-        return v;
+        bool overflow = false;
+        const std::optional<std::uint64_t> v = tpo::parse_integer<std::uint64_t>(t, &overflow);
+        if (!v && !overflow)
+            fail(tpo::detail::concat("flag --", name, ": '", shorten(t), "' is not a decimal integer"));
+        if (!v)
+            fail(tpo::detail::concat("flag --", name, ": ", shorten(t), " is out of range, expected 0 to ",
+                                     std::numeric_limits<std::uint64_t>::max()));
+        return *v;
     }
 
     /// One of `choices`; `fallback` when absent.

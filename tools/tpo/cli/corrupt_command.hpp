@@ -23,13 +23,14 @@
 #include "cli/args.hpp"
 #include "cli/image_file.hpp"
 #include "cli/inputs.hpp"
+#include "cli/output.hpp"
 
 namespace tpo_cli {
 
 inline constexpr flag_spec corrupt_flags[] = {
     {"in", true},        {"out", true},       {"schedule", true}, {"steps", true}, {"step", true},
     {"beta-start", true}, {"beta-end", true}, {"zero-snr", false}, {"seed", true}, {"stream", true},
-    {"space", true},     {"wrap", false},     {"kind", true},
+    {"space", true},     {"wrap", false},     {"kind", true},     {"max-pixels", true},
 };
 
 struct corruption {
@@ -92,8 +93,15 @@ void apply_corruption(const corruption& c, tpo::image_view<const TIn> in, tpo::i
     }
 }
 
-/// (..., C, H, W) → (N, C, H, W), missing leading axes taken as 1.
-inline std::array<tpo::index_t, 4> nchw_extent(const std::vector<std::int64_t>& shape) {
+/// (..., C, H, W) → (N, C, H, W), missing leading axes taken as 1. An array without elements is
+/// refused first: its other dimensions may be anything (the reader only bounds their product), so
+/// the leading product could overflow; with every dimension at least 1 it is at most the element
+/// count, which the reader bounded.
+inline std::array<tpo::index_t, 4> nchw_extent(const std::string& path, const std::vector<std::int64_t>& shape) {
+    for (std::int64_t d : shape)
+        if (d == 0)
+            throw input_error(tpo::detail::concat(path, ": shape: ", tpo::io::shape_text(shape),
+                                                  " has no element, expected at least one (..., C, H, W) image"));
     std::array<tpo::index_t, 4> e{1, 1, 1, 1};
     const std::size_t n = shape.size();
     for (std::size_t k = 0; k < 3 && k < n; ++k) e[3 - k] = shape[n - 1 - k];
@@ -102,14 +110,16 @@ inline std::array<tpo::index_t, 4> nchw_extent(const std::vector<std::int64_t>& 
 }
 
 template <class T>
-tpo::image_view<T> nchw_view(T* data, const std::vector<std::int64_t>& shape) {
-    const auto e = nchw_extent(shape);
+tpo::image_view<T> nchw_view(T* data, const std::array<tpo::index_t, 4>& e) {
     return tpo::image_view<T>::nchw(data, e[0], e[1], e[2], e[3]);
 }
 
 inline int run_corrupt(std::span<const std::string> argv, std::ostream&) {
     const parsed_args args(argv, corrupt_flags, "corrupt");
     const corruption c = read_corruption(args);
+    image_limits limits;
+    limits.max_pixels = static_cast<std::uint64_t>(
+        args.integer("max-pixels", static_cast<std::int64_t>(limits.max_pixels), 1, std::int64_t{1} << 30));
     const std::string in_path = args.required("in"), out_path = args.required("out");
     const bool image_in = is_image_path(in_path), image_out = is_image_path(out_path);
     const bool npy_in = has_extension(in_path, {".npy"}), npy_out = has_extension(out_path, {".npy"});
@@ -122,7 +132,7 @@ inline int run_corrupt(std::span<const std::string> argv, std::ostream&) {
     std::string encoded;
     try {
         if (image_in) {
-            const rgb_image img = read_rgb_image(in_path);
+            const rgb_image img = read_rgb_image(in_path, limits);
             rgb_image result{img.height, img.width, std::vector<std::uint8_t>(img.pixels.size())};
             apply_corruption<std::uint8_t, std::uint8_t>(
                 c, tpo::image_view<const std::uint8_t>::hwc(img.pixels.data(), img.height, img.width, 3),
@@ -130,13 +140,14 @@ inline int run_corrupt(std::span<const std::string> argv, std::ostream&) {
             encoded = encode_rgb_image(out_path, result);
         } else {
             const tpo::io::npy_array a = load_float_array(in_path);
+            const auto extent = nchw_extent(in_path, a.shape);
             std::visit(
                 [&](const auto& values) {
                     using T = typename std::decay_t<decltype(values)>::value_type;
                     if constexpr (std::is_floating_point_v<T>) {
                         std::vector<T> result(values.size());
-                        apply_corruption<T, T>(c, nchw_view<const T>(values.data(), a.shape),
-                                               nchw_view<T>(result.data(), a.shape));
+                        apply_corruption<T, T>(c, nchw_view<const T>(values.data(), extent),
+                                               nchw_view<T>(result.data(), extent));
                         encoded = tpo::io::encode_npy<T>(a.shape, std::span<const T>(result));
                     }
                 },
@@ -151,7 +162,7 @@ inline int run_corrupt(std::span<const std::string> argv, std::ostream&) {
     } catch (const tpo::error& e) {
         throw input_error(tpo::detail::concat(in_path, ": ", e.what()));
     }
-    tpo::io::write_file_atomically(out_path, encoded);
+    tpo::io::write_file_atomically(out_path, encoded, tool_temporaries());
     return 0;
 }
 

@@ -75,17 +75,6 @@ inline logits_file load_logits(const std::string& path) {
     if (shape[0] < 1 || shape[1] < 1 || shape[2] < 1)
         throw input_error(tpo::detail::concat(path, ": shape: ", io::shape_text(shape),
                                               ", expected (P, L, V) with every dimension at least 1"));
-    std::visit(
-        [&](const auto& v) {
-            using T = typename std::decay_t<decltype(v)>::value_type;
-            if constexpr (std::is_floating_point_v<T>) {
-                for (std::size_t i = 0; i < v.size(); ++i)
-                    if (!std::isfinite(v[i]))
-                        throw input_error(tpo::detail::concat(path, ": data: element ", index_text(shape, i), " is ",
-                                                              v[i], ", expected finite logits"));
-            }
-        },
-        f.array.data);
     return f;
 }
 
@@ -106,19 +95,53 @@ inline labels_file load_labels(const std::string& path) {
     return f;
 }
 
-/// Labels must match the logits' (P, L) and lie in [0, V) unless they are the ignore index.
-inline void check_labels(const labels_file& y, const logits_file& z, std::int64_t ignore_index) {
+/// The rows the objective reads: row t of sequence s is scored against the label at position
+/// t + 1 (t with --no-shift) unless that label is the ignore index. Rows that are not scored enter
+/// no result (their gradient is zero) and are not read, by the tool as by the library.
+template <class F>
+void for_each_scored_row(const labels_file& y, tpo::row_alignment align, F&& f) {
+    const std::int64_t length = y.shape[1];
+    const std::int64_t scored = align.scored_rows(length);
+    for (std::int64_t s = 0; s < y.shape[0]; ++s)
+        for (std::int64_t t = 0; t < scored; ++t) {
+            const std::size_t at = static_cast<std::size_t>(s * length + align.label_position(t));
+            if (y.values[at] != align.ignore_index) f(s, t, at);
+        }
+}
+
+/// Labels must match the logits' (P, L); the labels that are scored must lie in [0, V).
+inline void check_labels(const labels_file& y, const logits_file& z, tpo::row_alignment align) {
     if (y.shape[0] != z.sequences() || y.shape[1] != z.length())
         throw input_error(tpo::detail::concat(y.path, ": shape: ", io::shape_text(y.shape), ", expected (",
                                               z.sequences(), ", ", z.length(), ") to match ", z.path, " ",
                                               io::shape_text(z.array.shape)));
-    for (std::size_t i = 0; i < y.values.size(); ++i) {
-        const std::int64_t label = y.values[i];
-        if (label != ignore_index && (label < 0 || label >= z.vocab()))
-            throw input_error(tpo::detail::concat(y.path, ": data: label ", label, " at ", index_text(y.shape, i),
+    for_each_scored_row(y, align, [&](std::int64_t, std::int64_t, std::size_t at) {
+        const std::int64_t label = y.values[at];
+        if (label < 0 || label >= z.vocab())
+            throw input_error(tpo::detail::concat(y.path, ": data: label ", label, " at ", index_text(y.shape, at),
                                                   " is outside [0, ", z.vocab(), ") and is not the ignore index ",
-                                                  ignore_index));
-    }
+                                                  align.ignore_index));
+    });
+}
+
+/// NaN or Inf in a scored row is an error; the rows that are not scored are not read.
+inline void check_finite_rows(const logits_file& z, const labels_file& y, tpo::row_alignment align) {
+    std::visit(
+        [&](const auto& v) {
+            using T = typename std::decay_t<decltype(v)>::value_type;
+            if constexpr (std::is_floating_point_v<T>) {
+                const auto vocab = static_cast<std::size_t>(z.vocab());
+                for_each_scored_row(y, align, [&](std::int64_t s, std::int64_t t, std::size_t) {
+                    const std::size_t row = static_cast<std::size_t>(s * z.length() + t) * vocab;
+                    for (std::size_t i = row; i < row + vocab; ++i)
+                        if (!std::isfinite(v[i]))
+                            throw input_error(tpo::detail::concat(z.path, ": data: element ",
+                                                                  index_text(z.array.shape, i), " is ", v[i],
+                                                                  ", expected finite logits"));
+                });
+            }
+        },
+        z.array.data);
 }
 
 inline void check_same_shape(const logits_file& a, const logits_file& b) {

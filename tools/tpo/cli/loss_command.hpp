@@ -3,6 +3,7 @@
 
 #include <array>
 #include <filesystem>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <string>
@@ -17,6 +18,7 @@
 #include "cli/backends.hpp"
 #include "cli/inputs.hpp"
 #include "cli/json.hpp"
+#include "cli/output.hpp"
 
 namespace tpo_cli {
 
@@ -75,7 +77,7 @@ struct side_files {
 };
 
 inline side_files load_side(const std::filesystem::path& dir, const std::string& side, bool noisy,
-                            std::int64_t ignore_index) {
+                            tpo::row_alignment align) {
     auto file = [&](const std::string& name) { return (dir / (name + ".npy")).string(); };
     side_files f{load_logits(file("policy_" + side)), load_logits(file("reference_" + side)), {}, {},
                  load_labels(file("labels_" + side))};
@@ -89,7 +91,12 @@ inline side_files load_side(const std::filesystem::path& dir, const std::string&
             check_same_dtype(f.policy, *g);
         }
     }
-    check_labels(f.labels, f.policy, ignore_index);
+    check_labels(f.labels, f.policy, align);
+    for (const logits_file* z : {&f.policy, &f.reference})
+        check_finite_rows(*z, f.labels, align);
+    if (noisy)
+        for (const logits_file* z : {&*f.policy_noisy, &*f.reference_noisy})
+            check_finite_rows(*z, f.labels, align);
     return f;
 }
 
@@ -104,16 +111,6 @@ tpo::side_batch<T, std::int64_t> side_view(const side_files& f) {
     return s;
 }
 
-inline std::filesystem::path prepare_output_dir(const std::string& dir, const char* flag) {
-    std::error_code ec;
-    std::filesystem::create_directories(dir, ec);
-    if (ec || !std::filesystem::is_directory(dir))
-        throw tpo::io::file_error(tpo::detail::concat(dir, ": ", flag, ": cannot create the output directory (",
-                                                      ec ? ec.message() : "not a directory",
-                                                      "), expected a writable directory"));
-    return dir;
-}
-
 inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
     const parsed_args args(argv, loss_flags, "loss");
     const tpo::objective_options options = read_loss_options(args);
@@ -124,8 +121,8 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
     // The backend is checked before any file is read, so a wrong binary fails fast.
     with_backend(backend, [](auto&) {});
 
-    const side_files chosen = load_side(dir, "chosen", noisy, options.alignment.ignore_index);
-    const side_files rejected = load_side(dir, "rejected", noisy, options.alignment.ignore_index);
+    const side_files chosen = load_side(dir, "chosen", noisy, options.alignment);
+    const side_files rejected = load_side(dir, "rejected", noisy, options.alignment);
     check_same_dtype(chosen.policy, rejected.policy);
     if (chosen.policy.sequences() != rejected.policy.sequences() || chosen.policy.vocab() != rejected.policy.vocab())
         throw input_error(tpo::detail::concat(rejected.policy.path, ": shape: ",
@@ -134,7 +131,10 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
                                               ") to pair with ", chosen.policy.path, " ",
                                               tpo::io::shape_text(chosen.policy.array.shape)));
 
-    tpo::io::staged_files outputs;
+    // Declared before the staged set, so that a failed run removes the temporaries first and then
+    // the directories it created.
+    std::optional<output_directory> grad_dir;
+    tpo::io::staged_files outputs(tool_temporaries());
     json_object json;
     auto compute = [&](auto element) {
         using T = decltype(element);
@@ -166,8 +166,11 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
         json.numbers("mean_visual_score_rejected", r.mean_visual_score_rejected);
         json.number("reward_accuracy", r.reward_accuracy);
         json.number("reward_margin", r.reward_margin);
+        json.numbers("chosen_tokens", r.chosen_tokens);
+        json.numbers("rejected_tokens", r.rejected_tokens);
         if (want_grads) {
-            const std::filesystem::path gdir = prepare_output_dir(args.required("grad-dir"), "--grad-dir");
+            grad_dir.emplace(args.required("grad-dir"), "--grad-dir");
+            const std::filesystem::path gdir = grad_dir->path();
             const char* names[4] = {"grad_policy_chosen.npy", "grad_policy_rejected.npy", "grad_policy_chosen_noisy.npy",
                                     "grad_policy_rejected_noisy.npy"};
             const logits_file* like[4] = {&chosen.policy, &rejected.policy, noisy ? &*chosen.policy_noisy : nullptr,
@@ -188,8 +191,13 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
         // The library's own checks name the side and the tensor; say which directory it was.
         throw input_error(tpo::detail::concat(dir.string(), ": ", e.what()));
     }
-    outputs.commit();
+    // Standard output before the files: when it cannot be written (a full disk, /dev/full), no
+    // file is placed. A target that is a directory is refused before anything is printed.
+    outputs.check_targets();
     out << json.str();
+    out.flush();
+    outputs.commit();
+    if (grad_dir) grad_dir->keep();
     return 0;
 }
 

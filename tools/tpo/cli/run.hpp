@@ -29,6 +29,7 @@ inline constexpr const char* usage_text =
     "  tpo corrupt --in IN --out OUT [--kind diffusion|crop|blur|patch-mask|mean]\n"
     "              [--schedule sigmoid|linear|scaled_linear|cosine] [--steps 1000] [--step 500] [--beta-start X]\n"
     "              [--beta-end X] [--zero-snr] [--seed 0] [--stream 0] [--space pixel|normalized] [--wrap]\n"
+    "              [--max-pixels 33554432]\n"
     "  tpo demo\n"
     "Exit status 0 on success, 2 on bad usage or bad input (one line on stderr).\n";
 

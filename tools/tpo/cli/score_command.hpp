@@ -4,6 +4,7 @@
 // reward functions the objective uses (SPEC §3), so the numbers are the objective's numbers.
 
 #include <filesystem>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <string>
@@ -74,24 +75,29 @@ inline int run_score(std::span<const std::string> argv, std::ostream&) {
     check_same_shape(clean, noisy);
     check_same_dtype(clean, noisy);
     const labels_file labels = load_labels(labels_path);
-    check_labels(labels, clean, o.alignment.ignore_index);
+    check_labels(labels, clean, o.alignment);
+    check_finite_rows(clean, labels, o.alignment);
+    check_finite_rows(noisy, labels, o.alignment);
 
-    tpo::io::staged_files outputs;
+    std::optional<output_directory> dir;
+    tpo::io::staged_files outputs(tool_temporaries());
     auto compute = [&](auto element) {
         using T = decltype(element);
         const token_outputs<T> t = score_tokens<T>(clean.view<T>(), noisy.view<T>(), labels.view(), side, o);
         const std::vector<std::int64_t> shape{clean.sequences(), o.alignment.scored_rows(clean.length())};
-        const std::filesystem::path dir = prepare_output_dir(out_dir, "--out");
-        outputs.add(dir / "logps.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.logps)));
-        outputs.add(dir / "scores.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.scores)));
-        outputs.add(dir / "weights.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.weights)));
-        outputs.add(dir / "mask.npy", tpo::io::encode_npy<std::uint8_t>(shape, std::span<const std::uint8_t>(t.mask)));
+        dir.emplace(out_dir, "--out");
+        const std::filesystem::path d = dir->path();
+        outputs.add(d / "logps.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.logps)));
+        outputs.add(d / "scores.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.scores)));
+        outputs.add(d / "weights.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.weights)));
+        outputs.add(d / "mask.npy", tpo::io::encode_npy<std::uint8_t>(shape, std::span<const std::uint8_t>(t.mask)));
     };
     if (clean.array.dtype == tpo::io::npy_dtype::f8)
         compute(double{});
     else
         compute(float{});
     outputs.commit();
+    dir->keep();
     return 0;
 }
 
