@@ -250,11 +250,27 @@ void run_fused(cudaStream_t stream, int device, index_t pairs, index_t length, i
         peak = pool_peak(device, false);
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
     };
-    std::size_t tpo_peak = 0, dpo_peak = 0;
+    auto forward_only = [&](const tpo::objective_options& options) {
+        tpo::objective<backend_t> objective(gpu, options);
+        objective.forward(batch);
+        check(cudaStreamSynchronize(stream), "warm-up");
+        const auto start = std::chrono::steady_clock::now();
+        for (int i = 0; i < repeats; ++i) objective.forward(batch);
+        check(cudaStreamSynchronize(stream), "fused forward");
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
+    };
+    std::size_t tpo_peak = 0, dpo_peak = 0, unchecked_peak = 0, one_chunk_peak = 0;
     const double tpo_s = time_step(tpo::objective_options{}, tpo_peak);
+    const double tpo_forward_s = forward_only(tpo::objective_options{});
     tpo::objective_options dpo;
     dpo.weighting = tpo::token_weighting::none;
     const double dpo_s = time_step(dpo, dpo_peak);
+    tpo::objective_options unchecked = dpo;
+    unchecked.check_inputs = false;
+    const double unchecked_s = time_step(unchecked, unchecked_peak);
+    tpo::objective_options one_chunk = dpo;
+    one_chunk.chunk_tokens = pairs * length;
+    const double one_chunk_s = time_step(one_chunk, one_chunk_peak);
 
     // The floor: the four products of the clean pass of both sides, each once, on all valid rows.
     std::vector<std::int64_t> host_labels(static_cast<std::size_t>(pairs * length));
@@ -294,8 +310,13 @@ void run_fused(cudaStream_t stream, int device, index_t pairs, index_t length, i
                 floor_s * 1e3, flops / floor_s * 1e-12);
     std::printf("  TPO (logit) fwd+bwd      %8.3f ms  %5.2fx floor  scratch peak %.1f MiB\n", tpo_s * 1e3,
                 tpo_s / floor_s, tpo_peak / 1048576.0);
+    std::printf("  TPO (logit) forward only %8.3f ms\n", tpo_forward_s * 1e3);
     std::printf("  DPO fwd+bwd              %8.3f ms  %5.2fx floor  scratch peak %.1f MiB\n", dpo_s * 1e3,
                 dpo_s / floor_s, dpo_peak / 1048576.0);
+    std::printf("  DPO, check_inputs off    %8.3f ms  %5.2fx floor  scratch peak %.1f MiB\n", unchecked_s * 1e3,
+                unchecked_s / floor_s, unchecked_peak / 1048576.0);
+    std::printf("  DPO, one chunk per side  %8.3f ms  %5.2fx floor  scratch peak %.1f MiB\n", one_chunk_s * 1e3,
+                one_chunk_s / floor_s, one_chunk_peak / 1048576.0);
 }
 
 }  // namespace

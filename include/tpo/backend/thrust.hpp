@@ -79,6 +79,11 @@ public:
         system::matmul(context_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
+    /// Values per chunk of logits of the fused lm_head path when the caller sets none: on CUDA
+    /// 2^27 (512 MiB in float), so that a chunk holds enough rows for ∂L/∂W's product to be bound
+    /// by arithmetic rather than by rewriting the V×H accumulator; 2^24 on the host systems.
+    index_t fused_chunk_values() const { return system::fused_chunk_values; }
+
     template <class F>
     void for_each(index_t n, F&& f) const {
         system::for_each(context_, n, static_cast<const std::decay_t<F>&>(f));

@@ -48,13 +48,24 @@ struct hidden_rows {
 
 struct fused_settings {
     logit_transform transform{};
-    index_t chunk_rows = 0;  // scored rows per chunk; 0: as many as keep a chunk near 2^24 values
+    index_t chunk_rows = 0;  // scored rows per chunk; 0: the backend's default
 
-    index_t rows_per_chunk(index_t vocab) const {
+    /// Rows per chunk: as asked, or as many as keep a chunk of logits within `chunk_values`.
+    index_t rows_per_chunk(index_t vocab, index_t chunk_values) const {
         if (chunk_rows > 0) return chunk_rows;
-        return std::max<index_t>(1, (index_t{1} << 24) / std::max<index_t>(1, vocab));
+        return std::max<index_t>(1, chunk_values / std::max<index_t>(1, vocab));
     }
 };
+
+/// Values per chunk of logits when the caller sets no chunk size: the backend's own
+/// (fused_chunk_values()), or 2^24 (64 MiB in float), which keeps a CPU's scratch small.
+template <class B>
+index_t default_chunk_values(const B& backend) {
+    if constexpr (requires { backend.fused_chunk_values(); })
+        return backend.fused_chunk_values();
+    else
+        return index_t{1} << 24;
+}
 
 namespace fused_detail {
 
@@ -191,12 +202,19 @@ struct narrow_op {
     TPO_HOST_DEVICE void operator()(index_t e) const { out[e] = narrow<G>(in[e]); }
 };
 
-/// The coefficients of the chunk's rows, in chunk order.
+/// The coefficients of the chunk's rows, in chunk order, with α and β scaled by `factor` (the
+/// constant derivative of a linear transform, 1 otherwise).
 struct gather_coefficients_op {
     const row_coefficients* coefficients;
     const index_t* list;
+    double factor;
     row_coefficients* out;
-    TPO_HOST_DEVICE void operator()(index_t i) const { out[i] = coefficients[list[i]]; }
+    TPO_HOST_DEVICE void operator()(index_t i) const {
+        row_coefficients c = coefficients[list[i]];
+        c.alpha *= factor;
+        c.beta *= factor;
+        out[i] = c;
+    }
 };
 
 /// ∂L/∂u = ∂L/∂z · dz/du over an n×V chunk.
@@ -345,7 +363,7 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
         backend.for_each(n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
         return;
     }
-    const index_t C = std::min(n, settings.rows_per_chunk(V));
+    const index_t C = std::min(n, settings.rows_per_chunk(V, default_chunk_values(backend)));
     auto gathered = backend.template allocate<T>(C * H);
     auto logits = backend.template allocate<A>(C * V);
     auto chunk_labels = backend.template allocate<std::int64_t>(C);
@@ -404,12 +422,18 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
 
     const auto n = static_cast<index_t>(host_full.size());
     if (n == 0) return;
-    const index_t C = std::min(n, settings.rows_per_chunk(V));
+    const index_t C = std::min(n, settings.rows_per_chunk(V, default_chunk_values(backend)));
+    // A linear transform has a constant derivative, folded into the coefficients (α and β scale
+    // with it), and the gradient overwrites the chunk's logits in place; a soft-cap's derivative
+    // needs each logit, so the gradient goes into a second chunk.
+    const bool linear = settings.transform.linear();
     auto gathered = backend.template allocate<T>(C * H);
     auto logits = backend.template allocate<A>(C * V);
-    auto chunk_grad = backend.template allocate<A>(C * V);
+    auto second = backend.template allocate<A>(linear ? 0 : C * V);
+    A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
     auto hidden_grad = backend.template allocate<A>(C * H);
+    const double factor = linear ? settings.transform.derivative_at(0.0) : 1.0;
     for (index_t first = 0; first < n; first += C) {
         const index_t m = std::min(C, n - first);
         const index_t* rows = backend.raw(full_list) + first;
@@ -418,18 +442,15 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
                        A(0));
         if (source.head.bias || !settings.transform.identity())
             backend.for_each(m * V, epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
-        backend.for_each(m, gather_coefficients_op{coefficients, rows, backend.raw(chunk_coefficients)});
+        backend.for_each(m, gather_coefficients_op{coefficients, rows, factor, backend.raw(chunk_coefficients)});
         backend.row_gradient(logits_view<const A>{backend.raw(logits), 1, m, V}, backend.raw(chunk_coefficients), m,
-                             logits_view<A>{backend.raw(chunk_grad), 1, m, V});
-        if (!settings.transform.identity())
-            backend.for_each(m * V, chain_op<A>{backend.raw(logits), backend.raw(chunk_grad), settings.transform});
-        backend.matmul(false, false, m, H, V, backend.raw(chunk_grad), V, source.head.weight, H,
-                       backend.raw(hidden_grad), H, A(0));
+                             logits_view<A>{chunk_grad, 1, m, V});
+        if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
+        backend.matmul(false, false, m, H, V, chunk_grad, V, source.head.weight, H, backend.raw(hidden_grad), H, A(0));
         backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
         if (grad_weight)
-            backend.matmul(true, false, V, H, m, backend.raw(chunk_grad), V, backend.raw(gathered), H, grad_weight, H,
-                           A(1));
-        if (grad_bias) backend.for_each(V, bias_gradient_op<A>{backend.raw(chunk_grad), m, V, grad_bias});
+            backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H, A(1));
+        if (grad_bias) backend.for_each(V, bias_gradient_op<A>{chunk_grad, m, V, grad_bias});
     }
 }
 

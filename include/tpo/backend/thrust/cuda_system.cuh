@@ -64,6 +64,8 @@ struct system<::thrust::cuda::tag> {
         return h;
     }
 
+    static constexpr index_t fused_chunk_values = index_t{1} << 27;
+
     template <class T>
     static vector<T> upload(cudaStream_t stream, const std::vector<T>& host) {
         vector<T> b(static_cast<index_t>(host.size()), stream);

@@ -55,6 +55,8 @@ struct host_system {
         return h;
     }
 
+    static constexpr index_t fused_chunk_values = index_t{1} << 24;
+
     template <class T>
     static vector<T> upload(no_context, const std::vector<T>& host) {
         return vector<T>(host.begin(), host.end());

@@ -184,8 +184,10 @@ struct row_gradient_op {
         }
         const T* in = z.row(row.sequence, row.position);
         const C lse = static_cast<C>(c.lse), beta = static_cast<C>(c.beta);
+        // The label's entry first: the output may be the input row itself (written in place).
+        const G at_label = narrow<G>(static_cast<C>(c.alpha) - beta * exp(widen<C>(in[c.label]) - lse));
         for (index_t v = 0; v < z.vocab; ++v) out[v] = narrow<G>(-beta * exp(widen<C>(in[v]) - lse));
-        out[c.label] = narrow<G>(static_cast<C>(c.alpha) - beta * exp(widen<C>(in[c.label]) - lse));
+        out[c.label] = at_label;
     }
 };
 
