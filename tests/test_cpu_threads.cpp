@@ -15,6 +15,7 @@
 #include <tpo/corrupt/diffusion.hpp>
 
 #include "support/batch.hpp"
+#include "support/hidden.hpp"
 
 using namespace tpo_test;
 
@@ -441,4 +442,35 @@ TEST_CASE("the fused pass over a clean and a noisy tensor equals two separate pa
         noisy16[i] = tpo::narrow<tpo::bfloat16>(noisy[i]);
     }
     check(clean16, noisy16, labels);
+}
+
+TEST_CASE("cpu backend: hidden states in give bit-identical results for 1, 2 and 4 threads", "[cpu][fused][threads]") {
+    // Several tiles of the product in every direction (64×256 tiles), float and bf16 operands.
+    using namespace tpo_test::hidden;
+    std::mt19937_64 rng(31);
+    const hidden_data<double> d = random_hidden(rng, 2, 150, 110, 96, 700);
+    tpo::objective_options options;
+    options.logit_softcap = 6.0;
+    options.chunk_tokens = 100;
+    auto run = [&](const auto& data, int threads) {
+        using T = typename std::decay_t<decltype(data.weight)>::value_type;
+        tpo::backend::cpu backend(threads);
+        hidden_gradient_data<T> g(data);
+        auto views = g.views(data, true);
+        const tpo::objective_result r = tpo::evaluate(backend, options, data.batch(), &views);
+        return std::pair{r, g};
+    };
+    auto check = [&](const auto& data) {
+        const auto [r1, g1] = run(data, 1);
+        for (int threads : {2, 4}) {
+            INFO(threads << " threads");
+            const auto [r, g] = run(data, threads);
+            CHECK(same_bits(r, r1));
+            for (int k = 0; k < 4; ++k) CHECK(same_bits(g.hidden[k], g1.hidden[k]));
+            CHECK(same_bits(g.weight, g1.weight));
+            CHECK(same_bits(g.bias, g1.bias));
+        }
+    };
+    check(convert<float>(d));
+    check(convert<tpo::bfloat16>(d));
 }

@@ -2,9 +2,9 @@
 // The CPU backend's matrix product for the fused lm_head: Eigen's, over a fixed tiling.
 //
 // C (m×n) = op(A)·op(B) + beta·C is cut into fixed tiles of C and fixed blocks of k; each tile is
-// one task (threads take tiles), and inside a tile the k blocks are added in order. The tiling
-// does not depend on the thread count, so every result is bit-identical for any number of
-// threads. Operands already in the accumulation type are read in place (Eigen maps with strides);
+// one task (threads take tiles) computed by Eigen on that thread alone, and inside a tile the k
+// blocks are added in order. Nothing depends on the thread count, so every result is
+// bit-identical for any number of threads. Operands already in the accumulation type are read in place (Eigen maps with strides);
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
 // whole head ever exists.
 
@@ -13,6 +13,10 @@
 #include <vector>
 
 #include <Eigen/Core>
+
+#if defined(_OPENMP)
+#  include <omp.h>
+#endif
 
 #include "tpo/core/config.hpp"
 #include "tpo/core/element.hpp"
@@ -60,21 +64,30 @@ void matmul(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index
     const index_t depth = widened ? tile_depth : std::max<index_t>(k, 1);
     [[maybe_unused]] const bool parallel = threads > 1 && tiles > 1;
 #if defined(_OPENMP)
-#  pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel)
+#  pragma omp parallel num_threads(threads) if (parallel)
 #endif
-    for (index_t tile = 0; tile < tiles; ++tile) {
-        const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
-        const index_t rows = std::min(tile_rows, m - i0), cols = std::min(tile_cols, n - j0);
-        Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>> out(c + i0 * ldc + j0, rows, cols,
-                                                                               Eigen::OuterStride<>(ldc));
-        if (beta == Acc(0)) out.setZero();
-        matrix_t<Acc> a_buffer, b_buffer;
-        for (index_t p0 = 0; p0 < k; p0 += depth) {
-            const index_t d = std::min(depth, k - p0);
-            with_block<Acc>(a, lda, trans_a, i0, p0, rows, d, a_buffer, [&](const auto& a_block) {
-                with_block<Acc>(b, ldb, trans_b, p0, j0, d, cols, b_buffer,
-                                [&](const auto& b_block) { out.noalias() += a_block * b_block; });
-            });
+    {
+#if defined(_OPENMP)
+        // Eigen would split a product over threads of its own when it runs outside a parallel
+        // region, with a blocking that depends on their number; one thread per tile, always,
+        // keeps every tile's summation order the same for any thread count.
+        omp_set_num_threads(1);
+#  pragma omp for schedule(dynamic, 1)
+#endif
+        for (index_t tile = 0; tile < tiles; ++tile) {
+            const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
+            const index_t rows = std::min(tile_rows, m - i0), cols = std::min(tile_cols, n - j0);
+            Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>> out(c + i0 * ldc + j0, rows, cols,
+                                                                                   Eigen::OuterStride<>(ldc));
+            if (beta == Acc(0)) out.setZero();
+            matrix_t<Acc> a_buffer, b_buffer;
+            for (index_t p0 = 0; p0 < k; p0 += depth) {
+                const index_t d = std::min(depth, k - p0);
+                with_block<Acc>(a, lda, trans_a, i0, p0, rows, d, a_buffer, [&](const auto& a_block) {
+                    with_block<Acc>(b, ldb, trans_b, p0, j0, d, cols, b_buffer,
+                                    [&](const auto& b_block) { out.noalias() += a_block * b_block; });
+                });
+            }
         }
     }
 }
