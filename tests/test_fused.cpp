@@ -389,3 +389,40 @@ void fused_bad_input() {
 TEST_CASE("hidden states in: bad input is a clear error", "[fused][bad-input]") {
     fused_bad_input<tested_backend>();
 }
+
+template <class B>
+void fused_overflow() {
+    if constexpr (!tpo::head_backend<B>) {
+        SUCCEED("this backend has no fused lm_head path");
+    } else {
+        // Hidden states of 1e308 against a head of 1e-300: finite logits of order 1e8 and, with the
+        // reference equal to the policy, a loss of ln 2 whose coefficients are small; but the head's
+        // gradient sums coefficient × hidden state, 1e308 times a few units: beyond float64.
+        B backend;
+        std::mt19937_64 rng(181);
+        hidden_data<double> d = random_hidden(rng, 2, 4, 3, 2, 5, true, 0.0);
+        for (double& w : d.weight) w *= 1e-300;
+        d.reference_weight = d.weight;
+        d.reference_bias = d.bias;
+        for (auto* s : {&d.chosen, &d.rejected}) {
+            for (double& x : s->policy) x = x > 0 ? 1e308 : -1e308;
+            s->reference = s->policy;
+        }
+        tpo::objective_options o;
+        o.weighting = tpo::token_weighting::none;
+        o.hyper.beta = 10;
+        hidden_gradient_data<double> g(d);
+        auto views = g.views(d, true);
+        REQUIRE_THROWS_AS(tpo::evaluate(backend, o, d.batch(), &views), tpo::overflow_error);
+        REQUIRE_THROWS_WITH(tpo::evaluate(backend, o, d.batch(), &views),
+                            Catch::Contains("gradient of the lm_head weight: a value is not finite: it overflowed"));
+        // Without the head's gradient the hidden states' gradients are finite and reported.
+        views.head_weight = nullptr;
+        views.head_bias = nullptr;
+        CHECK_NOTHROW(tpo::evaluate(backend, o, d.batch(), &views));
+    }
+}
+
+TEST_CASE("hidden states in: a gradient that overflows is an error, not an Inf", "[fused][bad-input]") {
+    fused_overflow<tested_backend>();
+}

@@ -147,6 +147,21 @@ public:
                 backend_.for_each(V * H, rows::fused_detail::narrow_op<A, G>{grad_weight, grads.head_weight});
             if (grad_bias) backend_.for_each(V, rows::fused_detail::narrow_op<A, G>{grad_bias, grads.head_bias});
         }
+        // These gradients are sums over the vocabulary or the batch, beyond what the coefficient
+        // bounds cover: their values are checked once written (O(S·L·H + V·H), not O(S·L·V)).
+        auto finite = [&](const G* data, index_t size, const char* what) {
+            loss::require_finite_output(backend_, data, size, what, options_);
+        };
+        finite(grads.chosen.policy.data, grads.chosen.policy.size(), "gradient of the chosen policy hidden states");
+        finite(grads.rejected.policy.data, grads.rejected.policy.size(), "gradient of the rejected policy hidden states");
+        if (noisy) {
+            finite(grads.chosen.policy_noisy.data, grads.chosen.policy_noisy.size(),
+                   "gradient of the chosen policy noisy hidden states");
+            finite(grads.rejected.policy_noisy.data, grads.rejected.policy_noisy.size(),
+                   "gradient of the rejected policy noisy hidden states");
+        }
+        finite(grads.head_weight, grads.head_weight ? V * H : 0, "gradient of the lm_head weight");
+        finite(grads.head_bias, grads.head_bias ? V : 0, "gradient of the lm_head bias");
     }
 
 private:

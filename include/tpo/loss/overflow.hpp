@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tpo/core/element.hpp"
@@ -99,6 +100,45 @@ void report_gradient_overflow(const std::vector<gradient_overflow>& found, index
                                             " gradients of ", element_name<T>(), " logits hold (up to ",
                                             limits.entry, "): it overflowed (", settings, ")"));
     }
+}
+
+/// Marks, per block of `block` elements, whether the block holds a NaN or an Inf (a functor any
+/// backend runs with its for_each, one block per index).
+template <class G>
+struct non_finite_blocks {
+    const G* data;
+    index_t size;
+    index_t block;
+    std::int32_t* found;
+
+    TPO_HOST_DEVICE void operator()(index_t b) const {
+        const index_t end = (b + 1) * block < size ? (b + 1) * block : size;
+        std::int32_t bad = 0;
+        for (index_t i = b * block; i < end; ++i) {
+            double x;
+            if constexpr (std::is_floating_point_v<G>) x = static_cast<double>(data[i]);
+            else x = static_cast<double>(static_cast<float>(data[i]));
+            bad |= math::is_finite(x) ? 0 : 1;
+        }
+        found[b] = bad;
+    }
+};
+
+/// Throws overflow_error when the `size` values at `data` (backend memory) hold a NaN or an Inf.
+/// For outputs whose entries are sums the coefficient bounds do not cover (the fused lm_head
+/// path's hidden-state and head gradients): one read of O(S·L·H + V·H) values.
+template <class Backend, class G>
+void require_finite_output(Backend& backend, const G* data, index_t size, const std::string& what,
+                           const objective_options& o) {
+    if (!data || size <= 0) return;
+    constexpr index_t block = 4096;
+    const index_t blocks = (size + block - 1) / block;
+    auto found = backend.template allocate<std::int32_t>(blocks);
+    backend.for_each(blocks, non_finite_blocks<G>{data, size, block, backend.raw(found)});
+    for (std::int32_t f : backend.to_host(found))
+        if (f)
+            throw overflow_error(detail::concat(what, ": a value is not finite: it overflowed (", overflow_settings(o),
+                                                ")"));
 }
 
 }  // namespace loss
