@@ -13,6 +13,7 @@
 #include "tpo/reward/row_stats.hpp"
 #include "tpo/rows/rules.hpp"
 #include "tpo/reward/token.hpp"
+#include "tpo/reward/token_scores.hpp"
 #include "tpo/loss/family.hpp"
 #include "tpo/loss/options.hpp"
 #include "tpo/loss/passes.hpp"

@@ -1,7 +1,7 @@
 #pragma once
 // `tpo score`: per-token log-probabilities, visual scores and self-calibrated weights of one side,
-// for inspecting which tokens TPO rewards. Built from the library's row statistics and the same
-// reward functions the objective uses (SPEC §3), so the numbers are the objective's numbers.
+// for inspecting which tokens TPO rewards (tpo::token_scores, reward/token_scores.hpp), written in
+// the logits' dtype.
 
 #include <filesystem>
 #include <optional>
@@ -14,7 +14,7 @@
 #include "tpo/io/file.hpp"
 #include "tpo/io/npy.hpp"
 #include "tpo/loss/options.hpp"
-#include "tpo/reward/token.hpp"
+#include "tpo/reward/token_scores.hpp"
 
 #include "cli/args.hpp"
 #include "cli/inputs.hpp"
@@ -26,38 +26,6 @@ inline constexpr flag_spec score_flags[] = {
     {"clean", true}, {"noisy", true},        {"labels", true},   {"side", true}, {"score", true},
     {"a", true},     {"no-shift", false},    {"ignore-index", true}, {"out", true},
 };
-
-/// Per-token outputs of one side, shape (P, scored rows), zero at masked positions.
-template <class T>
-struct token_outputs {
-    std::vector<T> logps, scores, weights;
-    std::vector<std::uint8_t> mask;
-};
-
-template <class T>
-token_outputs<T> score_tokens(tpo::logits_view<const T> clean, tpo::logits_view<const T> noisy,
-                              tpo::labels_view<const std::int64_t> labels, tpo::response_side side,
-                              const tpo::objective_options& o) {
-    tpo::backend::reference backend;
-    const tpo::index_t scored = o.alignment.scored_rows(clean.length);
-    const auto rows = static_cast<std::size_t>(clean.sequences * scored);
-    std::vector<tpo::row_stats> clean_stats(rows), noisy_stats(rows);
-    if (rows) {
-        backend.row_statistics(clean, labels, o.alignment, tpo::row_reduction::logsumexp, clean_stats.data());
-        backend.row_statistics(noisy, labels, o.alignment, tpo::row_reduction::logsumexp, noisy_stats.data());
-    }
-    token_outputs<T> out{std::vector<T>(rows, T(0)), std::vector<T>(rows, T(0)), std::vector<T>(rows, T(0)),
-                         std::vector<std::uint8_t>(rows, 0)};
-    for (std::size_t r = 0; r < rows; ++r) {
-        if (clean_stats[r].status != tpo::row_status::ok) continue;
-        const double s = tpo::reward::visual_score(o.score, clean_stats[r], noisy_stats[r]);
-        out.logps[r] = static_cast<T>(clean_stats[r].log_prob());
-        out.scores[r] = static_cast<T>(s);
-        out.weights[r] = static_cast<T>(tpo::reward::calibrate(side, s, o.a).value);
-        out.mask[r] = 1;
-    }
-    return out;
-}
 
 inline int run_score(std::span<const std::string> argv, std::ostream&) {
     const parsed_args args(argv, score_flags, "score");
@@ -83,13 +51,16 @@ inline int run_score(std::span<const std::string> argv, std::ostream&) {
     tpo::io::staged_files outputs(tool_temporaries());
     auto compute = [&](auto element) {
         using T = decltype(element);
-        const token_outputs<T> t = score_tokens<T>(clean.view<T>(), noisy.view<T>(), labels.view(), side, o);
-        const std::vector<std::int64_t> shape{clean.sequences(), o.alignment.scored_rows(clean.length())};
+        tpo::backend::reference backend;
+        const tpo::token_score_table t = tpo::token_scores(backend, clean.view<T>(), noisy.view<T>(), labels.view(),
+                                                           side, o.score, o.a, o.alignment);
+        const std::vector<std::int64_t> shape{t.sequences, t.rows};
         dir.emplace(out_dir, "--out");
         const std::filesystem::path d = dir->path();
-        outputs.add(d / "logps.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.logps)));
-        outputs.add(d / "scores.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.scores)));
-        outputs.add(d / "weights.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(t.weights)));
+        auto narrowed = [](const std::vector<double>& values) { return std::vector<T>(values.begin(), values.end()); };
+        outputs.add(d / "logps.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(narrowed(t.logps))));
+        outputs.add(d / "scores.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(narrowed(t.scores))));
+        outputs.add(d / "weights.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(narrowed(t.weights))));
         outputs.add(d / "mask.npy", tpo::io::encode_npy<std::uint8_t>(shape, std::span<const std::uint8_t>(t.mask)));
     };
     if (clean.array.dtype == tpo::io::npy_dtype::f8)
