@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "arrays.hpp"
 #include "module.hpp"
 
 #if defined(_OPENMP)
@@ -39,6 +40,22 @@ NB_MODULE(_tpo, m) {
 #else
         return 1;
 #endif
+    });
+    // How the core sees an argument: its data pointer (to check that nothing was copied), element
+    // type, shape and memory.
+    m.def("inspect", [](nb::handle h) {
+        bool bfloat16_bits = false;
+        const tpo_python::input_array a = tpo_python::as_input(h, "array", &bfloat16_bits);
+        nb::dict d;
+        d["data"] = reinterpret_cast<std::uintptr_t>(a.data());
+        d["dtype"] = bfloat16_bits ? std::string("bfloat16") : tpo_python::dtype_text(a.dtype());
+        std::vector<std::int64_t> shape;
+        for (std::size_t k = 0; k < a.ndim(); ++k) shape.push_back(static_cast<std::int64_t>(a.shape(k)));
+        d["shape"] = nb::tuple(nb::cast(shape));
+        d["c_contiguous"] = tpo_python::c_contiguous(a);
+        const tpo_python::place where = tpo_python::place_of(a);
+        d["device"] = where == tpo_python::place::host ? "host" : where == tpo_python::place::cuda ? "cuda" : "other";
+        return d;
     });
     m.attr("version") = tpo::detail::concat(TPO_VERSION_MAJOR, ".", TPO_VERSION_MINOR, ".", TPO_VERSION_PATCH);
 }
