@@ -35,9 +35,19 @@ inline element element_of(nb::dlpack::dtype d) {
 }
 
 inline std::string dtype_text(nb::dlpack::dtype d) {
-    const element e = element_of(d);
-    if (e != element::other) return element_name(e);
-    return tpo::detail::concat("(DLPack code ", int(d.code), ", ", int(d.bits), " bits, ", int(d.lanes), " lanes)");
+    using code = nb::dlpack::dtype_code;
+    std::string name;
+    switch (static_cast<code>(d.code)) {
+    case code::Int: name = "int"; break;
+    case code::UInt: name = "uint"; break;
+    case code::Float: name = "float"; break;
+    case code::Bfloat: name = "bfloat"; break;
+    case code::Complex: name = "complex"; break;
+    case code::Bool: return d.lanes == 1 ? "bool" : "bool vector";
+    default: return tpo::detail::concat("DLPack type code ", int(d.code), " of ", int(d.bits), " bits");
+    }
+    name += std::to_string(d.bits);
+    return d.lanes == 1 ? name : tpo::detail::concat(name, " x ", int(d.lanes), " lanes");
 }
 
 template <class A>

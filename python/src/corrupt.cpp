@@ -6,6 +6,8 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
+#include <iterator>
 #include <optional>
 #include <string>
 
@@ -153,6 +155,11 @@ void corrupt(const std::string& kind, nb::handle image, nb::handle out, const st
     image_ref source = image_of(in, layout, "image"), result = image_of(target, layout, "out");
     if (typed_in.bfloat16_bits) source.type = element::bf16;
     if (typed_out.bfloat16_bits) result.type = element::bf16;
+    const element pixel_types[] = {element::u8, element::f32, element::f64, element::bf16, element::f16};
+    tpo::detail::require<tpo::shape_error>(std::find(std::begin(pixel_types), std::end(pixel_types), source.type) !=
+                                               std::end(pixel_types),
+                                           "image: dtype ", dtype_text(in.dtype()),
+                                           ", expected uint8, float32, float64, bfloat16 or float16");
     tpo::detail::require<tpo::shape_error>(result.type == source.type, "out: dtype ", element_name(result.type),
                                            ", expected ", element_name(source.type), " as the image");
     tpo::detail::require<tpo::shape_error>(place_of(in) == place_of(target) && in.device_id() == target.device_id(),

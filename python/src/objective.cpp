@@ -194,6 +194,14 @@ public:
         engine_->backward(batch_, g);
     }
 
+    /// Lets go of the last forward's arrays (and its engine); backward() then needs a new forward.
+    void release() {
+        std::lock_guard lock(mutex_);
+        engine_.reset();
+        held_.clear();
+        batch_ = {};
+    }
+
 private:
     void read_side(nb::dict d, const char* side, side_refs& s, array_place& where, bool& seen) {
         std::size_t used = 0;
@@ -381,7 +389,8 @@ void bind_objective(nb::module_& m) {
             nb::arg("ld_alpha").none(), nb::arg("check_inputs"), nb::arg("check_unused_logits"), nb::arg("backend"),
             nb::arg("threads"))
         .def("forward", &objective_binding::forward, nb::arg("chosen"), nb::arg("rejected"), nb::arg("stream") = 0)
-        .def("backward", &objective_binding::backward, nb::arg("out"));
+        .def("backward", &objective_binding::backward, nb::arg("out"))
+        .def("release", &objective_binding::release);
     m.def("token_scores", &token_scores, nb::arg("clean"), nb::arg("noisy"), nb::arg("labels"), nb::kw_only(),
           nb::arg("side"), nb::arg("score"), nb::arg("a"), nb::arg("shift"), nb::arg("ignore_index"),
           nb::arg("backend"), nb::arg("threads"), nb::arg("stream"));

@@ -171,6 +171,11 @@ class Objective:
         self._core.backward({name: _arrays.as_output(value, f"out['{name}']") for name, value in targets.items()})
         return Gradients(**targets)
 
+    def release(self):
+        """Lets go of the last forward's arrays (held so that backward reads what forward read)."""
+        self._core.release()
+        self._logits = None
+
     def evaluate(self, *args, out=None, **kwargs):
         """forward() then backward(out): (Result, Gradients)."""
         result = self.forward(*args, **kwargs)

@@ -68,7 +68,8 @@ token_score_table token_scores(B& backend, logits_view<const T> clean, logits_vi
                             " at sequence ", sequence, ", position ", alignment.label_position(row),
                             " is outside [0, ", clean.vocab, ") and is not the ignore index ", alignment.ignore_index);
             detail::require(s->status != row_status::non_finite, "token scores: ", which, " logits at sequence ",
-                            sequence, ", position ", row, ": the row holds a NaN or an infinite logit");
+                            sequence, ", position ", alignment.label_position(row),
+                            ": the row holds a NaN or an infinite logit");
         }
         if (clean_stats[r].status != row_status::ok) continue;  // masked
         const double s = reward::visual_score(score, clean_stats[r], noisy_stats[r]);

@@ -1,0 +1,100 @@
+"""tpo.torch: the library's objective as a differentiable PyTorch function (pure Python over the
+extension module; no libtorch is linked).
+
+    import tpo.torch
+    loss = tpo.torch.tpo_loss(policy_chosen, policy_chosen_noisy, policy_rejected, policy_rejected_noisy,
+                              reference_chosen, reference_chosen_noisy, reference_rejected,
+                              reference_rejected_noisy, labels_chosen, labels_rejected, beta=0.1)
+    loss.backward()
+
+Logits are (P, L, V) tensors of float32, float64, bfloat16 or float16 (CPU, or CUDA in a CUDA
+build), labels (P, L) int64 or int32. The forward computes the loss and, when a policy tensor
+requires grad, its exact gradient in the same call (one more pass over the logits, no softmax is
+stored); backward hands those gradients to autograd, scaled by the incoming gradient. The
+gradients are held from forward to backward: the same memory PyTorch's own log_softmax would keep.
+The reference logits are constants (no gradient flows into them), as are labels, token weights
+and reference scores.
+"""
+
+import torch
+
+from ._objective import Objective
+
+_POLICY = ("policy_chosen", "policy_chosen_noisy", "policy_rejected", "policy_rejected_noisy")
+
+
+class PreferenceFunction(torch.autograd.Function):
+    """apply(objective, result_sink, pc, pcn, pr, prn, rc, rcn, rr, rrn, yc, yr, wc, wr, sc, sr) → loss."""
+
+    @staticmethod
+    def forward(ctx, objective, sink, pc, pcn, pr, prn, rc, rcn, rr, rrn, yc, yr, wc, wr, sc, sr):
+        result = objective.forward(pc, pcn, pr, prn, rc, rcn, rr, rrn, yc, yr, weights_chosen=wc,
+                                   weights_rejected=wr, reference_chosen_scores=sc, reference_rejected_scores=sr)
+        policy = (pc, pcn, pr, prn)
+        wanted = {name: t for name, t, need in zip(_POLICY, policy, ctx.needs_input_grad[2:6]) if need}
+        grads = {}
+        if wanted:
+            grads = {name: torch.empty_like(t, memory_format=torch.contiguous_format) for name, t in wanted.items()}
+            objective.backward(out=grads)
+        objective.release()
+        ctx.grads = tuple(grads.get(name) for name in _POLICY)
+        if sink is not None:
+            sink.append(result)
+        dtype = torch.float64 if pc.dtype == torch.float64 else torch.float32
+        return torch.tensor(result.loss, dtype=dtype, device=pc.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grad_loss.is_cuda or float(grad_loss) != 1.0:  # a CUDA check would wait for the device
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss)
+        return (None, None) + grads + (None,) * 10
+
+
+def preference_loss(policy_chosen, policy_chosen_noisy=None, policy_rejected=None, policy_rejected_noisy=None,
+                    reference_chosen=None, reference_chosen_noisy=None, reference_rejected=None,
+                    reference_rejected_noisy=None, labels_chosen=None, labels_rejected=None, *, weights_chosen=None,
+                    weights_rejected=None, reference_chosen_scores=None, reference_rejected_scores=None,
+                    objective=None, return_result=False, **options):
+    """The objective's batch loss as a 0-d tensor (float64 for float64 logits, else float32).
+
+    objective: a tpo.Objective to use (its options); otherwise one is made from **options (those of
+    tpo.Objective; threads defaults to torch.get_num_threads()). return_result=True returns
+    (loss, tpo.Result) with the per-pair rewards, scores and metrics.
+    """
+    if objective is None:
+        options.setdefault("threads", torch.get_num_threads())
+        objective = Objective(**options)
+    elif options:
+        raise TypeError(f"preference_loss: options {sorted(options)} given with an objective; set them on it")
+    sink = [] if return_result else None
+    loss = PreferenceFunction.apply(objective, sink, policy_chosen, policy_chosen_noisy, policy_rejected,
+                                    policy_rejected_noisy, reference_chosen, reference_chosen_noisy, reference_rejected,
+                                    reference_rejected_noisy, labels_chosen, labels_rejected, weights_chosen,
+                                    weights_rejected, reference_chosen_scores, reference_rejected_scores)
+    return (loss, sink[0]) if return_result else loss
+
+
+def tpo_loss(policy_chosen, policy_chosen_noisy, policy_rejected, policy_rejected_noisy, reference_chosen=None,
+             reference_chosen_noisy=None, reference_rejected=None, reference_rejected_noisy=None, labels_chosen=None,
+             labels_rejected=None, **kwargs):
+    """TPO's loss (method "tpo"; the official settings by default: sigmoid, β = 0.1, a = 0.5, logit
+    score, additive). The reference enters through its clean and noisy logits, or through
+    reference_chosen_scores / reference_rejected_scores. Other keywords: see preference_loss."""
+    if "objective" not in kwargs:
+        kwargs.setdefault("method", "tpo")
+    return preference_loss(policy_chosen, policy_chosen_noisy, policy_rejected, policy_rejected_noisy,
+                           reference_chosen, reference_chosen_noisy, reference_rejected, reference_rejected_noisy,
+                           labels_chosen, labels_rejected, **kwargs)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen=None, reference_rejected=None, labels_chosen=None,
+             labels_rejected=None, **kwargs):
+    """The DPO family without token weights (method "dpo"); loss_type and the rest as tpo.Objective."""
+    if "objective" not in kwargs:
+        kwargs.setdefault("method", "dpo")
+    return preference_loss(policy_chosen, None, policy_rejected, None, reference_chosen, None, reference_rejected,
+                           None, labels_chosen, labels_rejected, **kwargs)
