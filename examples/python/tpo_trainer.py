@@ -190,12 +190,9 @@ class TPOTrainer(DPOTrainer):
             reference = self.ref_model(input_ids=ids, attention_mask=attention, pixel_values=clean_images).logits
             reference_noisy = self.ref_model(input_ids=ids, attention_mask=attention, pixel_values=noisy_images).logits
 
-        pairs = ids.shape[0] // 2  # the batch is [chosen rows, rejected rows]
-        chosen, rejected = slice(0, pairs), slice(pairs, None)
-        loss, result = tpo.torch.tpo_loss(
-            policy[chosen], policy_noisy[chosen], policy[rejected], policy_noisy[rejected],
-            reference[chosen], reference_noisy[chosen], reference[rejected], reference_noisy[rejected],
-            labels[chosen], labels[rejected], objective=self.objective, return_result=True)
+        # The batch is [chosen rows, rejected rows], as tpo_loss_concatenated reads it.
+        loss, result = tpo.torch.tpo_loss_concatenated(policy, policy_noisy, reference, reference_noisy, labels,
+                                                       objective=self.objective, return_result=True)
         self.results.append(result)
         for name, value in result.metrics().items():
             self._metrics[mode][name].append(value)

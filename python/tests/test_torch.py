@@ -201,3 +201,23 @@ def test_cuda_tensors_against_the_cpu():
     image = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(tpo.corrupt.diffusion(image.cuda(), seed=3).cpu(), tpo.corrupt.diffusion(image, seed=3),
                                rtol=0, atol=1e-5)
+
+
+def test_concatenated_batches_give_the_split_results():
+    policy, reference, labels = random_models(lengths=(7, 7), seed=9)
+    cat = lambda d, a, b: torch.cat([d[a], d[b]])  # noqa: E731
+    z = cat(policy, "chosen", "rejected").requires_grad_(True)
+    zn = cat(policy, "chosen_noisy", "rejected_noisy").requires_grad_(True)
+    loss, result = tpo.torch.tpo_loss_concatenated(z, zn, cat(reference, "chosen", "rejected"),
+                                                   cat(reference, "chosen_noisy", "rejected_noisy"),
+                                                   cat(labels, "chosen", "rejected"), return_result=True)
+    split = leaves(policy)
+    want = ours(split, reference, labels)
+    assert loss.item() == want.item() and result.loss == want.item()
+    (2 * loss).backward()
+    (2 * want).backward()
+    torch.testing.assert_close(z.grad, torch.cat([split["chosen"].grad, split["rejected"].grad]), rtol=0, atol=0)
+    torch.testing.assert_close(zn.grad, torch.cat([split["chosen_noisy"].grad, split["rejected_noisy"].grad]),
+                               rtol=0, atol=0)
+    with pytest.raises(tpo.ShapeError, match="expected an even number"):
+        tpo.torch.tpo_loss_concatenated(z[:3], zn[:3], z[:3], zn[:3], labels["chosen"][:3])

@@ -18,6 +18,7 @@ and reference scores.
 
 import torch
 
+from . import _tpo
 from ._objective import Objective
 
 _POLICY = ("policy_chosen", "policy_chosen_noisy", "policy_rejected", "policy_rejected_noisy")
@@ -47,11 +48,66 @@ class PreferenceFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
-        if grad_loss.is_cuda or float(grad_loss) != 1.0:  # a CUDA check would wait for the device
-            for g in grads:
-                if g is not None:
-                    g.mul_(grad_loss)
+        _scale(grads, grad_loss)
         return (None, None) + grads + (None,) * 10
+
+
+class ConcatenatedPreferenceFunction(torch.autograd.Function):
+    """apply(objective, result_sink, z, zn, r, rn, y, w, s) → loss, on batches that hold the chosen
+    rows first and the rejected rows after them (TRL's concatenated forward)."""
+
+    @staticmethod
+    def forward(ctx, objective, sink, z, zn, r, rn, y, w, s):
+        if z.shape[0] % 2:
+            raise _tpo.ShapeError(f"policy: {z.shape[0]} sequences, expected an even number (chosen rows, "
+                                  "then as many rejected rows)")
+        pairs = z.shape[0] // 2
+
+        def halves(t):
+            return (None, None) if t is None else (t[:pairs], t[pairs:])
+
+        (zc, zr), (znc, znr), (rc, rr), (rnc, rnr), (yc, yr), (wc, wr), (sc, sr) = map(halves, (z, zn, r, rn, y, w, s))
+        result = objective.forward(zc, znc, zr, znr, rc, rnc, rr, rnr, yc, yr, weights_chosen=wc, weights_rejected=wr,
+                                   reference_chosen_scores=sc, reference_rejected_scores=sr)
+        # One gradient tensor per input, its halves written in place: no concatenation afterwards.
+        grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if need else None
+                 for t, need in zip((z, zn), ctx.needs_input_grad[2:4])]
+        out = {}
+        for g, name in zip(grads, ("policy", "policy_noisy")):
+            if g is not None:
+                out[name.replace("policy", "policy_chosen")] = g[:pairs]
+                out[name.replace("policy", "policy_rejected")] = g[pairs:]
+        if out:
+            objective.backward(out=out)
+        objective.release()
+        ctx.grads = tuple(grads)
+        if sink is not None:
+            sink.append(result)
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        return torch.tensor(result.loss, dtype=dtype, device=z.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        _scale(grads, grad_loss)
+        return (None, None) + grads + (None,) * 5
+
+
+def _scale(grads, grad_loss):
+    if grad_loss.is_cuda or float(grad_loss) != 1.0:  # a CUDA check would wait for the device
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_loss)
+
+
+def _objective(objective, options):
+    if objective is None:
+        options.setdefault("threads", torch.get_num_threads())
+        return Objective(**options)
+    if options:
+        raise TypeError(f"options {sorted(options)} given with an objective; set them on it")
+    return objective
 
 
 def preference_loss(policy_chosen, policy_chosen_noisy=None, policy_rejected=None, policy_rejected_noisy=None,
@@ -65,11 +121,7 @@ def preference_loss(policy_chosen, policy_chosen_noisy=None, policy_rejected=Non
     tpo.Objective; threads defaults to torch.get_num_threads()). return_result=True returns
     (loss, tpo.Result) with the per-pair rewards, scores and metrics.
     """
-    if objective is None:
-        options.setdefault("threads", torch.get_num_threads())
-        objective = Objective(**options)
-    elif options:
-        raise TypeError(f"preference_loss: options {sorted(options)} given with an objective; set them on it")
+    objective = _objective(objective, options)
     sink = [] if return_result else None
     loss = PreferenceFunction.apply(objective, sink, policy_chosen, policy_chosen_noisy, policy_rejected,
                                     policy_rejected_noisy, reference_chosen, reference_chosen_noisy, reference_rejected,
@@ -98,3 +150,23 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen=None, reference_re
         kwargs.setdefault("method", "dpo")
     return preference_loss(policy_chosen, None, policy_rejected, None, reference_chosen, None, reference_rejected,
                            None, labels_chosen, labels_rejected, **kwargs)
+
+
+def preference_loss_concatenated(policy, policy_noisy=None, reference=None, reference_noisy=None, labels=None, *,
+                                 weights=None, reference_scores=None, objective=None, return_result=False, **options):
+    """preference_loss on concatenated batches: each tensor holds the P chosen rows, then the P
+    rejected rows, as TRL's DPOTrainer runs them (one forward over 2P sequences). The halves are
+    read in place, and each gradient is one tensor of the input's shape, so autograd adds no
+    concatenation or slicing pass."""
+    objective = _objective(objective, options)
+    sink = [] if return_result else None
+    loss = ConcatenatedPreferenceFunction.apply(objective, sink, policy, policy_noisy, reference, reference_noisy,
+                                                labels, weights, reference_scores)
+    return (loss, sink[0]) if return_result else loss
+
+
+def tpo_loss_concatenated(policy, policy_noisy, reference=None, reference_noisy=None, labels=None, **kwargs):
+    """tpo_loss on concatenated batches (chosen rows, then rejected rows): see preference_loss_concatenated."""
+    if "objective" not in kwargs:
+        kwargs.setdefault("method", "tpo")
+    return preference_loss_concatenated(policy, policy_noisy, reference, reference_noisy, labels, **kwargs)
