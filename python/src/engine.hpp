@@ -4,9 +4,10 @@
 // typed views. The nanobind layer (module.cpp, objective.cpp) builds the refs; the CUDA engine
 // (cuda.cu) compiles this same header with nvcc, so host and device share every line below.
 //
-// Inputs are typed at run time: logits in float32, float64, bfloat16 or float16 (all of one batch
-// alike), labels int32 or int64, caller token weights float32, reference scores float64.
-// Hidden-state inputs (the fused lm_head path) would join as more roles of side_refs.
+// Inputs are typed at run time: logits (or hidden states) in float32, float64, bfloat16 or float16
+// (all of one batch alike, the lm_head too), labels int32 or int64, caller token weights float32,
+// reference scores float64. With hidden states in, the roles of side_refs hold (P, L, H) states
+// and batch_refs the lm_heads.
 
 #include <array>
 #include <cstdint>
@@ -59,11 +60,15 @@ struct side_refs {
 
 struct batch_refs {
     side_refs chosen, rejected;
+    bool hidden = false;  // the roles are hidden states; the lm_heads below make them logits
+    tensor_ref head, head_bias, reference_head, reference_head_bias;
 };
 
-/// Where ∂L/∂(policy logits) goes; an absent ref is not computed.
+/// Where ∂L/∂(policy logits or hidden states) goes, and ∂L/∂(lm_head weight, bias) with hidden
+/// states in; an absent ref is not computed.
 struct gradient_refs {
     tensor_ref chosen_policy, chosen_policy_noisy, rejected_policy, rejected_policy_noisy;
+    tensor_ref head, head_bias;
 };
 
 /// One side's token values (tpo::token_scores), as the module asks for them.
@@ -106,6 +111,36 @@ inline tpo::token_values_view<const float> weights(const tensor_ref& r) {
 inline tpo::sequence_values_view<const double> scores(const tensor_ref& r) {
     if (!r.given()) return {};
     return {static_cast<const double*>(r.data), r.shape[0]};
+}
+
+template <class T>
+tpo::hidden_view<const T> hidden(const tensor_ref& r) {
+    if (!r.given()) return {};
+    return {static_cast<const T*>(r.data), r.shape[0], r.shape[1], r.shape[2]};
+}
+template <class T>
+tpo::hidden_view<T> hidden_gradient(const tensor_ref& r) {
+    if (!r.given()) return {};
+    return {static_cast<T*>(r.data), r.shape[0], r.shape[1], r.shape[2]};
+}
+template <class T>
+tpo::head_view<const T> head(const tensor_ref& weight, const tensor_ref& bias) {
+    if (!weight.given()) return {};
+    return {static_cast<const T*>(weight.data), bias.given() ? static_cast<const T*>(bias.data) : nullptr,
+            weight.shape[0], weight.shape[1]};
+}
+
+template <class T, class I>
+tpo::hidden_side_batch<T, I> hidden_side(const side_refs& s) {
+    tpo::hidden_side_batch<T, I> b;
+    b.policy = hidden<T>(s.policy);
+    b.policy_noisy = hidden<T>(s.policy_noisy);
+    b.reference = hidden<T>(s.reference);
+    b.reference_noisy = hidden<T>(s.reference_noisy);
+    b.labels = labels<I>(s.labels);
+    b.weights = weights(s.weights);
+    b.reference_scores = scores(s.reference_scores);
+    return b;
 }
 
 template <class T, class I>
@@ -156,17 +191,31 @@ public:
         : backend_(std::forward<Args>(backend_args)...), objective_(backend_, options) {}
 
     tpo::objective_result forward(const batch_refs& batch) override {
-        return dispatch(batch, [&]<class T, class I>(const tpo::preference_batch<T, I>& b) {
-            return objective_.forward(b);
+        return dispatch(batch, [&]<class Batch>(const Batch& b) -> tpo::objective_result {
+            if constexpr (runs<Batch>()) return objective_.forward(b.batch);
+            throw no_head_support();
         });
     }
 
     void backward(const batch_refs& batch, const gradient_refs& g) override {
-        dispatch(batch, [&]<class T, class I>(const tpo::preference_batch<T, I>& b) {
-            const tpo::preference_gradients<T> grads{
-                {detail::gradient<T>(g.chosen_policy), detail::gradient<T>(g.chosen_policy_noisy)},
-                {detail::gradient<T>(g.rejected_policy), detail::gradient<T>(g.rejected_policy_noisy)}};
-            objective_.backward(b, grads);
+        dispatch(batch, [&]<class Batch>(const Batch& b) {
+            if constexpr (!runs<Batch>()) {
+                throw no_head_support();
+            } else if constexpr (is_hidden<Batch>) {
+                using T = typename Batch::element;
+                const tpo::hidden_gradients<T> grads{
+                    {detail::hidden_gradient<T>(g.chosen_policy), detail::hidden_gradient<T>(g.chosen_policy_noisy)},
+                    {detail::hidden_gradient<T>(g.rejected_policy), detail::hidden_gradient<T>(g.rejected_policy_noisy)},
+                    static_cast<T*>(g.head.data),
+                    static_cast<T*>(g.head_bias.data)};
+                objective_.backward(b.batch, grads);
+            } else {
+                using T = typename Batch::element;
+                const tpo::preference_gradients<T> grads{
+                    {detail::gradient<T>(g.chosen_policy), detail::gradient<T>(g.chosen_policy_noisy)},
+                    {detail::gradient<T>(g.rejected_policy), detail::gradient<T>(g.rejected_policy_noisy)}};
+                objective_.backward(b.batch, grads);
+            }
             return 0;
         });
     }
@@ -181,11 +230,38 @@ public:
     }
 
 private:
+    /// A typed batch and its element type, so the visitors can tell logits from hidden states.
+    template <class T, class Batch>
+    struct typed {
+        using element = T;
+        Batch batch;
+    };
+    template <class Batch>
+    static constexpr bool is_hidden = requires(const Batch& b) { b.batch.head; };
+    /// Hidden states need a backend that multiplies matrices (tpo::head_backend).
+    template <class Batch>
+    static constexpr bool runs() {
+        if constexpr (is_hidden<Batch>) return tpo::head_backend<B>;
+        else return true;
+    }
+    static tpo::error no_head_support() {
+        return tpo::error("hidden states: this backend has no fused lm_head path; pass logits");
+    }
+
     template <class F>
     decltype(auto) dispatch(const batch_refs& batch, F&& f) {
         return detail::with_logits_type(batch.chosen.policy.type, [&]<class T>() {
             return detail::with_label_type(batch.chosen.labels.type, [&]<class I>() {
-                const tpo::preference_batch<T, I> b{detail::side<T, I>(batch.chosen), detail::side<T, I>(batch.rejected)};
+                if (batch.hidden) {
+                    using hidden_batch = tpo::hidden_preference_batch<T, I>;
+                    const typed<T, hidden_batch> b{hidden_batch{
+                        detail::head<T>(batch.head, batch.head_bias),
+                        detail::head<T>(batch.reference_head, batch.reference_head_bias),
+                        detail::hidden_side<T, I>(batch.chosen), detail::hidden_side<T, I>(batch.rejected)}};
+                    return f(b);
+                }
+                const typed<T, tpo::preference_batch<T, I>> b{
+                    {detail::side<T, I>(batch.chosen), detail::side<T, I>(batch.rejected)}};
                 return f(b);
             });
         });

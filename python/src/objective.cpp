@@ -38,7 +38,9 @@ tpo::objective_options make_options(const std::string& method, const std::vector
                                     double f_alpha_divergence_coef, double discopop_tau, double a,
                                     const std::string& score, const std::string& form, bool average,
                                     bool detach_weights, bool shift, std::int64_t ignore_index, bool use_weighting,
-                                    std::optional<double> ld_alpha, bool check_inputs, bool check_unused_logits) {
+                                    std::optional<double> ld_alpha, bool check_inputs, bool check_unused_logits,
+                                    double logit_scale, std::optional<double> logit_softcap, double temperature,
+                                    std::optional<index_t> chunk_tokens) {
     tpo::objective_options o;
     o.weighting = parse_method(method);
     o.losses.clear();
@@ -64,6 +66,10 @@ tpo::objective_options make_options(const std::string& method, const std::vector
     o.ld_alpha = ld_alpha;
     o.check_inputs = check_inputs;
     o.check_unused_logits = check_unused_logits;
+    o.logit_scale = logit_scale;
+    o.logit_softcap = logit_softcap;
+    o.temperature = temperature;
+    o.chunk_tokens = chunk_tokens;
     tpo::validate(o);
     return o;
 }
@@ -130,15 +136,19 @@ public:
         tpo::detail::require(threads_ >= 0, "threads = ", threads_, ", expected >= 0 (0: OpenMP's default)");
     }
 
-    nb::dict forward(nb::dict chosen, nb::dict rejected, std::uintptr_t stream) {
+    /// `heads`: None for logits inputs; with hidden states in, the lm_heads ("head", "head_bias",
+    /// "reference_head", "reference_head_bias").
+    nb::dict forward(nb::dict chosen, nb::dict rejected, std::uintptr_t stream, std::optional<nb::dict> heads) {
         std::lock_guard lock(mutex_);
         engine_.reset();
         held_.clear();
         batch_ = {};
         array_place where;
         bool seen = false;
+        batch_.hidden = heads.has_value();
         read_side(chosen, "chosen", batch_.chosen, where, seen);
         read_side(rejected, "rejected", batch_.rejected, where, seen);
+        if (heads) read_heads(*heads, where, seen);
         check_types();
         engine_ = make_engine(where, stream);
         tpo::objective_result r;
@@ -160,13 +170,16 @@ public:
             const char* name;
             tensor_ref gradient_refs::*member;
             const tensor_ref* like;
+            int rank;
         } targets[] = {
-            {"policy_chosen", "out['policy_chosen']", &gradient_refs::chosen_policy, &batch_.chosen.policy},
+            {"policy_chosen", "out['policy_chosen']", &gradient_refs::chosen_policy, &batch_.chosen.policy, 3},
             {"policy_chosen_noisy", "out['policy_chosen_noisy']", &gradient_refs::chosen_policy_noisy,
-             &batch_.chosen.policy_noisy},
-            {"policy_rejected", "out['policy_rejected']", &gradient_refs::rejected_policy, &batch_.rejected.policy},
+             &batch_.chosen.policy_noisy, 3},
+            {"policy_rejected", "out['policy_rejected']", &gradient_refs::rejected_policy, &batch_.rejected.policy, 3},
             {"policy_rejected_noisy", "out['policy_rejected_noisy']", &gradient_refs::rejected_policy_noisy,
-             &batch_.rejected.policy_noisy},
+             &batch_.rejected.policy_noisy, 3},
+            {"lm_head", "out['lm_head']", &gradient_refs::head, &batch_.head, 2},
+            {"lm_head_bias", "out['lm_head_bias']", &gradient_refs::head_bias, &batch_.head_bias, 1},
         };
         std::size_t used = 0;
         for (const target& t : targets) {
@@ -176,10 +189,13 @@ public:
                 cast_array<output_array>(out[t.key], t.name, "a writable array shaped like the logits");
             const output_array& a = typed.array;
             tpo::detail::require<tpo::shape_error>(t.like->given(), t.name,
-                                                   ": given, but forward() had no such logits tensor");
-            tensor_ref r = make_ref(a, t.name, 3, logits_types, typed.bfloat16_bits);
+                                                   ": given, but forward() had no such input");
+            tensor_ref r = make_ref(a, t.name, t.rank, logits_types, typed.bfloat16_bits);
             tpo::detail::require<tpo::shape_error>(r.type == t.like->type, t.name, ": dtype ", element_name(r.type),
-                                                   ", expected ", element_name(t.like->type), " as the logits");
+                                                   ", expected ", element_name(t.like->type), " as the input");
+            tpo::detail::require<tpo::shape_error>(r.rank == 3 || r.shape == t.like->shape, t.name, ": shape (",
+                                                   r.shape[0], r.rank == 2 ? tpo::detail::concat(", ", r.shape[1]) : "",
+                                                   "), expected that of the lm_head it differentiates");
             const place where = place_of(a);
             const int device = where == place::cuda ? a.device_id() : 0;
             tpo::detail::require<tpo::shape_error>(where == where_.where && device == where_.device, t.name,
@@ -189,7 +205,7 @@ public:
         }
         tpo::detail::require<tpo::shape_error>(used == out.size(), "backward: out has keys other than "
                                                "policy_chosen, policy_chosen_noisy, policy_rejected, "
-                                               "policy_rejected_noisy");
+                                               "policy_rejected_noisy, lm_head, lm_head_bias");
         nb::gil_scoped_release release;
         engine_->backward(batch_, g);
     }
@@ -203,6 +219,32 @@ public:
     }
 
 private:
+    void read_heads(nb::dict d, array_place& where, bool& seen) {
+        struct head_spec {
+            const char* key;
+            const char* name;
+            int rank;
+            tensor_ref batch_refs::*member;
+        } specs[] = {{"head", "lm_head", 2, &batch_refs::head},
+                     {"head_bias", "lm_head_bias", 1, &batch_refs::head_bias},
+                     {"reference_head", "reference_lm_head", 2, &batch_refs::reference_head},
+                     {"reference_head_bias", "reference_lm_head_bias", 1, &batch_refs::reference_head_bias}};
+        std::size_t used = 0;
+        for (const head_spec& spec : specs) {
+            if (!d.contains(spec.key)) continue;
+            ++used;
+            nb::handle h = d[spec.key];
+            if (h.is_none()) continue;
+            bool bfloat16_bits = false;
+            input_array a = as_input(h, spec.name, &bfloat16_bits);
+            batch_.*spec.member = make_ref(a, spec.name, spec.rank, logits_types, bfloat16_bits);
+            same_place(where, a, spec.name, seen);
+            held_.push_back(a);
+        }
+        if (used != d.size()) throw tpo::value_error("heads: unknown key");
+        tpo::detail::require<tpo::shape_error>(batch_.head.given(), "lm_head: missing, required with hidden states");
+    }
+
     void read_side(nb::dict d, const char* side, side_refs& s, array_place& where, bool& seen) {
         std::size_t used = 0;
         for (const role_spec& role : roles) {
@@ -239,6 +281,14 @@ private:
                                                        " as policy_chosen (one dtype for every logits tensor)");
             }
         }
+        const std::pair<const tensor_ref*, const char*> heads[] = {{&batch_.head, "lm_head"},
+                                                                    {&batch_.head_bias, "lm_head_bias"},
+                                                                    {&batch_.reference_head, "reference_lm_head"},
+                                                                    {&batch_.reference_head_bias, "reference_lm_head_bias"}};
+        for (const auto& [r, name] : heads)
+            tpo::detail::require<tpo::shape_error>(!r->given() || r->type == logits, name, ": dtype ",
+                                                   element_name(r->type), ", expected ", element_name(logits),
+                                                   " as policy_chosen (the hidden states' dtype)");
         tpo::detail::require<tpo::shape_error>(batch_.rejected.labels.type == labels, "labels_rejected: dtype ",
                                                element_name(batch_.rejected.labels.type), ", expected ",
                                                element_name(labels), " as labels_chosen");
@@ -375,20 +425,24 @@ void bind_objective(nb::module_& m) {
                const std::string& f_divergence_type, double f_alpha_divergence_coef, double discopop_tau, double a,
                const std::string& score, const std::string& form, bool average, bool detach_weights, bool shift,
                std::int64_t ignore_index, bool use_weighting, std::optional<double> ld_alpha, bool check_inputs,
-               bool check_unused_logits, const std::string& backend, int threads) {
+               bool check_unused_logits, double logit_scale, std::optional<double> logit_softcap, double temperature,
+               std::optional<index_t> chunk_tokens, const std::string& backend, int threads) {
                 new (self) objective_binding(
                     make_options(method, loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
                                  f_alpha_divergence_coef, discopop_tau, a, score, form, average, detach_weights,
-                                 shift, ignore_index, use_weighting, ld_alpha, check_inputs, check_unused_logits),
+                                 shift, ignore_index, use_weighting, ld_alpha, check_inputs, check_unused_logits,
+                                 logit_scale, logit_softcap, temperature, chunk_tokens),
                     backend, threads);
             },
             nb::kw_only(), nb::arg("method"), nb::arg("loss_type"), nb::arg("loss_weights").none(), nb::arg("beta"),
             nb::arg("label_smoothing"), nb::arg("f_divergence_type"), nb::arg("f_alpha_divergence_coef"),
             nb::arg("discopop_tau"), nb::arg("a"), nb::arg("score"), nb::arg("form"), nb::arg("average"),
             nb::arg("detach_weights"), nb::arg("shift"), nb::arg("ignore_index"), nb::arg("use_weighting"),
-            nb::arg("ld_alpha").none(), nb::arg("check_inputs"), nb::arg("check_unused_logits"), nb::arg("backend"),
-            nb::arg("threads"))
-        .def("forward", &objective_binding::forward, nb::arg("chosen"), nb::arg("rejected"), nb::arg("stream") = 0)
+            nb::arg("ld_alpha").none(), nb::arg("check_inputs"), nb::arg("check_unused_logits"),
+            nb::arg("logit_scale"), nb::arg("logit_softcap").none(), nb::arg("temperature"),
+            nb::arg("chunk_tokens").none(), nb::arg("backend"), nb::arg("threads"))
+        .def("forward", &objective_binding::forward, nb::arg("chosen"), nb::arg("rejected"), nb::arg("stream") = 0,
+             nb::arg("heads").none() = nb::none())
         .def("backward", &objective_binding::backward, nb::arg("out"))
         .def("release", &objective_binding::release);
     m.def("token_scores", &token_scores, nb::arg("clean"), nb::arg("noisy"), nb::arg("labels"), nb::kw_only(),

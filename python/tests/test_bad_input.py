@@ -97,7 +97,7 @@ def test_backward_misuse(batch):
         o.backward()
     dpo = tpo.Objective(method="dpo")
     dpo.forward(**{k: v for k, v in batch.items() if "noisy" not in k})
-    with pytest.raises(tpo.ShapeError, match="forward\\(\\) had no such logits tensor"):
+    with pytest.raises(tpo.ShapeError, match="forward\\(\\) had no such input"):
         dpo.backward(out={"policy_chosen_noisy": np.zeros((3, 6, 11), np.float32)})
 
 

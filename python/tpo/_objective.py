@@ -5,6 +5,7 @@ from . import _arrays, _tpo
 _LOGITS = ("policy_chosen", "policy_chosen_noisy", "policy_rejected", "policy_rejected_noisy",
            "reference_chosen", "reference_chosen_noisy", "reference_rejected", "reference_rejected_noisy")
 _GRADIENTS = ("policy_chosen", "policy_chosen_noisy", "policy_rejected", "policy_rejected_noisy")
+_HEAD_GRADIENTS = ("lm_head", "lm_head_bias")
 
 
 class Result:
@@ -47,22 +48,26 @@ class Result:
 
 
 class Gradients:
-    """∂loss/∂(policy logits): arrays of the logits' shape, dtype, framework and device (None: not computed)."""
+    """∂loss/∂(policy logits), or with hidden states in ∂loss/∂(policy hidden states) and ∂loss/∂ of
+    the lm_head's weight and bias: arrays of the inputs' shape, dtype, framework and device (None:
+    not computed)."""
 
-    __slots__ = _GRADIENTS
+    __slots__ = _GRADIENTS + _HEAD_GRADIENTS
 
     def __init__(self, policy_chosen=None, policy_chosen_noisy=None, policy_rejected=None,
-                 policy_rejected_noisy=None):
+                 policy_rejected_noisy=None, lm_head=None, lm_head_bias=None):
         self.policy_chosen = policy_chosen
         self.policy_chosen_noisy = policy_chosen_noisy
         self.policy_rejected = policy_rejected
         self.policy_rejected_noisy = policy_rejected_noisy
+        self.lm_head = lm_head
+        self.lm_head_bias = lm_head_bias
 
     def __iter__(self):
         return iter(getattr(self, name) for name in _GRADIENTS)
 
     def __repr__(self):
-        shapes = {name: tuple(getattr(self, name).shape) for name in _GRADIENTS if getattr(self, name) is not None}
+        shapes = {name: tuple(getattr(self, name).shape) for name in self.__slots__ if getattr(self, name) is not None}
         return f"tpo.Gradients({shapes})"
 
 
@@ -82,6 +87,10 @@ class Objective:
     ignore_index: label of positions that are not scored. check_inputs: report bad labels and
     NaN/Inf logits as errors. check_unused_logits: also scan the noisy logits' rows that the logit
     score does not read (False saves two tensor reads per step).
+    logit_scale, logit_softcap, temperature: the transform between the lm_head and the softmax,
+    z = softcap·tanh(logit_scale·u / softcap) / temperature, applied with hidden states in (logits
+    inputs are taken as already transformed); chunk_tokens: scored rows per chunk of the fused
+    lm_head path (None: about 2^24 logits a chunk).
     backend: "auto" (cpu for host arrays, cuda for CUDA tensors), "cpu", "reference" (the oracle)
     or "cuda". threads: CPU threads (0: OpenMP's default).
 
@@ -92,7 +101,8 @@ class Objective:
                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05, a=0.5,
                  score="logit", form="additive", average=False, detach_weights=False, shift=True,
                  ignore_index=-100, use_weighting=False, ld_alpha=None, check_inputs=True,
-                 check_unused_logits=True, backend="auto", threads=0):
+                 check_unused_logits=True, logit_scale=1.0, logit_softcap=None, temperature=1.0, chunk_tokens=None,
+                 backend="auto", threads=0):
         if isinstance(loss_type, str):
             loss_type = loss_type.split(",")
         loss_type = [str(t).strip() for t in loss_type]
@@ -108,7 +118,11 @@ class Objective:
                             average=bool(average), detach_weights=bool(detach_weights), shift=bool(shift),
                             ignore_index=int(ignore_index), use_weighting=bool(use_weighting),
                             ld_alpha=None if ld_alpha is None else float(ld_alpha), check_inputs=bool(check_inputs),
-                            check_unused_logits=bool(check_unused_logits), backend=backend, threads=int(threads))
+                            check_unused_logits=bool(check_unused_logits), logit_scale=float(logit_scale),
+                            logit_softcap=None if logit_softcap is None else float(logit_softcap),
+                            temperature=float(temperature),
+                            chunk_tokens=None if chunk_tokens is None else int(chunk_tokens), backend=backend,
+                            threads=int(threads))
         self._core = _tpo.Objective(**self.options)
         self._logits = None  # the forward's logits, for shaping the gradients
 
@@ -147,27 +161,59 @@ class Objective:
 
     __call__ = forward
 
-    def backward(self, out=None):
-        """∂(batch loss)/∂(policy logits) of the last forward.
+    def forward_hidden(self, policy_chosen, policy_chosen_noisy=None, policy_rejected=None,
+                       policy_rejected_noisy=None, reference_chosen=None, reference_chosen_noisy=None,
+                       reference_rejected=None, reference_rejected_noisy=None, labels_chosen=None,
+                       labels_rejected=None, *, lm_head, lm_head_bias=None, reference_lm_head=None,
+                       reference_lm_head_bias=None, weights_chosen=None, weights_rejected=None,
+                       reference_chosen_scores=None, reference_rejected_scores=None):
+        """forward() with the last hidden states (P, L, H) in place of the logits: the logits
+        transform(h·lm_headᵀ + bias) are computed a chunk of rows at a time inside the library and
+        never stored whole. lm_head: the policy's (V, H) weight; reference_lm_head: the reference
+        model's own (required when the reference enters as hidden states). One dtype for all.
+        backward() then gives ∂loss/∂(hidden states), and ∂loss/∂lm_head (and bias).
+        """
+        states = (policy_chosen, policy_chosen_noisy, policy_rejected, policy_rejected_noisy, reference_chosen,
+                  reference_chosen_noisy, reference_rejected, reference_rejected_noisy)
+        given = _arrays.as_input
+        chosen = dict(policy=given(policy_chosen), policy_noisy=given(policy_chosen_noisy),
+                      reference=given(reference_chosen), reference_noisy=given(reference_chosen_noisy),
+                      labels=given(labels_chosen), weights=given(weights_chosen),
+                      reference_scores=given(reference_chosen_scores))
+        rejected = dict(policy=given(policy_rejected), policy_noisy=given(policy_rejected_noisy),
+                        reference=given(reference_rejected), reference_noisy=given(reference_rejected_noisy),
+                        labels=given(labels_rejected), weights=given(weights_rejected),
+                        reference_scores=given(reference_rejected_scores))
+        heads = dict(head=given(lm_head), head_bias=given(lm_head_bias), reference_head=given(reference_lm_head),
+                     reference_head_bias=given(reference_lm_head_bias))
+        self._logits = None
+        values = self._core.forward(chosen, rejected, _arrays.cuda_stream(*states, lm_head), heads)
+        self._logits = dict(zip(_LOGITS[:4], states[:4]), lm_head=lm_head, lm_head_bias=lm_head_bias)
+        return Result(values)
 
-        out=None: new arrays like the policy logits (their framework, dtype and device), one per
-        policy tensor the objective differentiates (the noisy ones for TPO). Otherwise a Gradients
-        or a dict naming some of policy_chosen, policy_chosen_noisy, policy_rejected,
-        policy_rejected_noisy: exactly those are written, in place (C-contiguous, the logits'
-        shape and dtype). Returns the Gradients.
+    def backward(self, out=None):
+        """∂(batch loss)/∂(policy logits) of the last forward (or ∂/∂(policy hidden states) and
+        ∂/∂lm_head, ∂/∂lm_head_bias after forward_hidden).
+
+        out=None: new arrays like the inputs (their framework, dtype and device), one per policy
+        tensor the objective differentiates (the noisy ones for TPO; the lm_head and its bias with
+        hidden states). Otherwise a Gradients or a dict naming some of policy_chosen,
+        policy_chosen_noisy, policy_rejected, policy_rejected_noisy, lm_head, lm_head_bias: exactly
+        those are written, in place (C-contiguous, the inputs' shape and dtype). Returns the Gradients.
         """
         if self._logits is None:
             raise _tpo.Error("backward: forward() must run first (and succeed)")
         if out is None:
             names = _GRADIENTS if self.noisy else ("policy_chosen", "policy_rejected")
+            names += tuple(name for name in _HEAD_GRADIENTS if self._logits.get(name) is not None)
             targets = {name: _arrays.empty_like(self._logits[name]) for name in names}
         elif isinstance(out, Gradients):
-            targets = {name: getattr(out, name) for name in _GRADIENTS if getattr(out, name) is not None}
+            targets = {name: getattr(out, name) for name in Gradients.__slots__ if getattr(out, name) is not None}
         else:
             targets = {name: value for name, value in dict(out).items() if value is not None}
-        unknown = set(targets) - set(_GRADIENTS)
+        unknown = set(targets) - set(Gradients.__slots__)
         if unknown:
-            raise _tpo.ShapeError(f"backward: out names {sorted(unknown)}, expected some of {list(_GRADIENTS)}")
+            raise _tpo.ShapeError(f"backward: out names {sorted(unknown)}, expected some of {list(Gradients.__slots__)}")
         self._core.backward({name: _arrays.as_output(value, f"out['{name}']") for name, value in targets.items()})
         return Gradients(**targets)
 
@@ -189,5 +235,5 @@ class Objective:
 _DEFAULTS = dict(method="tpo", loss_type=["sigmoid"], loss_weights=None, beta=0.1, label_smoothing=0.0,
                  f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05, a=0.5,
                  score="logit", form="additive", average=False, detach_weights=False, shift=True, ignore_index=-100,
-                 use_weighting=False, ld_alpha=None, check_inputs=True, check_unused_logits=True, backend="auto",
-                 threads=0)
+                 use_weighting=False, ld_alpha=None, check_inputs=True, check_unused_logits=True, logit_scale=1.0,
+                 logit_softcap=None, temperature=1.0, chunk_tokens=None, backend="auto", threads=0)
