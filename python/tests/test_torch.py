@@ -221,3 +221,29 @@ def test_concatenated_batches_give_the_split_results():
                                rtol=0, atol=0)
     with pytest.raises(tpo.ShapeError, match="expected an even number"):
         tpo.torch.tpo_loss_concatenated(z[:3], zn[:3], z[:3], zn[:3], labels["chosen"][:3])
+
+
+def test_hidden_states_give_the_logits_results():
+    g = torch.Generator().manual_seed(10)
+    S, L, H, V = 4, 6, 5, 11
+    h, hn, r, rn = (torch.randn(S, L, H, generator=g, dtype=torch.float64) for _ in range(4))
+    W, b, W_ref = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((V, H), (V,), (V, H)))
+    y = torch.randint(0, V, (S, L), generator=g)
+    y[:, :2] = -100
+    leaves_h = [t.clone().requires_grad_(True) for t in (h, hn, W, b)]
+    loss = tpo.torch.tpo_loss_hidden_concatenated(leaves_h[0], leaves_h[1], r, rn, y, lm_head=leaves_h[2],
+                                                  lm_head_bias=leaves_h[3], reference_lm_head=W_ref,
+                                                  logit_softcap=5.0)
+    leaves_z = [t.clone().requires_grad_(True) for t in (h, hn, W, b)]
+
+    def logits(x, weight, bias):
+        return 5.0 * torch.tanh((x @ weight.T + bias) / 5.0)
+
+    want = tpo.torch.tpo_loss_concatenated(logits(leaves_z[0], leaves_z[2], leaves_z[3]),
+                                           logits(leaves_z[1], leaves_z[2], leaves_z[3]), logits(r, W_ref, 0),
+                                           logits(rn, W_ref, 0), y)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    (3 * loss).backward()
+    (3 * want).backward()
+    for mine, theirs in zip(leaves_h, leaves_z):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-8, atol=1e-12)

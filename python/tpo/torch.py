@@ -94,6 +94,57 @@ class ConcatenatedPreferenceFunction(torch.autograd.Function):
         return (None, None) + grads + (None,) * 5
 
 
+class HiddenConcatenatedFunction(torch.autograd.Function):
+    """apply(objective, result_sink, h, hn, r, rn, y, head, bias, reference_head, reference_bias, w, s)
+    → loss: concatenated batches of last hidden states and the lm_head (the fused lm_head path),
+    differentiable in the policy's states and in the head's weight and bias."""
+
+    @staticmethod
+    def forward(ctx, objective, sink, h, hn, r, rn, y, head, bias, reference_head, reference_bias, w, s):
+        if h.shape[0] % 2:
+            raise _tpo.ShapeError(f"policy: {h.shape[0]} sequences, expected an even number (chosen rows, "
+                                  "then as many rejected rows)")
+        pairs = h.shape[0] // 2
+
+        def halves(t):
+            return (None, None) if t is None else (t[:pairs], t[pairs:])
+
+        (hc, hr), (hnc, hnr), (rc, rr), (rnc, rnr), (yc, yr), (wc, wr), (sc, sr) = map(halves, (h, hn, r, rn, y, w, s))
+        result = objective.forward_hidden(hc, hnc, hr, hnr, rc, rnc, rr, rnr, yc, yr, lm_head=head, lm_head_bias=bias,
+                                          reference_lm_head=reference_head, reference_lm_head_bias=reference_bias,
+                                          weights_chosen=wc, weights_rejected=wr, reference_chosen_scores=sc,
+                                          reference_rejected_scores=sr)
+        needs = ctx.needs_input_grad
+        wanted = {2: h, 3: hn, 7: head, 8: bias}
+        grads = {k: torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for k, t in wanted.items() if t is not None and needs[k]}
+        out = {}
+        for k, name in ((2, "policy"), (3, "policy_noisy")):
+            if k in grads:
+                out[name.replace("policy", "policy_chosen")] = grads[k][:pairs]
+                out[name.replace("policy", "policy_rejected")] = grads[k][pairs:]
+        if 7 in grads:
+            out["lm_head"] = grads[7]
+        if 8 in grads:
+            out["lm_head_bias"] = grads[8]
+        if out:
+            objective.backward(out=out)
+        objective.release()
+        ctx.grads = tuple(grads.get(k) for k in (2, 3, 7, 8))
+        if sink is not None:
+            sink.append(result)
+        dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return torch.tensor(result.loss, dtype=dtype, device=h.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        _scale(grads, grad_loss)
+        g_h, g_hn, g_head, g_bias = grads
+        return (None, None, g_h, g_hn, None, None, None, g_head, g_bias, None, None, None, None)
+
+
 def _scale(grads, grad_loss):
     if grad_loss.is_cuda or float(grad_loss) != 1.0:  # a CUDA check would wait for the device
         for g in grads:
@@ -170,3 +221,28 @@ def tpo_loss_concatenated(policy, policy_noisy, reference=None, reference_noisy=
     if "objective" not in kwargs:
         kwargs.setdefault("method", "tpo")
     return preference_loss_concatenated(policy, policy_noisy, reference, reference_noisy, labels, **kwargs)
+
+
+def preference_loss_hidden_concatenated(hidden, hidden_noisy=None, reference_hidden=None,
+                                        reference_hidden_noisy=None, labels=None, *, lm_head, lm_head_bias=None,
+                                        reference_lm_head=None, reference_lm_head_bias=None, weights=None,
+                                        reference_scores=None, objective=None, return_result=False, **options):
+    """preference_loss_concatenated with the last hidden states (2P, L, H) and the lm_head weight
+    (V, H) (+ bias) in place of the logits: the logits are computed inside the library a chunk of
+    rows at a time and never stored whole. Differentiable in the policy's states and in lm_head and
+    lm_head_bias (reference states and head are constants)."""
+    objective = _objective(objective, options)
+    sink = [] if return_result else None
+    loss = HiddenConcatenatedFunction.apply(objective, sink, hidden, hidden_noisy, reference_hidden,
+                                            reference_hidden_noisy, labels, lm_head, lm_head_bias, reference_lm_head,
+                                            reference_lm_head_bias, weights, reference_scores)
+    return (loss, sink[0]) if return_result else loss
+
+
+def tpo_loss_hidden_concatenated(hidden, hidden_noisy, reference_hidden=None, reference_hidden_noisy=None,
+                                 labels=None, **kwargs):
+    """TPO's loss from hidden states: see preference_loss_hidden_concatenated."""
+    if "objective" not in kwargs:
+        kwargs.setdefault("method", "tpo")
+    return preference_loss_hidden_concatenated(hidden, hidden_noisy, reference_hidden, reference_hidden_noisy, labels,
+                                               **kwargs)
