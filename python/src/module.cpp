@@ -24,6 +24,7 @@ NB_MODULE(_tpo, m) {
     static nb::exception<tpo::error> error(m, "Error", PyExc_ValueError);
     static nb::exception<tpo::shape_error> shape_error(m, "ShapeError", error);
     static nb::exception<tpo::value_error> value_error(m, "InvalidValueError", error);
+    static nb::exception<tpo::overflow_error> overflow_error(m, "NonFiniteResultError", value_error);
 
     tpo_python::bind_objective(m);
     tpo_python::bind_corrupt(m);

@@ -21,6 +21,16 @@ def raises(error, pattern, objective, **inputs):
 def test_errors_are_value_errors():
     assert issubclass(tpo.Error, ValueError)
     assert issubclass(tpo.ShapeError, tpo.Error) and issubclass(tpo.InvalidValueError, tpo.Error)
+    assert issubclass(tpo.NonFiniteResultError, tpo.InvalidValueError)
+
+
+def test_a_result_that_overflows_is_an_error_and_disables_backward(batch):
+    wide = {k: v.astype(np.float64) if v.ndim == 3 else v for k, v in batch.items()}
+    o = tpo.Objective(loss_type="ipo", beta=1e-300)
+    with pytest.raises(tpo.NonFiniteResultError, match="beta"):
+        o.forward(**wide)
+    with pytest.raises(tpo.Error, match="forward\\(\\) must run first"):
+        o.backward()
 
 
 def test_bad_options():

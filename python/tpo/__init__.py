@@ -16,7 +16,7 @@ its image corruptors and its token rewards, on NumPy arrays and PyTorch tensors 
 """
 
 from . import _tpo
-from ._tpo import Error, InvalidValueError, ShapeError
+from ._tpo import Error, InvalidValueError, NonFiniteResultError, ShapeError
 from ._objective import Gradients, Objective, Result
 from ._scores import TokenScores, token_scores
 from . import corrupt
@@ -28,4 +28,4 @@ __version__ = _tpo.version
 backends = tuple(_tpo.backends())
 
 __all__ = ["Objective", "Result", "Gradients", "token_scores", "TokenScores", "corrupt", "Error", "ShapeError",
-           "InvalidValueError", "backends"]
+           "InvalidValueError", "NonFiniteResultError", "backends"]
