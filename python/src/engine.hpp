@@ -180,6 +180,17 @@ decltype(auto) with_label_type(element e, F&& f) {
     throw tpo::shape_error(tpo::detail::concat("labels: dtype ", element_name(e), ", expected int64 or int32"));
 }
 
+/// A typed batch and its element type, so the engine's visitors can tell logits from hidden
+/// states. At namespace scope: nvcc names kernels after the types they are instantiated with, and
+/// its generated host stubs cannot reach a class's private members.
+template <class T, class Batch>
+struct typed_batch {
+    using element = T;
+    Batch batch;
+};
+template <class Batch>
+inline constexpr bool is_hidden_batch = requires(const Batch& b) { b.batch.head; };
+
 }  // namespace detail
 
 /// An engine on backend B. `B` is built first and outlives the objective that refers to it.
@@ -230,14 +241,10 @@ public:
     }
 
 private:
-    /// A typed batch and its element type, so the visitors can tell logits from hidden states.
     template <class T, class Batch>
-    struct typed {
-        using element = T;
-        Batch batch;
-    };
+    using typed = detail::typed_batch<T, Batch>;
     template <class Batch>
-    static constexpr bool is_hidden = requires(const Batch& b) { b.batch.head; };
+    static constexpr bool is_hidden = detail::is_hidden_batch<Batch>;
     /// Hidden states need a backend that multiplies matrices (tpo::head_backend).
     template <class Batch>
     static constexpr bool runs() {
