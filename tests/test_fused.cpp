@@ -364,7 +364,7 @@ void fused_bad_input() {
         fails(d, options, "lm_head: row 2 of the weight");
         d = good;
         d.bias[6] = std::nan("");
-        fails(d, options, "lm_head: row 6");
+        fails(d, options, "lm_head: entry 6 of the bias");
         d = good;
         d.chosen.labels[1] = 7;
         fails(d, options, "label 7");

@@ -82,40 +82,32 @@ struct classify_op {
     }
 };
 
-/// flag[i] = 1 when hidden row list[i] holds a NaN or ±∞.
-template <class T, class I>
-struct hidden_scan_op {
-    hidden_view<const T> states;
+/// label[list[i]'s tensor row] = 0: the rows a finiteness scan of the hidden states reads (the
+/// others keep −1, an ignored label).
+template <class I>
+struct scan_labels_op {
     scored_rows<I> plan;
     const index_t* list;
-    std::int32_t* flag;
+    index_t length;
+    std::int64_t* out;
     TPO_HOST_DEVICE void operator()(index_t i) const {
         const scored_row row = plan(list[i]);
-        const T* h = states.row(row.sequence, row.position);
-        double probe = 0;
-        for (index_t k = 0; k < states.hidden; ++k) {
-            const double x = widen<double>(h[k]);
-            probe += x - x;
-        }
-        flag[i] = probe == 0.0 ? 0 : 1;
+        out[row.sequence * length + row.position] = 0;
     }
 };
 
-/// flag[v] = 1 when row v of the head (or its bias entry) holds a NaN or ±∞.
-template <class T>
-struct head_scan_op {
-    head_view<const T> head;
-    std::int32_t* flag;
-    TPO_HOST_DEVICE void operator()(index_t v) const {
-        const T* w = head.row(v);
-        double probe = head.bias ? widen<double>(head.bias[v]) - widen<double>(head.bias[v]) : 0.0;
-        for (index_t k = 0; k < head.hidden; ++k) {
-            const double x = widen<double>(w[k]);
-            probe += x - x;
-        }
-        flag[v] = probe == 0.0 ? 0 : 1;
-    }
+struct fill_labels_op {
+    std::int64_t* out;
+    std::int64_t value;
+    TPO_HOST_DEVICE void operator()(index_t i) const { out[i] = value; }
 };
+
+/// The first row of `rows` (as the scan of a tensor seen as logits left them) that is not finite.
+inline index_t first_non_finite(const std::vector<row_stats>& rows) {
+    for (std::size_t r = 0; r < rows.size(); ++r)
+        if (rows[r].status == row_status::non_finite) return static_cast<index_t>(r);
+    return -1;
+}
 
 /// h·W[y] + b[y] in the accumulation type, through the transform.
 template <class A, class T>
@@ -319,15 +311,25 @@ std::pair<std::vector<index_t>, index_buffer<B>> set_indices(B& backend, const s
 }  // namespace fused_detail
 
 /// Non-finite values in a head are an input error, reported by the vocabulary entry that holds
-/// one. `what` names the head ("lm_head", "reference lm_head").
+/// one. `what` names the head ("lm_head", "reference lm_head"). The weight is scanned as V rows of
+/// H "logits" by the backend's own finiteness reduction, which reads rows as fast as it can.
 template <class B, class T>
 void check_head(B& backend, const head_view<const T>& head, const char* what) {
-    auto flags = backend.template allocate<std::int32_t>(head.vocab);
-    backend.for_each(head.vocab, fused_detail::head_scan_op<T>{head, backend.raw(flags)});
-    const std::vector<std::int32_t> bad = backend.to_host(flags);
-    const auto it = std::find(bad.begin(), bad.end(), 1);
-    detail::require<value_error>(it == bad.end(), what, ": row ", it - bad.begin(),
-                                 " of the weight (or its bias entry) holds a NaN or an infinite value");
+    const row_alignment unshifted{false, -1};
+    auto labels = backend.template allocate<std::int64_t>(head.vocab);  // 0: every row is read
+    auto stats = backend.template allocate<row_stats>(head.vocab);
+    backend.row_statistics(logits_view<const T>{head.weight, 1, head.vocab, head.hidden},
+                           labels_view<const std::int64_t>{backend.raw(labels), 1, head.vocab}, unshifted,
+                           row_reduction::finiteness, backend.raw(stats));
+    const index_t row = fused_detail::first_non_finite(backend.to_host(stats));
+    detail::require<value_error>(row < 0, what, ": row ", row, " of the weight holds a NaN or an infinite value");
+    if (!head.bias) return;
+    // The bias as V rows of one entry, so the error can name the entry.
+    backend.row_statistics(logits_view<const T>{head.bias, 1, head.vocab, 1},
+                           labels_view<const std::int64_t>{backend.raw(labels), 1, head.vocab}, unshifted,
+                           row_reduction::finiteness, backend.raw(stats));
+    const index_t entry = fused_detail::first_non_finite(backend.to_host(stats));
+    detail::require<value_error>(entry < 0, what, ": entry ", entry, " of the bias holds a NaN or an infinite value");
 }
 
 /// The statistics of every scored row of a hidden-state source, as row_statistics gives them for
@@ -349,15 +351,20 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
     const auto n = static_cast<index_t>(host_list.size());
     if (n == 0) return;
     if (check) {
-        auto bad = backend.template allocate<std::int32_t>(n);
-        backend.for_each(n, hidden_scan_op<T, I>{source.states, plan, backend.raw(list), backend.raw(bad)});
-        const std::vector<std::int32_t> found = backend.to_host(bad);
-        const auto it = std::find(found.begin(), found.end(), 1);
-        if (it != found.end()) {
-            const scored_row row = plan(host_list[static_cast<std::size_t>(it - found.begin())]);
-            throw value_error(detail::concat(what, " at sequence ", row.sequence, ", position ", row.position,
+        // The valid rows' hidden states, scanned as rows of H "logits" (label 0) by the backend.
+        const index_t rows = source.states.rows();
+        auto scan_labels = backend.template allocate<std::int64_t>(rows);
+        backend.for_each(rows, fill_labels_op{backend.raw(scan_labels), -1});
+        backend.for_each(n, scan_labels_op<I>{plan, backend.raw(list), source.states.length, backend.raw(scan_labels)});
+        auto scanned = backend.template allocate<row_stats>(rows);
+        backend.row_statistics(
+            logits_view<const T>{source.states.data, source.states.sequences, source.states.length, H},
+            labels_view<const std::int64_t>{backend.raw(scan_labels), source.states.sequences, source.states.length},
+            row_alignment{false, -1}, row_reduction::finiteness, backend.raw(scanned));
+        if (const index_t r = first_non_finite(backend.to_host(scanned)); r >= 0)
+            throw value_error(detail::concat(what, " at sequence ", r / source.states.length, ", position ",
+                                             r % source.states.length,
                                              ": the hidden state holds a NaN or an infinite value"));
-        }
     }
     if (!needs_logsumexp(reduction)) {
         backend.for_each(n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
