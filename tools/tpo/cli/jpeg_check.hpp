@@ -27,6 +27,7 @@ struct huffman_table {
     std::array<std::int32_t, 17> max_code{};  // largest code of each length, -1 when none
     std::array<std::int32_t, 17> offset{};    // index of the first value of each length, minus its first code
     std::array<unsigned char, 256> values{};
+    std::array<std::uint16_t, 256> fast{};  // by the next 8 bits: (length << 8) | value of a code of <= 8 bits, or 0
 };
 
 struct component {
@@ -37,7 +38,8 @@ struct component {
     bool in_a_scan = false;
 };
 
-/// Reads the entropy-coded bits of a scan: stuffed bytes unstuffed, stopping at any marker.
+/// Reads the entropy-coded bits of a scan: stuffed bytes unstuffed, stopping at any marker. Bits
+/// are kept in a 64-bit buffer, so a Huffman code is usually decoded from one look-up.
 class bit_reader {
 public:
     bit_reader(std::span<const unsigned char> bytes, std::size_t pos) : bytes_(bytes), pos_(pos) {}
@@ -46,44 +48,62 @@ public:
     bool bit(int& out) {
         if (count_ == 0 && !fill()) return false;
         --count_;
-        out = (byte_ >> count_) & 1;
+        out = static_cast<int>((buffer_ >> count_) & 1);
         return true;
     }
     bool bits(int n, int& out) {
-        out = 0;
-        for (int i = 0; i < n; ++i) {
-            int b = 0;
-            if (!bit(b)) return false;
-            out = (out << 1) | b;
-        }
+        if (count_ < n) fill();
+        if (count_ < n) return false;
+        count_ -= n;
+        out = static_cast<int>((buffer_ >> count_) & ((std::uint64_t{1} << n) - 1));
         return true;
     }
-    /// Drops the unread bits of the current byte (the padding before a marker).
-    void align() { count_ = 0; }
+    /// The next `n` bits without consuming them, when that many are there.
+    bool peek(int n, unsigned& out) {
+        if (count_ < n) fill();
+        if (count_ < n) return false;
+        out = static_cast<unsigned>((buffer_ >> (count_ - n)) & ((std::uint64_t{1} << n) - 1));
+        return true;
+    }
+    void skip(int n) { count_ -= n; }
+    /// Drops the unread bits of the current byte (the padding before a marker) and gives back
+    /// the whole bytes that were buffered but not read, stuffed pairs counting two.
+    void align() {
+        for (int i = 0; i < count_ / 8; ++i) pos_ -= ((widths_ >> i) & 1) ? 2 : 1;
+        count_ = 0;
+        widths_ = 0;
+    }
     std::size_t position() const { return pos_; }
     void seek(std::size_t pos) {
         pos_ = pos;
         count_ = 0;
+        widths_ = 0;
     }
 
 private:
+    /// Adds whole bytes to the buffer up to 64 bits, stopping before a marker.
     bool fill() {
-        if (pos_ >= bytes_.size()) return false;
-        const unsigned char b = bytes_[pos_];
-        if (b == 0xff) {
-            if (pos_ + 1 >= bytes_.size() || bytes_[pos_ + 1] != 0x00) return false;  // a marker
-            pos_ += 2;
-        } else {
-            ++pos_;
+        bool any = false;
+        while (count_ <= 56 && pos_ < bytes_.size()) {
+            const unsigned char b = bytes_[pos_];
+            bool stuffed = false;
+            if (b == 0xff) {
+                if (pos_ + 1 >= bytes_.size() || bytes_[pos_ + 1] != 0x00) break;  // a marker
+                stuffed = true;
+            }
+            widths_ = (widths_ << 1) | (stuffed ? 1u : 0u);
+            pos_ += stuffed ? 2 : 1;
+            buffer_ = (buffer_ << 8) | b;
+            count_ += 8;
+            any = true;
         }
-        byte_ = b;
-        count_ = 8;
-        return true;
+        return any;
     }
 
     std::span<const unsigned char> bytes_;
     std::size_t pos_;
-    unsigned byte_ = 0;
+    std::uint64_t buffer_ = 0;
+    std::uint64_t widths_ = 0;  // one bit per buffered byte, the newest lowest: 1 for a stuffed pair
     int count_ = 0;
 };
 
@@ -200,6 +220,13 @@ inline jpeg_facts check_jpeg(std::span<const unsigned char> bytes, const std::st
                     code <<= 1;
                 }
                 for (std::size_t v = 0; v < total; ++v) t.values[v] = seg[i + 17 + v];
+                for (int l = 1, first = 0, k2 = 0; l <= 8; ++l) {
+                    for (int c = 0; c < counts[l]; ++c, ++k2)
+                        for (int suffix = 0; suffix < (1 << (8 - l)); ++suffix)
+                            t.fast[static_cast<std::size_t>(((first + c) << (8 - l)) | suffix)] =
+                                static_cast<std::uint16_t>((l << 8) | t.values[static_cast<std::size_t>(k2)]);
+                    first = (first + counts[l]) << 1;
+                }
                 t.defined = true;
                 (table_class == 0 ? dc_tables : ac_tables)[static_cast<std::size_t>(id)] = t;
                 i += 17 + total;
@@ -271,6 +298,12 @@ inline jpeg_facts check_jpeg(std::span<const unsigned char> bytes, const std::st
             // The entropy-coded data, block by block.
             bit_reader in(bytes, next);
             auto decode = [&](const huffman_table& t, int& symbol) {
+                unsigned next = 0;
+                if (in.peek(8, next) && t.fast[next]) {
+                    in.skip(t.fast[next] >> 8);
+                    symbol = t.fast[next] & 0xff;
+                    return;
+                }
                 std::int32_t code = 0;
                 for (int l = 1; l <= 16; ++l) {
                     int b = 0;
