@@ -159,6 +159,15 @@ TEST_CASE("hyperparameters out of range", "[bad-input]") {
                      o.losses = {{tpo::loss_type::aot, 1}};
                      o.use_weighting = true;
                  }));
+    for (tpo::loss_type t : {tpo::loss_type::nca_pair, tpo::loss_type::bco_pair, tpo::loss_type::sppo_hard,
+                             tpo::loss_type::aot, tpo::loss_type::aot_unpaired, tpo::loss_type::apo_zero,
+                             tpo::loss_type::apo_down})
+        expect_error(none, std::string("f_divergence_type = js_divergence for loss ") + tpo::name(t) +
+                               ", expected reverse_kl",
+                     with([t](auto& o) {
+                         o.losses = {{tpo::loss_type::sigmoid, 1}, {t, 0.5}};
+                         o.hyper.divergence = tpo::f_divergence::js_divergence;
+                     }));
     expect_error(none, "empty list", with([](auto& o) { o.losses.clear(); }));
     expect_error(none, "weight of sft is inf",
                  with([](auto& o) { o.losses = {{tpo::loss_type::sft, std::numeric_limits<double>::infinity()}}; }));

@@ -70,9 +70,8 @@ TEST_CASE("gradients match finite differences with every modifier", "[gradient][
         cases.emplace_back(std::move(name), o);
     };
     for (auto f : {tpo::f_divergence::forward_kl, tpo::f_divergence::js_divergence, tpo::f_divergence::alpha_divergence})
-        for (tpo::loss_type type : {tpo::loss_type::sigmoid, tpo::loss_type::ipo, tpo::loss_type::nca_pair,
-                                    tpo::loss_type::bco_pair, tpo::loss_type::sppo_hard, tpo::loss_type::apo_down,
-                                    tpo::loss_type::sigmoid_norm})
+        for (tpo::loss_type type : {tpo::loss_type::sigmoid, tpo::loss_type::ipo, tpo::loss_type::sigmoid_norm,
+                                    tpo::loss_type::exo_pair, tpo::loss_type::robust, tpo::loss_type::discopop})
             add(std::string(tpo::name(f)) + " " + tpo::name(type), [&](auto& o) {
                 o.hyper.divergence = f;
                 o.losses = {{type, 1.0}};
@@ -117,5 +116,42 @@ TEST_CASE("gradients match finite differences with every modifier", "[gradient][
         const gradient_check c = check_gradients(backend, o, data);
         INFO(name << ": " << describe(c));
         CHECK(c.worst_excess <= 0);
+    }
+}
+
+TEST_CASE("gradients match finite differences on TRL 1.16's WPO, sft and combined losses", "[gradient][fd]") {
+    tested_backend backend;
+    std::mt19937_64 rng(1116);
+    std::vector<tpo::loss_term> every_type;
+    for (tpo::loss_type t : tpo::all_loss_types)
+        every_type.push_back({t, 0.1 * static_cast<double>(every_type.size() + 1)});
+    struct fd_case {
+        std::string name;
+        std::vector<tpo::loss_term> losses;
+        bool wpo;
+        tpo::token_weighting weighting;
+    };
+    const std::vector<fd_case> cases = {
+        {"wpo, on-policy labels (pair weights above 1)", {{tpo::loss_type::sigmoid, 1.0}}, true,
+         tpo::token_weighting::self_calibrated},
+        {"wpo mpo: sft weighted per pair", {{tpo::loss_type::sigmoid, 0.8}, {tpo::loss_type::bco_pair, 0.2},
+                                            {tpo::loss_type::sft, 1.0}}, true, tpo::token_weighting::none},
+        {"wpo sft alone, tpo", {{tpo::loss_type::sft, 1.0}}, true, tpo::token_weighting::self_calibrated},
+        {"all 15 loss types combined", every_type, false, tpo::token_weighting::self_calibrated},
+    };
+    for (const fd_case& c : cases) {
+        tpo::objective_options o = options_for(tpo::loss_type::sigmoid);
+        o.losses = c.losses;
+        o.use_weighting = c.wpo;
+        o.weighting = c.weighting;
+        auto data = random_batch<double>(rng, 3, 4, 5, 4, 1.5, 0.25);
+        label_the_likeliest(data.chosen);
+        label_the_likeliest(data.rejected);
+        const gradient_check g = check_gradients(backend, o, data);
+        INFO(c.name << ": " << describe(g));
+        CHECK(g.worst_excess <= 0);
+        if (c.wpo) {  // the case is what its name says: every pair weight above 1
+            for (double w : naive::evaluate(data, o).pair_weights) CHECK(w > 1.0);
+        }
     }
 }

@@ -187,8 +187,10 @@ TEST_CASE("logits up to ±1e4 give a finite loss and gradients without NaN", "[p
                                                                      std::end(tpo::all_loss_types))),
                      1.0}};
         if (o.losses[0].type == tpo::loss_type::exo_pair) o.hyper.label_smoothing = 0.01;
-        o.hyper.divergence = *rc::gen::element(tpo::f_divergence::reverse_kl, tpo::f_divergence::forward_kl,
-                                               tpo::f_divergence::js_divergence, tpo::f_divergence::alpha_divergence);
+        if (tpo::takes_f_divergence(o.losses[0].type))
+            o.hyper.divergence = *rc::gen::element(tpo::f_divergence::reverse_kl, tpo::f_divergence::forward_kl,
+                                                   tpo::f_divergence::js_divergence,
+                                                   tpo::f_divergence::alpha_divergence);
         tested_backend backend;
         gradient_data<double> g(data);
         auto views = g.views();
@@ -277,5 +279,125 @@ TEST_CASE("reading the noisy logits at the label only changes no bit of a result
         RC_ASSERT(a.mean_visual_score_chosen == b.mean_visual_score_chosen);
         RC_ASSERT(a.mean_visual_score_rejected == b.mean_visual_score_rejected);
         for (int k = 0; k < 4; ++k) RC_ASSERT(gs.tensor(k) == gl.tensor(k));
+    });
+}
+
+TEST_CASE("policy logits equal to the reference's give f(0) = 0 under every f-divergence", "[property]") {
+    // Δ_w = Δ_l = 0 exactly (the policy and the reference go through the same arithmetic), and every
+    // f-divergence score vanishes at 0 with its constant: ipo is (1/(2β))² and sigmoid_norm ln 2 for
+    // any pair of lengths, which a score without its constant (f(0) ≠ 0) would break as soon as the
+    // chosen and rejected token counts differ.
+    rc::prop("ipo, sigmoid_norm, sigmoid and hinge at initialisation", [] {
+        const random_case c = *gen_case();
+        auto data = make(c);
+        for (auto* side : {&data.chosen, &data.rejected}) {
+            side->reference = side->policy;
+            side->reference_noisy = side->policy_noisy;
+        }
+        tpo::objective_options o = gen_options();
+        o.weighting = *rc::gen::element(tpo::token_weighting::self_calibrated, tpo::token_weighting::none);
+        o.hyper.beta = *rc::gen::element(0.05, 0.1, 0.5);
+        o.hyper.divergence = *rc::gen::element(tpo::f_divergence::reverse_kl, tpo::f_divergence::forward_kl,
+                                               tpo::f_divergence::js_divergence, tpo::f_divergence::alpha_divergence);
+        o.hyper.f_alpha_divergence_coef = *rc::gen::element(0.3, 0.5, 2.0);
+        const double beta = o.hyper.beta;
+        const std::pair<tpo::loss_type, double> expected[] = {{tpo::loss_type::ipo, 1.0 / (4 * beta * beta)},
+                                                              {tpo::loss_type::sigmoid_norm, std::log(2.0)},
+                                                              {tpo::loss_type::sigmoid, std::log(2.0)},
+                                                              {tpo::loss_type::hinge, 1.0}};
+        tested_backend backend;
+        for (const auto& [type, value] : expected) {
+            o.losses = {{type, 1.0}};
+            const auto r = tpo::evaluate(backend, o, data.batch());
+            for (double loss : r.losses) RC_ASSERT(close(loss, value, 1e-13));
+        }
+    });
+}
+
+TEST_CASE("a combined loss is the weighted sum of its terms, for any number of terms", "[property]") {
+    rc::prop("loss, per-pair losses and gradients add up over 1 to 24 terms, repeats allowed", [] {
+        const random_case c = *gen_case();
+        const auto data = make(c);
+        tpo::objective_options o = gen_options();
+        o.hyper.label_smoothing = 0.1;  // valid for every loss type
+        const auto count = *rc::gen::inRange<std::size_t>(1, 25);
+        const std::vector<tpo::loss_type> types(std::begin(tpo::all_loss_types), std::end(tpo::all_loss_types));
+        bool batch_sorting = false, f_everywhere = true;
+        for (std::size_t k = 0; k < count; ++k) {
+            const tpo::loss_type t = *rc::gen::elementOf(types);
+            o.losses.push_back({t, *rc::gen::element(-1.5, -0.25, 0.5, 1.0, 3.0)});
+            batch_sorting = batch_sorting || t == tpo::loss_type::aot || t == tpo::loss_type::aot_unpaired;
+            f_everywhere = f_everywhere && tpo::takes_f_divergence(t);
+        }
+        o.losses.erase(o.losses.begin());  // the default sigmoid term
+        if (!batch_sorting) o.use_weighting = *rc::gen::arbitrary<bool>();
+        if (f_everywhere)
+            o.hyper.divergence = *rc::gen::element(tpo::f_divergence::reverse_kl, tpo::f_divergence::forward_kl,
+                                                   tpo::f_divergence::js_divergence);
+        tested_backend backend;
+        auto [all, g_all] = evaluate_with_gradients(backend, o, data);
+        double loss = 0;
+        std::vector<double> losses(all.losses.size(), 0.0);
+        std::vector<std::vector<double>> grads(4);
+        for (int k = 0; k < 4; ++k) grads[k].assign(g_all.tensor(k).size(), 0.0);
+        for (const tpo::loss_term& term : o.losses) {
+            tpo::objective_options single = o;
+            single.losses = {{term.type, 1.0}};
+            auto [r, g] = evaluate_with_gradients(backend, single, data);
+            loss += term.weight * r.loss;
+            for (std::size_t i = 0; i < losses.size(); ++i) losses[i] += term.weight * r.losses[i];
+            for (int k = 0; k < 4; ++k)
+                for (std::size_t i = 0; i < grads[k].size(); ++i) grads[k][i] += term.weight * g.tensor(k)[i];
+        }
+        RC_ASSERT(close(all.loss, loss, 1e-10));
+        for (std::size_t i = 0; i < losses.size(); ++i) RC_ASSERT(close(all.losses[i], losses[i], 1e-10));
+        for (int k = 0; k < 4; ++k) {
+            double scale = 0;
+            for (double x : grads[k]) scale = std::max(scale, std::abs(x));
+            for (std::size_t i = 0; i < grads[k].size(); ++i)
+                RC_ASSERT(std::abs(g_all.tensor(k)[i] - grads[k][i]) <= 1e-10 * std::max(scale, 1e-300));
+        }
+    });
+}
+
+TEST_CASE("WPO multiplies every term of a pair by one uncapped weight, sft included", "[property]") {
+    rc::prop("per-pair loss ratios with and without WPO agree across loss types, and exceed 1 on-policy", [] {
+        const random_case c = *gen_case();
+        auto data = make(c);
+        const bool on_policy = *rc::gen::arbitrary<bool>();
+        tpo::objective_options o = gen_options();
+        if (on_policy) {
+            label_the_likeliest(data.chosen, o.alignment.shift);
+            label_the_likeliest(data.rejected, o.alignment.shift);
+        }
+        o.hyper.label_smoothing = 0.1;
+        const std::vector<tpo::loss_type> types = {tpo::loss_type::sft, tpo::loss_type::sigmoid,
+                                                   tpo::loss_type::ipo, tpo::loss_type::bco_pair,
+                                                   tpo::loss_type::apo_zero, tpo::loss_type::exo_pair};
+        tested_backend backend;
+        std::vector<double> ratio;  // of the first type whose per-pair losses are not 0
+        for (int k = 0; k < 3; ++k) {
+            o.losses = {{*rc::gen::elementOf(types), 1.0}};
+            o.use_weighting = false;
+            const auto plain = tpo::evaluate(backend, o, data.batch());
+            o.use_weighting = true;
+            const auto weighted = tpo::evaluate(backend, o, data.batch());
+            for (std::size_t i = 0; i < plain.losses.size(); ++i) {
+                if (std::abs(plain.losses[i]) < 1e-200) {
+                    RC_ASSERT(weighted.losses[i] == 0.0);
+                    continue;
+                }
+                const double r = weighted.losses[i] / plain.losses[i];
+                if (ratio.size() <= i) ratio.resize(i + 1, 0.0);
+                if (ratio[i] == 0.0) ratio[i] = r;
+                RC_ASSERT(close(r, ratio[i], 1e-12));
+                // With no valid token a side weighs 1; on-policy labels weigh more than 1 (p_y > Σ p²).
+                if (on_policy && c.vocab > 1 && plain.chosen_tokens[i] + plain.rejected_tokens[i] > 0)
+                    RC_ASSERT(r > 1.0);
+                if (o.losses[0].type != tpo::loss_type::sft)
+                    RC_ASSERT(close(weighted.grad_policy_chosen_scores[i], r * plain.grad_policy_chosen_scores[i],
+                                    1e-12));
+            }
+        }
     });
 }

@@ -192,7 +192,7 @@ TEST_CASE("tpo loss forwards every option (DPO, float64, int32 labels, combined 
     temp_dir dir;
     save_batch<double, std::int32_t>(dir.path, b);
     const run_result r = run_tool({"loss", "--dir", dir.path.string(), "--method", "dpo", "--loss",
-                                   "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1.0", "--beta", "0.25",
+                                   "sigmoid,ipo,sft", "--loss-weights", "0.8,0.2,1.0", "--beta", "0.25",
                                    "--label-smoothing", "0.1", "--form", "multiplicative", "--average",
                                    "--use-weighting", "--ld-alpha", "0.5", "--f-divergence-type", "js_divergence",
                                    "--grad-dir", (dir / "g").string()});
@@ -200,7 +200,7 @@ TEST_CASE("tpo loss forwards every option (DPO, float64, int32 labels, combined 
     REQUIRE(r.status == 0);
     tpo::objective_options o;
     o.weighting = tpo::token_weighting::none;
-    o.losses = {{tpo::loss_type::sigmoid, 0.8}, {tpo::loss_type::bco_pair, 0.2}, {tpo::loss_type::sft, 1.0}};
+    o.losses = {{tpo::loss_type::sigmoid, 0.8}, {tpo::loss_type::ipo, 0.2}, {tpo::loss_type::sft, 1.0}};
     o.hyper.beta = 0.25;
     o.hyper.label_smoothing = 0.1;
     o.hyper.divergence = tpo::f_divergence::js_divergence;

@@ -1,6 +1,7 @@
 #pragma once
 // Owning random preference batches for tests: tensors in std::vector, views on demand.
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <utility>
@@ -126,6 +127,19 @@ evaluated<G> evaluate_with_gradients(B& backend, const tpo::objective_options& o
 template <class G = double, class B, class T>
 evaluated<G> evaluate_with_gradients(B& backend, const tpo::objective_options& options, const batch_data<T>& data) {
     return evaluate_with_gradients<G>(backend, options, data, data.batch());
+}
+
+/// Every valid label set to the likeliest token of the policy row that scores it (row t scores
+/// label t + 1 with the shift): on such on-policy labels WPO's pair weights exceed 1.
+template <class T>
+void label_the_likeliest(side_data<T>& d, bool shift = true, std::int64_t ignore_index = -100) {
+    for (index_t s = 0; s < d.pairs; ++s)
+        for (index_t t = shift ? 1 : 0; t < d.length; ++t) {
+            std::int64_t& y = d.labels[static_cast<std::size_t>(s * d.length + t)];
+            if (y == ignore_index) continue;
+            const T* row = d.policy.data() + (s * d.length + (shift ? t - 1 : t)) * d.vocab;
+            y = std::max_element(row, row + d.vocab) - row;
+        }
 }
 
 /// The batch with its reference model given as sequence scores (views into the caller's memory:

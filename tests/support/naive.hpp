@@ -88,18 +88,23 @@ inline std::vector<sequence> sequences(const side_data<double>& d, const tpo::ob
     return out;
 }
 
+// f-divergence scores with their constants (they survive ipo's and sigmoid_norm's division by
+// each side's own length); exponents capped at 80.
 inline double f(const tpo::loss_hyperparameters& h, double d) {
     switch (h.divergence) {
     case tpo::f_divergence::reverse_kl: return d;
-    case tpo::f_divergence::forward_kl: return -std::exp(std::min(-d, 80.0));
-    case tpo::f_divergence::js_divergence: return logsig(d);
+    case tpo::f_divergence::forward_kl: return 1 - std::exp(std::min(-d, 80.0));
+    case tpo::f_divergence::js_divergence: return std::log(2.0) + logsig(d);
     case tpo::f_divergence::alpha_divergence: {
         const double a = h.f_alpha_divergence_coef;
-        return a == 1 ? d : std::exp(std::min((a - 1) * d, 80.0)) / (a - 1);
+        return std::abs(a - 1) < 1e-6 ? d : (std::exp(std::min((a - 1) * d, 80.0)) - 1) / (a - 1);
     }
     }
     return d;
 }
+
+/// WPO's pair weight w_w·w_l, not capped.
+inline double wpo_weight(const sequence& w, const sequence& l) { return std::exp(w.wpo + l.wpo); }
 
 /// Per-pair losses of one loss type (sft: its batch scalar on every pair).
 inline std::vector<double> losses_of(tpo::loss_type type, const tpo::objective_options& o,
@@ -126,6 +131,12 @@ inline std::vector<double> losses_of(tpo::loss_type type, const tpo::objective_o
         for (std::size_t j = 0; j < P; ++j) out[j] = smoothed(b * (left[j] - right[j]));
         return out;
     }
+    auto weighted = [&](std::vector<double> v) {
+        if (o.use_weighting)
+            for (std::size_t i = 0; i < P; ++i)
+                v[i] *= frozen_pair_weights ? (*frozen_pair_weights)[i] : wpo_weight(w[i], l[i]);
+        return v;
+    };
     if (type == tpo::loss_type::sft) {
         double n = 0, s = 0;
         for (const auto& q : w) {
@@ -133,7 +144,7 @@ inline std::vector<double> losses_of(tpo::loss_type type, const tpo::objective_o
             s += q.sft;
         }
         std::fill(out.begin(), out.end(), n > 0 ? -s / n : 0.0);
-        return out;
+        return weighted(out);
     }
     for (std::size_t i = 0; i < P; ++i) {
         const double dw = w[i].policy - w[i].reference, dl = l[i].policy - l[i].reference;
@@ -148,12 +159,12 @@ inline std::vector<double> losses_of(tpo::loss_type type, const tpo::objective_o
         case tpo::loss_type::exo_pair:
             v = sig(x) * (logsig(x) - std::log(1 - e)) + sig(-x) * (logsig(-x) - std::log(e));
             break;
-        case tpo::loss_type::nca_pair: v = -logsig(b * fw) - 0.5 * logsig(-b * fw) - 0.5 * logsig(-b * fl); break;
+        case tpo::loss_type::nca_pair: v = -logsig(b * dw) - 0.5 * logsig(-b * dw) - 0.5 * logsig(-b * dl); break;
         case tpo::loss_type::robust: v = (-(1 - e) * logsig(x) + e * logsig(-x)) / (1 - 2 * e); break;
-        case tpo::loss_type::bco_pair: v = -logsig(b * fw) - logsig(-b * fl); break;
-        case tpo::loss_type::sppo_hard: v = std::pow(fw - 1 / (2 * b), 2) + std::pow(fl + 1 / (2 * b), 2); break;
+        case tpo::loss_type::bco_pair: v = -logsig(b * dw) - logsig(-b * dl); break;
+        case tpo::loss_type::sppo_hard: v = std::pow(dw - 1 / (2 * b), 2) + std::pow(dl + 1 / (2 * b), 2); break;
         case tpo::loss_type::apo_zero: v = 1 - sig(b * dw) + sig(b * dl); break;
-        case tpo::loss_type::apo_down: v = sig(b * dw) + 1 - sig(x); break;
+        case tpo::loss_type::apo_down: v = sig(b * dw) + 1 - sig(b * (dw - dl)); break;
         case tpo::loss_type::discopop: {
             const double m = sig(x / h.discopop_tau);
             v = -logsig(x) * (1 - m) + std::exp(std::min(-x, 80.0)) * m;
@@ -161,17 +172,15 @@ inline std::vector<double> losses_of(tpo::loss_type type, const tpo::objective_o
         }
         default: break;
         }
-        if (o.use_weighting)
-            v *= frozen_pair_weights ? (*frozen_pair_weights)[i] : std::min(std::exp(w[i].wpo + l[i].wpo), 1.0);
         out[i] = v;
     }
-    return out;
+    return weighted(out);
 }
 
 struct result {
     double loss = 0;
     std::vector<double> losses, chosen_rewards, rejected_rewards;
-    std::vector<double> pair_weights;  // WPO's w_w·w_l, clamped at 1
+    std::vector<double> pair_weights;  // WPO's w_w·w_l
 };
 
 inline result evaluate(const batch_data<double>& d, const tpo::objective_options& o,
@@ -200,7 +209,7 @@ inline result evaluate(const batch_data<double>& d, const tpo::objective_options
     for (std::size_t i = 0; i < w.size(); ++i) {
         r.chosen_rewards.push_back(o.hyper.beta * (w[i].policy - w[i].reference));
         r.rejected_rewards.push_back(o.hyper.beta * (l[i].policy - l[i].reference));
-        r.pair_weights.push_back(std::min(std::exp(w[i].wpo + l[i].wpo), 1.0));
+        r.pair_weights.push_back(wpo_weight(w[i], l[i]));
     }
     return r;
 }

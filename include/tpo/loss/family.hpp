@@ -1,6 +1,7 @@
 #pragma once
-// The DPO family (SPEC §4, §6): each per-pair loss with its derivatives in the two log-ratios.
-// Batch-coupled losses (aot, aot_unpaired) and the SFT term are assembled in loss/batch.hpp.
+// The DPO family (docs/formulas.md#loss-types): each per-pair loss with its derivatives in the two
+// log-ratios. Batch-coupled losses (aot, aot_unpaired) and the sft term are assembled over the
+// batch in loss/passes.hpp (loss_term_pass).
 
 #include <cmath>
 #include <string>
@@ -83,6 +84,23 @@ inline f_divergence parse_f_divergence(std::string_view s) {
                                      "', expected reverse_kl, forward_kl, js_divergence or alpha_divergence"));
 }
 
+/// Whether f_divergence_type may be other than reverse_kl: the losses written in the score
+/// difference f(Δ_w) − f(Δ_l) (or, for ipo and sigmoid_norm, in f(Δ)/n), and sft, which ignores it.
+/// TRL 1.16 rejects the others, whose formulas use the log-ratios themselves.
+constexpr bool takes_f_divergence(loss_type t) {
+    switch (t) {
+    case loss_type::sigmoid:
+    case loss_type::sigmoid_norm:
+    case loss_type::hinge:
+    case loss_type::ipo:
+    case loss_type::exo_pair:
+    case loss_type::robust:
+    case loss_type::discopop:
+    case loss_type::sft: return true;
+    default: return false;
+    }
+}
+
 /// Scalar hyperparameters every loss may read (validated in loss/options.hpp).
 struct loss_hyperparameters {
     double beta = 0.1;
@@ -100,20 +118,27 @@ struct value_slope {
     double slope;
 };
 
-/// f(Δ) of SPEC §6 and f'(Δ).
+inline constexpr double log_two = 0.69314718055994530942;
+
+/// α-divergence within 1e-6 of α = 1 is its limit, reverse_kl (TRL 1.16's test).
+TPO_HOST_DEVICE inline bool alpha_is_reverse_kl(double alpha) { return (alpha > 1.0 ? alpha - 1.0 : 1.0 - alpha) < 1e-6; }
+
+/// The f-divergence score f(Δ) and its slope f'(Δ), constants included: they cancel in
+/// f(Δ_w) − f(Δ_l) but not where each side is divided by its own length (ipo, sigmoid_norm).
+/// docs/formulas.md#f-divergences
 TPO_HOST_DEVICE inline value_slope f_transform(const loss_hyperparameters& h, double delta) {
     switch (h.divergence) {
     case f_divergence::reverse_kl: return {delta, 1.0};
-    case f_divergence::forward_kl: {  // −e^(−Δ), exponent clamped
+    case f_divergence::forward_kl: {  // 1 − e^(−Δ), exponent capped at 80
         const auto e = math::exp_clamped(-delta);
-        return {-e.value, e.clamped ? 0.0 : e.value};
+        return {1.0 - e.value, e.clamped ? 0.0 : e.value};
     }
-    case f_divergence::js_divergence: return {math::log_sigmoid(delta), math::sigmoid(-delta)};
-    case f_divergence::alpha_divergence: {
+    case f_divergence::js_divergence: return {log_two + math::log_sigmoid(delta), math::sigmoid(-delta)};
+    case f_divergence::alpha_divergence: {  // (e^((α−1)Δ) − 1)/(α−1), exponent capped at 80
         const double alpha = h.f_alpha_divergence_coef;
-        if (alpha == 1.0) return {delta, 1.0};
+        if (alpha_is_reverse_kl(alpha)) return {delta, 1.0};
         const auto e = math::exp_clamped((alpha - 1.0) * delta);
-        return {e.value / (alpha - 1.0), e.clamped ? 0.0 : e.value};
+        return {(e.value - 1.0) * (1.0 / (alpha - 1.0)), e.clamped ? 0.0 : e.value};
     }
     }
     return {delta, 1.0};
@@ -132,7 +157,8 @@ struct pair_loss_value {
     double d_rejected;  // ∂loss/∂Δ_l
 };
 
-/// Losses that depend on the pair alone (every type but aot, aot_unpaired and sft).
+/// Losses that depend on the pair alone (every type but aot, aot_unpaired and sft), each as
+/// TRL 1.16 writes it: docs/formulas.md#loss-types has the formulas, their papers and sources.
 /// n_chosen, n_rejected: valid-token counts, already clamped to at least 1.
 TPO_HOST_DEVICE inline pair_loss_value pair_loss(loss_type type, const loss_hyperparameters& h, double delta_w,
                                                  double delta_l, double n_chosen, double n_rejected) {
@@ -166,25 +192,25 @@ TPO_HOST_DEVICE inline pair_loss_value pair_loss(loss_type type, const loss_hype
         // d/dx collapses to σ(x)σ(−x)·(x − log(1−ε) + log ε) since logσ(x) − logσ(−x) = x.
         return in_x(value, math::sigmoid_derivative(x) * (x - log(1 - eps) + log(eps)));
     }
+    // nca_pair, bco_pair, sppo_hard, apo_zero and apo_down are written in the log-ratios
+    // themselves; options.hpp refuses an f-divergence with them, as TRL 1.16 does.
     case loss_type::nca_pair: {
-        const double bw = beta * fw.value, bl = beta * fl.value;
+        const double bw = beta * delta_w, bl = beta * delta_l;
         const double value = -math::log_sigmoid(bw) - 0.5 * math::log_sigmoid(-bw) - 0.5 * math::log_sigmoid(-bl);
-        return {value, beta * fw.slope * (-math::sigmoid(-bw) + 0.5 * math::sigmoid(bw)),
-                beta * fl.slope * 0.5 * math::sigmoid(bl)};
+        return {value, beta * (-math::sigmoid(-bw) + 0.5 * math::sigmoid(bw)), beta * 0.5 * math::sigmoid(bl)};
     }
     case loss_type::robust: {
         const double value = (-(1 - eps) * math::log_sigmoid(x) + eps * math::log_sigmoid(-x)) / (1 - 2 * eps);
         return in_x(value, (-(1 - eps) * math::sigmoid(-x) - eps * math::sigmoid(x)) / (1 - 2 * eps));
     }
     case loss_type::bco_pair: {
-        const double bw = beta * fw.value, bl = beta * fl.value;
-        return {-math::log_sigmoid(bw) - math::log_sigmoid(-bl), -beta * fw.slope * math::sigmoid(-bw),
-                beta * fl.slope * math::sigmoid(bl)};
+        const double bw = beta * delta_w, bl = beta * delta_l;
+        return {-math::log_sigmoid(bw) - math::log_sigmoid(-bl), -beta * math::sigmoid(-bw), beta * math::sigmoid(bl)};
     }
     case loss_type::sppo_hard: {
-        const double half = 1.0 / (2 * beta);
-        const double uw = fw.value - half, ul = fl.value + half;
-        return {uw * uw + ul * ul, 2 * uw * fw.slope, 2 * ul * fl.slope};
+        const double half = 0.5 / beta;
+        const double uw = delta_w - half, ul = delta_l + half;
+        return {uw * uw + ul * ul, 2 * uw, 2 * ul};
     }
     case loss_type::apo_zero: {
         const double bw = beta * delta_w, bl = beta * delta_l;
@@ -192,10 +218,10 @@ TPO_HOST_DEVICE inline pair_loss_value pair_loss(loss_type type, const loss_hype
                 beta * math::sigmoid_derivative(bl)};
     }
     case loss_type::apo_down: {
-        const double bw = beta * delta_w;
-        const pair_loss_value down = in_x(1 - math::sigmoid(x), -math::sigmoid_derivative(x));
-        return {math::sigmoid(bw) + down.value, beta * math::sigmoid_derivative(bw) + down.d_chosen,
-                down.d_rejected};
+        const double bw = beta * delta_w, margin = beta * (delta_w - delta_l);
+        const double d_margin = -beta * math::sigmoid_derivative(margin);
+        return {math::sigmoid(bw) + (1 - math::sigmoid(margin)), beta * math::sigmoid_derivative(bw) + d_margin,
+                -d_margin};
     }
     case loss_type::discopop: {
         const double tau = h.discopop_tau;

@@ -3,7 +3,7 @@
 // exact analytic backward down to the policy logits, on any tensor backend.
 //
 //   forward:  row_statistics over each logits tensor (the O(S·L·V) pass, rows/rules.hpp)
-//             → sequence_pass → batch_pass (O(S·L), O(P))
+//             → sequence_pass → reward_pass → loss_term_pass per loss term (O(S·L), O(P))
 //   backward: coefficient_pass → row_gradient over each requested gradient tensor
 //
 // The forward keeps only O(S·L) row statistics; the backward re-reads the logits once and
@@ -197,10 +197,13 @@ private:
         if (options_.check_inputs)
             detail::report_input_problems(options_, summaries, pairs_, vocab_, hidden_input_);
 
-        backend_.for_each(1, loss::batch_pass{options_.hyper, loss::loss_list::from(options_),
-                                              options_.use_weighting, pairs, backend_.raw(summaries_),
-                                              backend_.raw(pair_results_), backend_.raw(batch_result_),
-                                              backend_.raw(scratch_), backend_.raw(order_scratch_)});
+        backend_.for_each(1, loss::reward_pass{options_.hyper.beta, pairs, backend_.raw(summaries_),
+                                               backend_.raw(pair_results_), backend_.raw(batch_result_)});
+        for (const loss_term& term : options_.losses)
+            backend_.for_each(1, loss::loss_term_pass{options_.hyper, term, options_.use_weighting, pairs,
+                                                      backend_.raw(summaries_), backend_.raw(pair_results_),
+                                                      backend_.raw(batch_result_), backend_.raw(scratch_),
+                                                      backend_.raw(order_scratch_)});
         objective_result result = collect(summaries);
         forward_done_ = true;
         return result;

@@ -25,12 +25,12 @@ enum class token_weighting {
     caller,           // caller-supplied weights (RLHF-V's DDPO segment weights, TIS-DPO, ...)
 };
 
+/// One term of the objective: the batch loss is Σ_k weight_k · mean over pairs of loss_k, with as
+/// many terms as the caller lists (docs/formulas.md#combined-losses).
 struct loss_term {
     loss_type type = loss_type::sigmoid;
     double weight = 1.0;
 };
-
-inline constexpr int max_loss_terms = 8;
 
 struct objective_options {
     token_weighting weighting = token_weighting::self_calibrated;
@@ -76,8 +76,6 @@ inline void validate(const objective_options& o) {
     const auto& h = o.hyper;
     require(std::isfinite(h.beta) && h.beta > 0, "beta = ", h.beta, ", expected a finite value > 0");
     require(!o.losses.empty(), "loss_type: empty list, expected at least one loss");
-    require(o.losses.size() <= static_cast<std::size_t>(max_loss_terms), "loss_type: ", o.losses.size(),
-            " losses, at most ", max_loss_terms, " can be combined");
     const double eps = h.label_smoothing;
     require(std::isfinite(eps), "label_smoothing = ", eps, ", expected a finite value");
     for (const loss_term& term : o.losses) {
@@ -107,6 +105,10 @@ inline void validate(const objective_options& o) {
         if (o.use_weighting)
             require(term.type != loss_type::aot && term.type != loss_type::aot_unpaired,
                     "use_weighting: WPO weighting is not defined for loss ", name(term.type));
+        if (h.divergence != f_divergence::reverse_kl)
+            require(takes_f_divergence(term.type), "f_divergence_type = ", name(h.divergence), " for loss ",
+                    name(term.type), ", expected reverse_kl: only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, "
+                    "robust, discopop and sft take an f-divergence");
     }
     // α < 0 is no f-divergence the DPO derivation holds for (f' stays finite at 0); α = 0 and
     // α = 1 are the limits forward_kl and reverse_kl.

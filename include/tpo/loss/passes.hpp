@@ -3,8 +3,10 @@
 // with its for_each: they read the row statistics of the O(S·L·V) row pass and never touch
 // logits. One functor instance serves every backend, so the math exists exactly once.
 //
-//   sequence_pass   one pair per index: token terms → sequence scores, counts, metrics
-//   batch_pass      one index: losses over the batch (aot sorts the batch) → ∂L/∂A per sequence
+//   sequence_pass    one pair per index: token terms → sequence scores, counts, metrics
+//   reward_pass      one index: rewards, accuracy and margin; clears the loss accumulators
+//   loss_term_pass   one index, once per loss term: that term over the batch (aot sorts the
+//                    batch) → loss and ∂L/∂A per sequence
 //   coefficient_pass one pair per index: ∂L/∂A → (alpha, beta) of every scored row (SPEC §5)
 
 #include <cmath>
@@ -194,23 +196,6 @@ struct sequence_pass {
     }
 };
 
-/// A fixed-size copy of the loss list, so it travels to a device by value.
-struct loss_list {
-    int count = 0;
-    loss_type type[max_loss_terms]{};
-    double weight[max_loss_terms]{};
-
-    static loss_list from(const objective_options& o) {
-        loss_list l;
-        for (const loss_term& t : o.losses) {
-            l.type[l.count] = t.type;
-            l.weight[l.count] = t.weight;
-            ++l.count;
-        }
-        return l;
-    }
-};
-
 struct pair_result {
     double loss = 0;            // Σ_k weight_k · loss_k (sft's batch scalar included)
     double grad_chosen = 0;     // ∂L/∂A_θ(y^w) of the batch loss (mean over pairs)
@@ -241,9 +226,41 @@ TPO_HOST_DEVICE inline void sort_indices(const double* key, index_t* order, inde
     }
 }
 
-struct batch_pass {
+/// Per-pair rewards, reward accuracy and margin; clears what the loss terms add to. Runs once
+/// per forward, before the loss_term_pass of every term.
+struct reward_pass {
+    double beta;
+    index_t pairs;
+    const sequence_summary* summaries;
+    pair_result* pair_out;
+    batch_result* batch_out;
+
+    TPO_HOST_DEVICE void operator()(index_t) const {
+        double accuracy = 0, margin = 0;
+        for (index_t i = 0; i < pairs; ++i) {
+            const sequence_summary& w = summaries[i];
+            const sequence_summary& l = summaries[pairs + i];
+            pair_result& p = pair_out[i];
+            p = pair_result{};
+            p.chosen_reward = beta * (w.policy_score - w.reference_score);
+            p.rejected_reward = beta * (l.policy_score - l.reference_score);
+            accuracy += p.chosen_reward > p.rejected_reward ? 1.0 : 0.0;
+            margin += p.chosen_reward - p.rejected_reward;
+        }
+        batch_result b{};
+        b.reward_accuracy = accuracy / static_cast<double>(pairs);
+        b.reward_margin = margin / static_cast<double>(pairs);
+        *batch_out = b;
+    }
+};
+
+/// One term of the combined loss (docs/formulas.md#combined-losses): adds weight · loss_k(i) to
+/// every pair's loss and its derivatives to ∂L/∂A_θ, then leaves in batch_out the batch loss of
+/// the terms added so far. The objective runs one such pass per term, each carrying its term by
+/// value, so any number of terms reaches a device without a list in device memory.
+struct loss_term_pass {
     loss_hyperparameters hyper;
-    loss_list losses;
+    loss_term term;
     bool use_weighting;
     index_t pairs;
     const sequence_summary* summaries;
@@ -254,66 +271,56 @@ struct batch_pass {
 
     TPO_HOST_DEVICE void operator()(index_t) const {
         const double inv_pairs = 1.0 / static_cast<double>(pairs);
-        double accuracy = 0, margin = 0;
-        for (index_t i = 0; i < pairs; ++i) {
-            const sequence_summary& w = summaries[i];
-            const sequence_summary& l = summaries[pairs + i];
-            pair_result& p = pair_out[i];
-            p = pair_result{};
-            p.chosen_reward = hyper.beta * (w.policy_score - w.reference_score);
-            p.rejected_reward = hyper.beta * (l.policy_score - l.reference_score);
-            accuracy += p.chosen_reward > p.rejected_reward ? 1.0 : 0.0;
-            margin += p.chosen_reward - p.rejected_reward;
-        }
-        batch_result b{};
-        for (int k = 0; k < losses.count; ++k) {
-            const loss_type type = losses.type[k];
-            const double weight = losses.weight[k];
-            if (type == loss_type::sft) {
-                add_sft(weight, b);
-            } else if (type == loss_type::aot || type == loss_type::aot_unpaired) {
-                add_aot(type, weight, inv_pairs);
-            } else {
-                for (index_t i = 0; i < pairs; ++i) {
-                    const sequence_summary& w = summaries[i];
-                    const sequence_summary& l = summaries[pairs + i];
-                    const pair_loss_value v =
-                        pair_loss(type, hyper, w.policy_score - w.reference_score, l.policy_score - l.reference_score,
-                                  w.tokens > 1 ? w.tokens : 1.0, l.tokens > 1 ? l.tokens : 1.0);
-                    // WPO: the pair's weight is a constant of the gradient (TRL clamps it at 1).
-                    double scale = weight;
-                    if (use_weighting) {
-                        using std::exp;
-                        const double wpo = exp(w.wpo_log_weight + l.wpo_log_weight);
-                        scale *= wpo < 1.0 ? wpo : 1.0;
-                    }
-                    pair_out[i].loss += scale * v.value;
-                    pair_out[i].grad_chosen += scale * v.d_chosen * inv_pairs;
-                    pair_out[i].grad_rejected += scale * v.d_rejected * inv_pairs;
-                }
+        if (term.type == loss_type::sft) {
+            add_sft(inv_pairs);
+        } else if (term.type == loss_type::aot || term.type == loss_type::aot_unpaired) {
+            add_aot(inv_pairs);
+        } else {
+            for (index_t i = 0; i < pairs; ++i) {
+                const sequence_summary& w = summaries[i];
+                const sequence_summary& l = summaries[pairs + i];
+                const pair_loss_value v =
+                    pair_loss(term.type, hyper, w.policy_score - w.reference_score, l.policy_score - l.reference_score,
+                              w.tokens > 1 ? w.tokens : 1.0, l.tokens > 1 ? l.tokens : 1.0);
+                const double scale = term.weight * pair_weight(i);
+                pair_out[i].loss += scale * v.value;
+                pair_out[i].grad_chosen += scale * v.d_chosen * inv_pairs;
+                pair_out[i].grad_rejected += scale * v.d_rejected * inv_pairs;
             }
         }
-        for (index_t i = 0; i < pairs; ++i) b.loss += pair_out[i].loss;
-        b.loss *= inv_pairs;
-        b.reward_accuracy = accuracy * inv_pairs;
-        b.reward_margin = margin * inv_pairs;
-        *batch_out = b;
+        double loss = 0;
+        for (index_t i = 0; i < pairs; ++i) loss += pair_out[i].loss;
+        batch_out->loss = loss * inv_pairs;
     }
 
-    // −Σ m ℓ / Σ m over the chosen clean policy logits: a batch scalar, shown on every pair so that
-    // the mean of the per-pair losses is the batch loss.
-    TPO_HOST_DEVICE void add_sft(double weight, batch_result& b) const {
+    /// WPO's w_w·w_l (docs/formulas.md#wpo): not capped, and a constant of the gradient; 1 without WPO.
+    TPO_HOST_DEVICE double pair_weight(index_t i) const {
+        using std::exp;
+        return use_weighting ? exp(summaries[i].wpo_log_weight + summaries[pairs + i].wpo_log_weight) : 1.0;
+    }
+
+    // −Σ m ℓ / Σ m over the chosen clean policy logits: a batch scalar S, shown on every pair (times
+    // the pair's WPO weight) so that the mean of the per-pair losses is the batch loss. Its
+    // derivative in each valid chosen ℓ is the same for every token: −weight · mean_i(w_i) / N.
+    TPO_HOST_DEVICE void add_sft(double inv_pairs) const {
         double tokens = 0, logp = 0;
         for (index_t i = 0; i < pairs; ++i) {
             tokens += summaries[i].tokens;
             logp += summaries[i].sft_logp_sum;
         }
         if (tokens == 0) return;  // no valid token: the term is 0, never 0/0
-        for (index_t i = 0; i < pairs; ++i) pair_out[i].loss += weight * (-logp / tokens);
-        b.sft_logp_coefficient += -weight / tokens;
+        double weights = 0;
+        for (index_t i = 0; i < pairs; ++i) {
+            const double w = pair_weight(i);
+            pair_out[i].loss += term.weight * w * (-logp / tokens);
+            weights += w;
+        }
+        batch_out->sft_logp_coefficient += -term.weight * weights * inv_pairs / tokens;
     }
 
-    TPO_HOST_DEVICE void add_aot(loss_type type, double weight, double inv_pairs) const {
+    TPO_HOST_DEVICE void add_aot(double inv_pairs) const {
+        const loss_type type = term.type;
+        const double weight = term.weight;
         double* left = scratch;          // what is sorted on the left of d
         double* right = scratch + pairs; // what is sorted on the right
         index_t* left_order = order_scratch;
