@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <random>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <stb/stb_image.h>
@@ -108,6 +110,8 @@ const std::set<std::string> loss_keys{"loss",
                                       "rejected_rewards",
                                       "policy_chosen_scores",
                                       "policy_rejected_scores",
+                                      "reference_chosen_scores",
+                                      "reference_rejected_scores",
                                       "mean_visual_score_chosen",
                                       "mean_visual_score_rejected",
                                       "reward_accuracy",
@@ -128,6 +132,8 @@ void check_json_matches(const std::map<std::string, json_value>& j, const tpo::o
     CHECK(j.at("rejected_rewards") == r.rejected_rewards);
     CHECK(j.at("policy_chosen_scores") == r.policy_chosen_scores);
     CHECK(j.at("policy_rejected_scores") == r.policy_rejected_scores);
+    CHECK(j.at("reference_chosen_scores") == r.reference_chosen_scores);
+    CHECK(j.at("reference_rejected_scores") == r.reference_rejected_scores);
     CHECK(j.at("mean_visual_score_chosen") == r.mean_visual_score_chosen);
     CHECK(j.at("mean_visual_score_rejected") == r.mean_visual_score_rejected);
     CHECK(j.at("chosen_tokens") == r.chosen_tokens);
@@ -242,6 +248,55 @@ TEST_CASE("tpo loss: the remaining flags reach the objective", "[cli]") {
     o.hyper.f_alpha_divergence_coef = 0.3;
     tpo::backend::reference backend;
     check_json_matches(parse_json(r.out), tpo::evaluate(backend, o, b.batch()));
+}
+
+TEST_CASE("tpo loss reads precomputed reference scores instead of the reference logits", "[cli]") {
+    // A_ref of a run with the reference logits, written as reference_scores_*.npy in place of the
+    // reference files: the tool must report what the library computes from those scores, and (the
+    // library's own property) the same numbers and gradients as the run with the logits.
+    std::mt19937_64 rng(1616);
+    const auto b = tpo_test::random_batch<double>(rng, 3, 6, 4, 7);
+    for (const bool tpo_method : {true, false}) {
+        INFO((tpo_method ? "tpo" : "dpo"));
+        temp_dir dir;
+        save_batch(dir.path, b);
+        std::vector<std::string> args{"loss", "--dir", dir.path.string(), "--grad-dir", (dir / "g").string(),
+                                      "--loss", "sigmoid,ipo", "--ld-alpha", "0.5", "--use-weighting"};
+        if (!tpo_method) args.insert(args.end(), {"--method", "dpo"});
+        const run_result with_logits = run_tool(args);
+        INFO(with_logits.err);
+        REQUIRE(with_logits.status == 0);
+        const auto grad_chosen = load<double>(dir / "g/grad_policy_chosen.npy", {3, 6, 7});
+        const auto grad_rejected = load<double>(dir / "g/grad_policy_rejected.npy", {3, 4, 7});
+
+        tpo::objective_options o;
+        o.weighting = tpo_method ? tpo::token_weighting::self_calibrated : tpo::token_weighting::none;
+        o.losses = {{tpo::loss_type::sigmoid, 1.0}, {tpo::loss_type::ipo, 1.0}};
+        o.ld_alpha = 0.5;
+        o.use_weighting = true;
+        tpo::backend::reference backend;
+        const tpo::objective_result from_logits = tpo::evaluate(backend, o, b.batch());
+        for (const char* side : {"chosen", "rejected"}) {
+            fs::remove(dir / ("reference_" + std::string(side) + ".npy"));
+            fs::remove(dir / ("reference_" + std::string(side) + "_noisy.npy"));
+        }
+        save(dir / "reference_scores_chosen.npy", {3}, from_logits.reference_chosen_scores);
+        save(dir / "reference_scores_rejected.npy", {3}, from_logits.reference_rejected_scores);
+        fs::remove_all(dir / "g");
+        const run_result with_scores = run_tool(args);
+        INFO(with_scores.err);
+        REQUIRE(with_scores.status == 0);
+
+        auto scores = [](const std::vector<double>& v) {
+            return tpo::sequence_values_view<const double>{v.data(), static_cast<tpo::index_t>(v.size())};
+        };
+        const auto batch = tpo_test::with_reference_scores(b.batch(), scores(from_logits.reference_chosen_scores),
+                                                           scores(from_logits.reference_rejected_scores));
+        check_json_matches(parse_json(with_scores.out), tpo::evaluate(backend, o, batch));
+        CHECK(parse_json(with_scores.out) == parse_json(with_logits.out));
+        CHECK(same_bits(load<double>(dir / "g/grad_policy_chosen.npy", {3, 6, 7}), grad_chosen));
+        CHECK(same_bits(load<double>(dir / "g/grad_policy_rejected.npy", {3, 4, 7}), grad_rejected));
+    }
 }
 
 TEST_CASE("tpo loss --backend: cpu agrees with reference when built in; others are refused clearly", "[cli]") {
@@ -539,6 +594,47 @@ TEST_CASE("tpo loss: every bad input exits 2 with one line and writes nothing", 
     SECTION("missing file") {
         fs::remove(dir / "reference_rejected_noisy.npy");
         check_rejected(run_loss(), "reference_rejected_noisy.npy: file: does not exist");
+    }
+    SECTION("reference scores given with the reference logits") {
+        save(dir / "reference_scores_chosen.npy", {2}, std::vector<double>{-3.0, -4.0});
+        check_rejected(run_loss(), "reference_scores_chosen.npy: file: precomputed reference scores given with "
+                                   "reference logits (reference_chosen.npy), expected one of them");
+        fs::remove(dir / "reference_scores_chosen.npy");
+    }
+    SECTION("reference scores given with a reference noisy logits file") {
+        fs::remove(dir / "reference_rejected.npy");
+        save(dir / "reference_scores_rejected.npy", {2}, std::vector<double>{-3.0, -4.0});
+        check_rejected(run_loss(), "reference_rejected_noisy.npy: file: reference logits given with precomputed "
+                                   "reference scores (reference_scores_rejected.npy), expected one of them");
+        fs::remove(dir / "reference_scores_rejected.npy");
+    }
+    SECTION("neither reference logits nor reference scores") {
+        fs::remove(dir / "reference_chosen.npy");
+        check_rejected(run_loss(), "reference_chosen.npy: file: does not exist, expected reference_chosen.npy "
+                                   "(reference logits) or reference_scores_chosen.npy (precomputed reference scores)");
+    }
+    for (const auto& [name, write, mention] :
+         std::vector<std::tuple<std::string, std::function<void(const fs::path&)>, std::string>>{
+             {"reference scores of the wrong length",
+              [](const fs::path& p) { save(p, {3}, std::vector<double>{1, 2, 3}); },
+              "reference_scores_chosen.npy: shape: (3,), expected (2,): one value per sequence of"},
+             {"reference scores of two dimensions",
+              [](const fs::path& p) { save(p, {2, 1}, std::vector<double>{1, 2}); },
+              "reference_scores_chosen.npy: shape: (2, 1), expected (2,)"},
+             {"reference scores as float32",
+              [](const fs::path& p) { save(p, {2}, std::vector<float>{1, 2}); },
+              "reference_scores_chosen.npy: descr: <f4, expected '<f8'"},
+             {"a non-finite reference score",
+              [](const fs::path& p) { save(p, {2}, std::vector<double>{1, std::nan("")}); },
+              "reference_scores_chosen.npy: data: element [1] is nan, expected a finite score"},
+         }) {
+        SECTION(name) {
+            fs::remove(dir / "reference_chosen.npy");
+            fs::remove(dir / "reference_chosen_noisy.npy");
+            write(dir / "reference_scores_chosen.npy");
+            check_rejected(run_loss(), mention);
+            fs::remove(dir / "reference_scores_chosen.npy");
+        }
     }
     SECTION("labels of a float dtype") {
         save(dir / "labels_chosen.npy", {2, 4}, std::vector<float>(8, 1.0f));

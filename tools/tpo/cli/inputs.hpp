@@ -58,6 +58,53 @@ struct labels_file {
     tpo::labels_view<const std::int64_t> view() const { return {values.data(), shape[0], shape[1]}; }
 };
 
+/// One value per sequence (P), read as float64: precomputed sequence scores.
+struct sequence_values_file {
+    std::string path;
+    std::vector<double> values;
+
+    tpo::sequence_values_view<const double> view() const {
+        return {values.data(), static_cast<tpo::index_t>(values.size())};
+    }
+};
+
+/// Which of a role's mutually exclusive inputs a dump directory holds. Each alternative is the
+/// list of files that make it up (its first file names it); the one whose first file is present is
+/// chosen, and every file of the others must be absent, so no file is ever silently ignored.
+struct input_alternative {
+    const char* what;                // "reference logits", "precomputed reference scores", ...
+    std::vector<std::string> files;  // names without the directory
+};
+
+inline std::size_t choose_input(const std::filesystem::path& dir, const std::vector<input_alternative>& alternatives) {
+    auto present = [&](const std::string& name) {
+        std::error_code ec;
+        return std::filesystem::exists(dir / name, ec);
+    };
+    std::size_t chosen = alternatives.size();
+    for (std::size_t k = 0; k < alternatives.size(); ++k)
+        if (present(alternatives[k].files.front())) {
+            chosen = k;
+            break;
+        }
+    if (chosen == alternatives.size()) {
+        std::string expected;
+        for (std::size_t k = 0; k < alternatives.size(); ++k)
+            expected += tpo::detail::concat(k ? " or " : "", alternatives[k].files.front(), " (", alternatives[k].what, ")");
+        throw tpo::io::file_error(tpo::detail::concat((dir / alternatives.front().files.front()).string(),
+                                                      ": file: does not exist, expected ", expected));
+    }
+    for (std::size_t k = 0; k < alternatives.size(); ++k) {
+        if (k == chosen) continue;
+        for (const std::string& name : alternatives[k].files)
+            if (present(name))
+                throw input_error(tpo::detail::concat((dir / name).string(), ": file: ", alternatives[k].what,
+                                                      " given with ", alternatives[chosen].what, " (",
+                                                      alternatives[chosen].files.front(), "), expected one of them"));
+    }
+    return chosen;
+}
+
 /// Any float array (for corrupt): dtype <f4 or <f8, any shape.
 inline io::npy_array load_float_array(const std::string& path) {
     io::npy_array a = io::read_npy(path);
@@ -92,6 +139,23 @@ inline labels_file load_labels(const std::string& path) {
     if (f.shape.size() != 2)
         throw input_error(tpo::detail::concat(path, ": shape: ", io::shape_text(f.shape), " has ", f.shape.size(),
                                               " dimensions, expected 2 (P, L)"));
+    return f;
+}
+
+/// Sequence values (P) <f8, one per sequence of `like`, all finite.
+inline sequence_values_file load_sequence_values(const std::string& path, const logits_file& like) {
+    io::npy_array a = io::read_npy(path);
+    if (a.dtype != io::npy_dtype::f8)
+        throw input_error(tpo::detail::concat(path, ": descr: ", io::descr(a.dtype), ", expected '<f8'"));
+    if (a.shape.size() != 1 || a.shape[0] != like.sequences())
+        throw input_error(tpo::detail::concat(path, ": shape: ", io::shape_text(a.shape), ", expected (",
+                                              like.sequences(), ",): one value per sequence of ", like.path, " ",
+                                              io::shape_text(like.array.shape)));
+    sequence_values_file f{path, std::move(a.values<double>())};
+    for (std::size_t i = 0; i < f.values.size(); ++i)
+        if (!std::isfinite(f.values[i]))
+            throw input_error(tpo::detail::concat(path, ": data: element [", i, "] is ", f.values[i],
+                                                  ", expected a finite score"));
     return f;
 }
 

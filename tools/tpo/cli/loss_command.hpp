@@ -69,34 +69,42 @@ inline tpo::objective_options read_loss_options(const parsed_args& args) {
     return o;
 }
 
-/// The files of one side, loaded and checked against each other.
+/// The files of one side, loaded and checked against each other. The reference model comes as its
+/// logits (and noisy logits, for TPO) or as precomputed sequence scores A_ref.
 struct side_files {
-    logits_file policy, reference;
-    std::optional<logits_file> policy_noisy, reference_noisy;
+    logits_file policy;
+    std::optional<logits_file> reference, policy_noisy, reference_noisy;
+    std::optional<sequence_values_file> reference_scores;
     labels_file labels;
 };
 
 inline side_files load_side(const std::filesystem::path& dir, const std::string& side, bool noisy,
                             tpo::row_alignment align) {
     auto file = [&](const std::string& name) { return (dir / (name + ".npy")).string(); };
-    side_files f{load_logits(file("policy_" + side)), load_logits(file("reference_" + side)), {}, {},
-                 load_labels(file("labels_" + side))};
-    check_same_shape(f.policy, f.reference);
-    check_same_dtype(f.policy, f.reference);
-    if (noisy) {
-        f.policy_noisy = load_logits(file("policy_" + side + "_noisy"));
-        f.reference_noisy = load_logits(file("reference_" + side + "_noisy"));
-        for (const logits_file* g : {&*f.policy_noisy, &*f.reference_noisy}) {
-            check_same_shape(f.policy, *g);
-            check_same_dtype(f.policy, *g);
-        }
+    side_files f{load_logits(file("policy_" + side)), {}, {}, {}, {}, load_labels(file("labels_" + side))};
+    std::vector<std::string> reference_logits = {"reference_" + side + ".npy"};
+    if (noisy) reference_logits.push_back("reference_" + side + "_noisy.npy");
+    const std::size_t reference = choose_input(
+        dir, {{"reference logits", reference_logits},
+              {"precomputed reference scores", {"reference_scores_" + side + ".npy"}}});
+    if (reference == 0) {
+        f.reference = load_logits(file("reference_" + side));
+        check_same_shape(f.policy, *f.reference);
+        check_same_dtype(f.policy, *f.reference);
+    } else {
+        f.reference_scores = load_sequence_values(file("reference_scores_" + side), f.policy);
     }
+    if (noisy) f.policy_noisy = load_logits(file("policy_" + side + "_noisy"));
+    if (noisy && reference == 0) f.reference_noisy = load_logits(file("reference_" + side + "_noisy"));
+    for (const auto* g : {&f.policy_noisy, &f.reference_noisy})
+        if (*g) {
+            check_same_shape(f.policy, **g);
+            check_same_dtype(f.policy, **g);
+        }
     check_labels(f.labels, f.policy, align);
-    for (const logits_file* z : {&f.policy, &f.reference})
-        check_finite_rows(*z, f.labels, align);
-    if (noisy)
-        for (const logits_file* z : {&*f.policy_noisy, &*f.reference_noisy})
-            check_finite_rows(*z, f.labels, align);
+    check_finite_rows(f.policy, f.labels, align);
+    for (const auto* z : {&f.reference, &f.policy_noisy, &f.reference_noisy})
+        if (*z) check_finite_rows(**z, f.labels, align);
     return f;
 }
 
@@ -104,9 +112,10 @@ template <class T>
 tpo::side_batch<T, std::int64_t> side_view(const side_files& f) {
     tpo::side_batch<T, std::int64_t> s;
     s.policy = f.policy.view<T>();
-    s.reference = f.reference.view<T>();
+    if (f.reference) s.reference = f.reference->view<T>();
     if (f.policy_noisy) s.policy_noisy = f.policy_noisy->view<T>();
     if (f.reference_noisy) s.reference_noisy = f.reference_noisy->view<T>();
+    if (f.reference_scores) s.reference_scores = f.reference_scores->view();
     s.labels = f.labels.view();
     return s;
 }
@@ -162,6 +171,8 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
         json.numbers("rejected_rewards", r.rejected_rewards);
         json.numbers("policy_chosen_scores", r.policy_chosen_scores);
         json.numbers("policy_rejected_scores", r.policy_rejected_scores);
+        json.numbers("reference_chosen_scores", r.reference_chosen_scores);
+        json.numbers("reference_rejected_scores", r.reference_rejected_scores);
         json.numbers("mean_visual_score_chosen", r.mean_visual_score_chosen);
         json.numbers("mean_visual_score_rejected", r.mean_visual_score_rejected);
         json.number("reward_accuracy", r.reward_accuracy);
