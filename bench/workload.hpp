@@ -127,7 +127,7 @@ struct workload {
     double gradient_bytes() const { return 2.0 * static_cast<double>(dims.elements()) * sizeof(T); }
 };
 
-/// The official TPO options (SPEC §7): sigmoid loss, β = 0.1, a = 0.5, logit score, additive.
+/// The official TPO options (`docs/formulas.md#numerics`): sigmoid loss, β = 0.1, a = 0.5, logit score, additive.
 inline tpo::objective_options tpo_options() {
     tpo::objective_options o;
     o.hyper.beta = 0.1;

@@ -246,8 +246,9 @@ TEST_CASE("corruptions agree with the reference backend", "[backend][corrupt]") 
     tpo::diffusion_options d;
     d.seed = 99;
     d.stream = 4;
-    // Host and device transcendental functions may differ in the last bits (SPEC §2.2), which can
-    // move a value across a rounding boundary of the 8-bit output: at most one level.
+    // Host and device transcendental functions may differ in the last bits
+    // (docs/formulas.md#reproducible-noise), which can move a value across a rounding boundary of the
+    // 8-bit output: at most one level.
     agree("diffusion pixel", [&](auto& b, auto out) { tpo::add_diffusion_noise(b, in, out, d); }, 1);
     d.space = tpo::noise_space::normalized;
     agree("diffusion normalized", [&](auto& b, auto out) { tpo::add_diffusion_noise(b, in, out, d); }, 1);

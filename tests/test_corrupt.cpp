@@ -1,4 +1,4 @@
-// Image corruptions on the tested backend (SPEC §2): the diffusion formula element by element,
+// Image corruptions on the tested backend (docs/formulas.md#image-corruption): the diffusion formula element by element,
 // layouts and spaces, 8-bit clamp and wrap, and the geometry of crop, blur and patch masking.
 
 #include <catch2/catch.hpp>
@@ -69,7 +69,7 @@ TEST_CASE("normalised-space noise uses each element's channel in any layout", "[
         const double expected = (std::sqrt(a) * normalised + std::sqrt(1 - a) * rng.normal(i)) * n.std[ch] + n.mean[ch];
         CHECK(std::abs(out[i] - expected) <= 2e-6);
     }
-    // The normalised space is the stronger corruption (SPEC §2.1: about 3.7×).
+    // The normalised space is the stronger corruption (about 3.7×, docs/formulas.md#diffusion-noise).
     std::vector<float> pixel(x.size());
     o.space = tpo::noise_space::pixel;
     tpo::add_diffusion_noise(backend, tpo::image_view<const float>::hwc(x.data(), h, w, c),

@@ -254,7 +254,7 @@ TEST_CASE("cpu backend: vectorised Philox equals the scalar generator", "[cpu][n
             float expected[4];
             stream.normals(first + static_cast<std::uint64_t>(b), expected);
             for (int k = 0; k < 4; ++k) {
-                // Vector log/sin/cos may differ from libm in the last bits (SPEC §2.2).
+                // Vector log/sin/cos may differ from libm in the last bits (docs/formulas.md#reproducible-noise).
                 INFO("block " << first + static_cast<std::uint64_t>(b) << " normal " << k);
                 REQUIRE(std::abs(normals[static_cast<std::size_t>(4 * b + k)] - expected[k]) <=
                         4 * 1.2e-7f * std::max(1.0f, std::abs(expected[k])));

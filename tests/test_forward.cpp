@@ -1,4 +1,4 @@
-// The forward against an independent plain implementation of SPEC §3–§6 (support/naive.hpp):
+// The forward against an independent plain implementation of docs/formulas.md (support/naive.hpp):
 // every loss type, score, form, modifier and weighting, on the tested backend.
 
 #include <catch2/catch.hpp>

@@ -1,4 +1,4 @@
-// Every gradient against central finite differences in double (issue 2, SPEC §5), for every
+// Every gradient against central finite differences in double (docs/math.md), for every
 // loss type × score × form × detach × shift, on shapes that include V = 1, L = 1 and fully
 // masked sequences.
 

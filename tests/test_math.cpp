@@ -1,5 +1,6 @@
-// Scalar math shared by every backend: Philox known answers (SPEC §2.2), the beta schedules and
-// their reference figures (SPEC §2.1, §7), stable sigmoids, online log-sum-exp, 16-bit floats.
+// Scalar math shared by every backend: Philox known answers (docs/formulas.md#reproducible-noise),
+// the beta schedules and their reference figures (docs/formulas.md#diffusion-noise), stable
+// sigmoids, online log-sum-exp, 16-bit floats.
 
 #include <catch2/catch.hpp>
 
@@ -36,7 +37,7 @@ TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors", "[math][ph
     }
 }
 
-TEST_CASE("the element-to-counter mapping of SPEC §2.2", "[math][philox]") {
+TEST_CASE("the element-to-counter mapping of docs/formulas.md#reproducible-noise", "[math][philox]") {
     const std::uint64_t seed = 0x0000000500000007ull, stream = 0x0000000900000003ull;
     const tpo::math::philox_stream rng{seed, stream};
     for (std::uint64_t i : {0ull, 1ull, 2ull, 3ull, 4ull, 4099ull, (1ull << 34) + 6}) {
@@ -70,7 +71,7 @@ TEST_CASE("Philox normals have the moments of N(0, 1)", "[math][philox]") {
     CHECK(std::abs(fourth / n - 3) < 0.08);
 }
 
-TEST_CASE("the sigmoid schedule reproduces SPEC's reference table", "[math][schedule]") {
+TEST_CASE("the sigmoid schedule reproduces the reference values of its defaults", "[math][schedule]") {
     const tpo::schedule_options sigmoid{};
     CHECK(tpo::alpha_bar(sigmoid, 500) == Approx(0.744798526).epsilon(1e-9));
     struct row {

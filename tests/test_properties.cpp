@@ -135,7 +135,7 @@ TEST_CASE("prob and logprob scores are invariant to adding a constant to a logit
     });
 }
 
-TEST_CASE("each gradient row sums to what SPEC §5 predicts", "[property][gradient]") {
+TEST_CASE("each gradient row sums to what docs/math.md predicts", "[property][gradient]") {
     // ∂L/∂z[v] = alpha·δ − beta·p[v] sums to alpha − beta. The loss is unchanged by a constant added
     // to a clean row (logprob/prob/DPO: ℓ and s are softmax-based) or, for the logit score, to the
     // clean and noisy rows together (s = z_y − z̃_y keeps): so those sums are 0.

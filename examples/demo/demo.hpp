@@ -7,7 +7,7 @@
 // visual evidence measured on 8×8 patches of the image (how red, green, blue, purple they are).
 // Noise weakens that evidence, so tokens the image supports get a positive visual score
 // s = z[y] − z̃[y]: TPO gives them more weight in the chosen answer and less in the rejected one
-// (SPEC §3.3), while text-only tokens ("a", "on", ".") keep weight 1.
+// (docs/formulas.md#self-calibrated-weight), while text-only tokens ("a", "on", ".") keep weight 1.
 
 #include <algorithm>
 #include <array>

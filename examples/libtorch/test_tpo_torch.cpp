@@ -1,5 +1,5 @@
 // tpo_torch's loss and gradients against libtorch autograd of the same formula written in
-// libtorch ops (SPEC §3-§4: log_softmax + gather on clean and noisy logits, weights σ(s) + a and
+// libtorch ops (docs/formulas.md: log_softmax + gather on clean and noisy logits, weights σ(s) + a and
 // 1 − σ(s) + a, additive sequence scores, sigmoid DPO loss), then a few optimiser steps of a tiny
 // vision-language model trained once through tpo_torch and once through the libtorch formula.
 // One translation unit on purpose: libtorch headers are slow to compile.
@@ -191,7 +191,7 @@ void training_agrees() {
         std::snprintf(line, sizeof line, "training step %d: loss tpo %.15f, libtorch %.15f", step, lt, lr);
         expect(std::abs(lt - lr) <= 1e-12 * std::abs(lr), line);
         if (step == 0) {
-            // The policy starts as the reference: h = 0, the loss is ln 2 exactly (SPEC §7).
+            // The policy starts as the reference: h = 0, the loss is ln 2 exactly (docs/formulas.md#numerics).
             expect(lt == std::log(2.0), "step 0: tpo's loss is exactly ln 2 with policy == reference");
             first = lt;
         }

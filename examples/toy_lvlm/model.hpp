@@ -4,7 +4,7 @@
 //   image (3×16×16) → 36 overlapping 6×6 patches (stride 2, so every 5×5 object lies wholly in one)
 //   → per-patch ReLU embedding (D) → mean pool → image feature g = tanh(W_g · pool) (G)
 //   decoder: GRU over [token embedding; g], h_0 = tanh(W_h0 g),
-//            logits_t = W_o h_t + W_c g + b_o   (predicting token t+1: the causal shift of SPEC §1)
+//            logits_t = W_o h_t + W_c g + b_o   (predicting token t+1: the causal shift)
 //
 // The image enters every step twice (GRU input and output), so each token's logits depend on it
 // directly: that dependence is what TPO's clean-vs-noisy score measures.

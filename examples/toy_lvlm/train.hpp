@@ -34,7 +34,7 @@ struct settings {
     double sft_lr = 3e-3;
     int pref_steps = 300, pref_batch = 16;
     double pref_lr = 1e-4;
-    double beta = 0.1;      // SPEC §7: the official β
+    double beta = 0.1;      // the official β (docs/formulas.md#numerics)
     double a = 0.5;         // calibration margin
     int noise_step = 500;   // diffusion step k of the corruption (official: 500)
     tpo::score_kind score = tpo::score_kind::logit;  // official
@@ -48,7 +48,7 @@ struct settings {
     model_shape shape{};
 };
 
-/// Input tokens padded with `pad`, labels with pad → ignore_index (SPEC §1).
+/// Input tokens padded with `pad`, labels with pad → ignore_index (`docs/formulas.md#notation-and-data-layout`).
 struct encoded {
     std::vector<int> tokens, labels;
 };
@@ -66,10 +66,10 @@ struct curve_point {
 };
 struct preference_curves {
     std::vector<curve_point> loss, accuracy, margin, chair_i, recall;
-    std::vector<curve_point> chosen_reward, rejected_reward;  // batch means of β·Δ (SPEC §4)
+    std::vector<curve_point> chosen_reward, rejected_reward;  // batch means of β·Δ
 };
 
-/// Mean TPO weight c per token class (SPEC §3.3), measured on the current policy.
+/// Mean TPO weight c per token class (`docs/formulas.md#self-calibrated-weight`), measured on the current policy.
 struct weight_stats {
     double chosen[3] = {0, 0, 0}, rejected[3] = {0, 0, 0};  // by token_class
     double rejected_hallucinated = 0;                        // the replacing shape in the rejected caption
@@ -246,7 +246,7 @@ public:
                     const preference_pair& p = *batch[i];
                     std::vector<float> img = p.image;
                     if (corrupted) {
-                        // Each pair's chosen and rejected see the same corrupted image (SPEC §1: the noisy
+                        // Each pair's chosen and rejected see the same corrupted image (the noisy
                         // logits are the same tokens under the corrupted image); a new ε every step.
                         tpo::diffusion_options d;
                         d.step = s_.noise_step;
@@ -393,7 +393,7 @@ public:
     }
 
 private:
-    /// SPEC §3.2's s = g(z)[y] − g(z̃)[y] for one row pair, through the library's own function.
+    /// The visual score s = g(z)[y] − g(z̃)[y] for one row pair, through the library's own function.
     double visual_score(const real* clean, const real* corrupted, int y) const {
         auto stats = [&](const real* z) {
             tpo::math::online_logsumexp<double> lse, unused;

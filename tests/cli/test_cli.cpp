@@ -319,7 +319,7 @@ TEST_CASE("tpo loss --backend: cpu agrees with reference when built in; others a
     }
 }
 
-TEST_CASE("tpo score writes logps, scores, weights and mask as the formulas of SPEC §3", "[cli]") {
+TEST_CASE("tpo score writes logps, scores, weights and mask as the formulas of docs/formulas.md#token-rewards", "[cli]") {
     std::mt19937_64 rng(5);
     const auto b = tpo_test::random_batch<float>(rng, 3, 6, 6, 8);
     temp_dir dir;

@@ -1,5 +1,6 @@
 // Computes TPO losses through the installed headers, on the reference and the CPU backends, and
-// checks them against values derived here from the formulas of SPEC §3-§4 with plain loops.
+// checks them against values derived here from the formulas of docs/formulas.md (token rewards, losses)
+// with plain loops.
 #include <tpo/tpo.hpp>
 #include <tpo/backend/cpu.hpp>
 
@@ -83,7 +84,7 @@ int main() {
     expect_near("thrust backend (host system), TPO loss", tpo_loss(thrust, w, l), expected, 1e-12);
 #endif
 
-    // At initialisation the policy is the reference: h = 0 and the loss is ln 2 exactly (SPEC §7).
+    // At initialisation the policy is the reference: h = 0 and the loss is ln 2 exactly (docs/formulas.md#numerics).
     side w0 = w, l0 = l;
     w0.reference = w0.policy, w0.reference_noisy = w0.policy_noisy;
     l0.reference = l0.policy, l0.reference_noisy = l0.policy_noisy;

@@ -3,7 +3,7 @@
 // warp-per-row and the block-per-row kernels and misaligned rows, forward values and gradients
 // at the tolerances of the CPU backends, and unchanged when the reference enters as precomputed
 // sequence scores; identical errors for bad input; h = 0 exactly at
-// initialisation; device noise within a few ulps of the host's (SPEC §2.2). Needs a GPU to run
+// initialisation; device noise within a few ulps of the host's (docs/formulas.md#reproducible-noise). Needs a GPU to run
 // (scripts/device-check); CI compiles and links it.
 
 #include <catch2/catch.hpp>

@@ -1,6 +1,6 @@
 #pragma once
-// An independent, deliberately plain implementation of SPEC §3–§6 for tests: it materialises
-// log_softmax, writes every loss straight from the SPEC's table and shares no code with the
+// An independent, deliberately plain implementation of docs/formulas.md for tests: it materialises
+// log_softmax, writes every loss straight from the formulas' table and shares no code with the
 // library beyond the option enums. The library's forward must agree with it to round-off.
 
 #include <algorithm>

@@ -203,7 +203,7 @@ TEST_CASE("a shortened SFT → DPO/TPO run trains", "[toy_lvlm][train]") {
     const auto& sft = r.sft_loss;
     INFO("SFT loss: first 20 steps " << mean(sft, 0, 20) << ", last 20 " << mean(sft, sft.size() - 20, sft.size()));
     CHECK(mean(sft, sft.size() - 20, sft.size()) < 0.6 * mean(sft, 0, 20));
-    // Preference losses start at ln 2 exactly (policy = reference, SPEC §7) and must go down.
+    // Preference losses start at ln 2 exactly (policy = reference, docs/formulas.md#numerics) and must go down.
     for (const auto* curve : {&r.dpo_curves.loss, &r.tpo_curves.loss}) {
         CHECK(curve->front().value == Approx(std::log(2.0)).epsilon(1e-6));
         INFO("preference loss: first 10 " << mean(*curve, 0, 10) << ", last 10 " << mean(*curve, 30, 40));

@@ -4,7 +4,7 @@
 //
 // Rows are independent and each row is reduced in a fixed order (cpu/row_kernels.hpp), so every
 // result is bit-identical for any thread count, and the policy and the reference logits go
-// through the same code: identical logits give h = 0 exactly (SPEC §7).
+// through the same code: identical logits give h = 0 exactly (docs/formulas.md#numerics).
 // Scratch is O(S·L) row statistics; the O(S·L·V) memory is the caller's inputs and gradients.
 
 #include <algorithm>

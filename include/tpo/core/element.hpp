@@ -3,7 +3,8 @@
 //
 // bfloat16 and float16 are plain 16-bit storage with host/device conversions, so the same
 // struct is read by every backend without a CUDA or compiler extension type. Arithmetic is never
-// done in 16 bits: values are widened on load (SPEC §1: accumulate in float32 or wider).
+// done in 16 bits: values are widened on load (every reduction accumulates in float32 or wider,
+// docs/formulas.md#notation-and-data-layout).
 
 #include <cstdint>
 #include <cstring>

@@ -1,6 +1,7 @@
 #pragma once
-// Non-owning views of the data of SPEC §1. A view is a pointer plus its shape; it never copies,
-// so the same view type describes host memory and device memory alike. Shape checks live in
+// Non-owning views of the data (docs/formulas.md#notation-and-data-layout). A view is a pointer
+// plus its shape; it never copies, so the same view type describes host memory and device memory
+// alike. Shape checks live in
 // the constructors' callers (tpo::check_* below) so that device code can build views freely.
 
 #include <array>
@@ -93,8 +94,9 @@ struct head_view {
     TPO_HOST_DEVICE operator head_view<const T>() const { return {weight, bias, vocab, hidden}; }
 };
 
-/// How a sequence's rows pair with its labels (SPEC §1): with the causal shift, logits row `t`
-/// is scored against label `t + 1`, so a length-L sequence has L−1 scored rows.
+/// How a sequence's rows pair with its labels (`docs/formulas.md#notation-and-data-layout`): with
+/// the causal shift, logits row `t` is scored against label `t + 1`, so a length-L sequence has
+/// L−1 scored rows.
 struct row_alignment {
     bool shift = true;
     std::int64_t ignore_index = -100;
@@ -107,7 +109,7 @@ struct row_alignment {
 
 /// An image or a batch of images, `(N, C, H, W)` in any dense memory order (CHW, HWC, NCHW,
 /// NHWC, ...): the strides say where each axis lives. Noise is indexed by memory offset
-/// (SPEC §2.2: flat row-major element index of the buffer as stored).
+/// (`docs/formulas.md#reproducible-noise`: flat row-major element index of the buffer as stored).
 template <class T>
 struct image_view {
     T* data = nullptr;

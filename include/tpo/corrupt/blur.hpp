@@ -1,6 +1,7 @@
 #pragma once
-// Gaussian blur (RITUAL, SPEC §2.3: kernel 13, σ drawn in [1.5, 2.0]), separable, with reflected
-// borders as torchvision's GaussianBlur. σ is drawn per image from Philox (stream + image index).
+// Gaussian blur (RITUAL: kernel 13, σ drawn in [1.5, 2.0]; docs/formulas.md#other-corruptions),
+// separable, with reflected borders as torchvision's GaussianBlur. σ is drawn per image from Philox
+// (stream + image index).
 
 #include <cmath>
 #include <cstdint>

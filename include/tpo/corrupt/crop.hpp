@@ -1,7 +1,8 @@
 #pragma once
-// mDPO's corruption (SPEC §2.3): a random resized crop keeping a small share of the area,
-// resized back bilinearly. The box follows torchvision's RandomResizedCrop.get_params (ten tries,
-// then a centre crop), with every random choice drawn from Philox (stream + image index).
+// mDPO's corruption (docs/formulas.md#other-corruptions): a random resized crop keeping a small
+// share of the area, resized back bilinearly. The box follows torchvision's
+// RandomResizedCrop.get_params (ten tries, then a centre crop), with every random choice drawn from
+// Philox (stream + image index).
 
 #include <cmath>
 #include <cstdint>

@@ -1,6 +1,7 @@
 #pragma once
-// Forward diffusion noise, the official TPO corruption (SPEC §2.1):
-//   x̃ = sqrt(ᾱ_k)·x + sqrt(1 − ᾱ_k)·ε,   ε from Philox (SPEC §2.2), indexed by memory offset.
+// Forward diffusion noise, the official TPO corruption (docs/formulas.md#diffusion-noise):
+//   x̃ = sqrt(ᾱ_k)·x + sqrt(1 − ᾱ_k)·ε,   ε from Philox indexed by memory offset
+//   (docs/formulas.md#reproducible-noise).
 
 #include <cmath>
 #include <cstdint>
@@ -16,7 +17,7 @@
 
 TPO_BEGIN_NAMESPACE
 
-/// Where the noise is added (about 3.7× apart in effective strength, SPEC §2.1).
+/// Where the noise is added (about 3.7× apart in effective strength, `docs/formulas.md#diffusion-noise`).
 enum class noise_space {
     pixel,       // on the values as stored (8-bit images: x/255 ∈ [0, 1]), as official TPO and POVID
     normalized,  // on (x − mean_c)/std_c, as VCD and CHiP; mapped back afterwards
@@ -42,7 +43,7 @@ namespace corrupt {
 
 template <class TIn, class TOut>
 struct diffusion_noise_pass {
-    using real = pixel_real_t<TIn>;  // SPEC §2.1: applied in the image's float type
+    using real = pixel_real_t<TIn>;  // applied in the image's float type (docs/formulas.md#diffusion-noise)
 
     image_view<const TIn> in;
     image_view<TOut> out;

@@ -1,6 +1,7 @@
 #pragma once
-// Corruptions that replace image content (SPEC §2.3): patch masking, the mean-colour image
-// (zeros in normalised space, V-DPO / CHiP "black"), and pure Gaussian noise in normalised space.
+// Corruptions that replace image content (docs/formulas.md#other-corruptions): patch masking, the
+// mean-colour image (zeros in normalised space, V-DPO / CHiP "black"), and pure Gaussian noise in
+// normalised space.
 
 #include <cstdint>
 
@@ -79,7 +80,8 @@ void fill_mean_image(B& backend, image_view<TOut> out, const channel_normalisati
     backend.for_each(out.size(), corrupt::channel_fill_pass<TOut>{out, norm, {}, false, overflow});
 }
 
-/// Pure Gaussian noise in normalised space (ε·std_c + mean_c in pixel space), ε as in SPEC §2.2.
+/// Pure Gaussian noise in normalised space (ε·std_c + mean_c in pixel space), ε as in
+/// `docs/formulas.md#reproducible-noise`.
 template <tensor_backend B, class TOut>
 void fill_noise_image(B& backend, image_view<TOut> out, std::uint64_t seed, std::uint64_t stream,
                       const channel_normalisation& norm = {}, overflow_mode overflow = overflow_mode::clamp) {

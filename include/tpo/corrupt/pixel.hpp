@@ -11,13 +11,14 @@
 
 TPO_BEGIN_NAMESPACE
 
-/// What happens to values outside [0, 1] when an 8-bit image is written (SPEC §2.1).
+/// What happens to values outside [0, 1] when an 8-bit image is written (`docs/formulas.md#diffusion-noise`).
 enum class overflow_mode {
     clamp,  // round to nearest and clamp to [0, 255] (default)
     wrap,   // the official pipeline's mul(255) then uint8 cast: truncate, wrap modulo 256
 };
 
-/// CLIP's normalisation constants (SPEC §2.1), the "normalised space" of VCD and CHiP.
+/// CLIP's normalisation constants (`docs/formulas.md#diffusion-noise`), the "normalised space" of
+/// VCD and CHiP.
 struct channel_normalisation {
     float mean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
     float std[3] = {0.26862954f, 0.26130258f, 0.27577711f};

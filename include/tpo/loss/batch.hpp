@@ -87,7 +87,8 @@ struct hidden_gradients {
     G* head_bias = nullptr;
 };
 
-/// Everything the forward reports (SPEC §4): the batch loss and per-pair values.
+/// Everything the forward reports: the batch loss and per-pair values
+/// (`docs/formulas.md#log-ratios-rewards-and-the-batch-loss`).
 struct objective_result {
     double loss = 0;
     double reward_accuracy = 0;
@@ -98,7 +99,7 @@ struct objective_result {
     std::vector<double> reference_chosen_scores, reference_rejected_scores;  // A_ref
     std::vector<double> mean_visual_score_chosen, mean_visual_score_rejected;
     std::vector<double> chosen_tokens, rejected_tokens;
-    /// ∂L/∂A_θ of each sequence (what the chain of SPEC §5 starts from).
+    /// ∂L/∂A_θ of each sequence (what the chain of `docs/math.md` starts from).
     std::vector<double> grad_policy_chosen_scores, grad_policy_rejected_scores;
 };
 

@@ -125,7 +125,7 @@ TPO_HOST_DEVICE inline bool alpha_is_reverse_kl(double alpha) { return (alpha > 
 
 /// The f-divergence score f(Δ) and its slope f'(Δ), constants included: they cancel in
 /// f(Δ_w) − f(Δ_l) but not where each side is divided by its own length (ipo, sigmoid_norm).
-/// docs/formulas.md#f-divergences
+/// `docs/formulas.md#f-divergences`
 TPO_HOST_DEVICE inline value_slope f_transform(const loss_hyperparameters& h, double delta) {
     switch (h.divergence) {
     case f_divergence::reverse_kl: return {delta, 1.0};
@@ -158,7 +158,7 @@ struct pair_loss_value {
 };
 
 /// Losses that depend on the pair alone (every type but aot, aot_unpaired and sft), each as
-/// TRL 1.16 writes it: docs/formulas.md#loss-types has the formulas, their papers and sources.
+/// TRL 1.16 writes it: `docs/formulas.md#loss-types` has the formulas, their papers and sources.
 /// n_chosen, n_rejected: valid-token counts, already clamped to at least 1.
 TPO_HOST_DEVICE inline pair_loss_value pair_loss(loss_type type, const loss_hyperparameters& h, double delta_w,
                                                  double delta_l, double n_chosen, double n_rejected) {

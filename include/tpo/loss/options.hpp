@@ -20,13 +20,13 @@ TPO_BEGIN_NAMESPACE
 
 /// Where the per-token weights c come from.
 enum class token_weighting {
-    self_calibrated,  // TPO: c from clean vs noisy logits (SPEC §3.3)
+    self_calibrated,  // TPO: c from clean vs noisy logits (docs/formulas.md#self-calibrated-weight)
     none,             // plain DPO: c ≡ 1, no noisy logits needed
     caller,           // caller-supplied weights (RLHF-V's DDPO segment weights, TIS-DPO, ...)
 };
 
 /// One term of the objective: the batch loss is Σ_k weight_k · mean over pairs of loss_k, with as
-/// many terms as the caller lists (docs/formulas.md#combined-losses).
+/// many terms as the caller lists (`docs/formulas.md#combined-losses`).
 struct loss_term {
     loss_type type = loss_type::sigmoid;
     double weight = 1.0;
@@ -37,7 +37,7 @@ struct objective_options {
     std::vector<loss_term> losses{loss_term{}};
     loss_hyperparameters hyper{};
 
-    // Token rewards (SPEC §3).
+    // Token rewards (docs/formulas.md#token-rewards).
     score_kind score = score_kind::logit;
     sequence_form form = sequence_form::additive;
     double a = 0.5;  // calibration margin: c ∈ (a, 1 + a)
@@ -45,17 +45,17 @@ struct objective_options {
     bool detach_weights = false;
     row_alignment alignment{};
 
-    // Modifiers (SPEC §6).
+    // Modifiers (docs/formulas.md#modifiers).
     bool use_weighting = false;     // WPO
     std::optional<double> ld_alpha; // LD-DPO
 
     /// Check labels, non-finite logits and caller weights (costs one small device→host copy).
     bool check_inputs = true;
     /// With the `logit` score the loss and its gradients depend on the noisy logits only through
-    /// z̃[y] (SPEC §5). true: every noisy row is still scanned for NaN/Inf, so a broken corrupted-image
-    /// pass is reported even where it does not change the result (one read of each noisy tensor,
-    /// no exponential). false: only the label entries of the noisy tensors are read and checked,
-    /// which saves two of the seven tensor-sized memory transfers of a TPO step.
+    /// z̃[y] (`docs/math.md`). true: every noisy row is still scanned for NaN/Inf, so a broken
+    /// corrupted-image pass is reported even where it does not change the result (one read of each
+    /// noisy tensor, no exponential). false: only the label entries of the noisy tensors are read
+    /// and checked, which saves two of the seven tensor-sized memory transfers of a TPO step.
     bool check_unused_logits = true;
 
     // The logit transform between the lm_head and the softmax (rows/transform.hpp):

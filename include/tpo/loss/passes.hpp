@@ -7,7 +7,7 @@
 //   reward_pass      one index: rewards, accuracy and margin; clears the loss accumulators
 //   loss_term_pass   one index, once per loss term: that term over the batch (aot sorts the
 //                    batch) → loss and ∂L/∂A per sequence
-//   coefficient_pass one pair per index: ∂L/∂A → (alpha, beta) of every scored row (SPEC §5)
+//   coefficient_pass one pair per index: ∂L/∂A → (alpha, beta) of every scored row (docs/math.md)
 
 #include <cmath>
 #include <cstdint>
@@ -154,7 +154,7 @@ struct sequence_pass {
         const index_t n_w = count_valid_rows(ts, chosen, i, w);
         const index_t n_l = count_valid_rows(ts, rejected, i, l);
         if (w.problem != input_problem::none || l.problem != input_problem::none) return;
-        // LD-DPO: the first min(n_w, n_l) valid tokens count fully (SPEC §6).
+        // LD-DPO: the first min(n_w, n_l) valid tokens count fully (docs/formulas.md#ld-dpo).
         const index_t shared = n_w < n_l ? n_w : n_l;
         summarise(chosen, response_side::chosen, i, n_w, shared, w);
         summarise(rejected, response_side::rejected, i, n_l, shared, l);
@@ -254,7 +254,7 @@ struct reward_pass {
     }
 };
 
-/// One term of the combined loss (docs/formulas.md#combined-losses): adds weight · loss_k(i) to
+/// One term of the combined loss (`docs/formulas.md#combined-losses`): adds weight · loss_k(i) to
 /// every pair's loss and its derivatives to ∂L/∂A_θ, then leaves in batch_out the batch loss of
 /// the terms added so far. The objective runs one such pass per term, each carrying its term by
 /// value, so any number of terms reaches a device without a list in device memory.
@@ -293,7 +293,7 @@ struct loss_term_pass {
         batch_out->loss = loss * inv_pairs;
     }
 
-    /// WPO's w_w·w_l (docs/formulas.md#wpo): not capped, and a constant of the gradient; 1 without WPO.
+    /// WPO's w_w·w_l (`docs/formulas.md#wpo`): not capped, and a constant of the gradient; 1 without WPO.
     TPO_HOST_DEVICE double pair_weight(index_t i) const {
         using std::exp;
         return use_weighting ? exp(summaries[i].wpo_log_weight + summaries[pairs + i].wpo_log_weight) : 1.0;

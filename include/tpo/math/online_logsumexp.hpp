@@ -1,7 +1,8 @@
 #pragma once
-// Online log-sum-exp (SPEC §3.1): one pass over a row keeps a running maximum and the sum of
-// exponentials rescaled to it, so a softmax is never materialised. Two partial states merge,
-// which is what a vectorised, a warp-parallel or a vocabulary-sharded pass needs.
+// Online log-sum-exp (docs/formulas.md#token-log-probability): one pass over a row keeps a running
+// maximum and the sum of exponentials rescaled to it, so a softmax is never materialised. Two
+// partial states merge, which is what a vectorised, a warp-parallel or a vocabulary-sharded pass
+// needs.
 
 #include <cmath>
 #include <limits>

@@ -1,7 +1,8 @@
 #pragma once
-// Philox4x32-10 (Salmon et al., SC'11) and the fixed element-to-counter mapping of SPEC §2.2,
-// so every backend draws the same normal for the same (seed, stream, index), whatever the
-// thread count or launch shape, and any sub-range can be generated on its own.
+// Philox4x32-10 (Salmon et al., SC'11) and the fixed element-to-counter mapping of
+// docs/formulas.md#reproducible-noise, so every backend draws the same normal for the same
+// (seed, stream, index), whatever the thread count or launch shape, and any sub-range can be
+// generated on its own.
 
 #include <cmath>
 #include <cstdint>

@@ -1,6 +1,6 @@
 #pragma once
-// Numerically stable scalar functions used by every formula (SPEC §7 lists the failure modes:
-// log(σ(x)) underflowing to −∞, exp overflowing). Host/device, float or double.
+// Numerically stable scalar functions used by every formula (docs/formulas.md#numerics lists the
+// failure modes: log(σ(x)) underflowing to −∞, exp overflowing). Host/device, float or double.
 
 #include <cmath>
 
@@ -9,8 +9,8 @@
 TPO_BEGIN_NAMESPACE
 namespace math {
 
-/// Exponents are clamped here before exp() where a formula can overflow (SPEC §6/§7: TRL clamps
-/// at 80, safe in float32 since e^80 ≈ 5.5e34 < FLT_MAX).
+/// Exponents are clamped here before exp() where a formula can overflow, at 80 as TRL clamps its
+/// α-divergence, safe in float32 since e^80 ≈ 5.5e34 < FLT_MAX (`docs/formulas.md#numerics`).
 inline constexpr double exp_clamp = 80.0;
 
 template <class R>

@@ -1,6 +1,6 @@
 #pragma once
-// Beta schedules of forward diffusion (SPEC §2.1), computed in double on the host once per call;
-// only the two resulting scalars travel to the element-wise noise pass.
+// Beta schedules of forward diffusion (docs/formulas.md#diffusion-noise), computed in double on the
+// host once per call; only the two resulting scalars travel to the element-wise noise pass.
 
 #include <cmath>
 #include <numbers>

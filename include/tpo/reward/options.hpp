@@ -1,5 +1,5 @@
 #pragma once
-// The choices that define a token reward (SPEC §3).
+// The choices that define a token reward (docs/formulas.md#token-rewards).
 
 #include <string_view>
 
@@ -7,13 +7,14 @@
 
 TPO_BEGIN_NAMESPACE
 
-/// g in s = g(z)[y] − g(z̃)[y] (SPEC §3.2).
+/// g in s = g(z)[y] − g(z̃)[y] (`docs/formulas.md#visual-anchored-score`).
 enum class score_kind { logit, prob, logprob };
 
-/// How token terms add up to a sequence score (SPEC §3.4).
+/// How token terms add up to a sequence score (`docs/formulas.md#sequence-score`).
 enum class sequence_form { additive, multiplicative };
 
-/// Which side of the pair a sequence is on: the calibration flips for rejected tokens (SPEC §3.3).
+/// Which side of the pair a sequence is on: the calibration flips for rejected tokens
+/// (`docs/formulas.md#self-calibrated-weight`).
 enum class response_side { chosen, rejected };
 
 inline score_kind parse_score_kind(std::string_view name) {

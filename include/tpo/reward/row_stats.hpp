@@ -19,7 +19,8 @@ enum class row_status : std::int32_t {
 
 /// What a pass over a logits row must find besides the label's logit. Only rows whose
 /// probabilities enter the objective need the log-sum-exp: with the `logit` score the noisy rows
-/// contribute z̃[y] alone (SPEC §3.2, §5), so their pass can skip every exponential, or the whole row.
+/// contribute z̃[y] alone (`docs/formulas.md#visual-anchored-score`, `docs/math.md`), so their
+/// pass can skip every exponential, or the whole row.
 enum class row_reduction : std::int32_t {
     label = 0,                  // z[y] only (and its finiteness): the rest of the row is not read
     finiteness = 1,             // z[y] and a NaN/Inf scan of the row, no exponential
@@ -42,7 +43,7 @@ struct row_stats {
     TPO_HOST_DEVICE double log_prob() const { return label_logit - lse; }
 };
 
-/// Per-row gradient coefficients: ∂L/∂z[v] = alpha·δ(v = label) − beta·softmax(z)[v] (SPEC §5).
+/// Per-row gradient coefficients: ∂L/∂z[v] = alpha·δ(v = label) − beta·softmax(z)[v] (`docs/math.md`).
 /// A row with beta = 0 is written without reading its logits (its lse may not have been computed).
 struct row_coefficients {
     double alpha = 0;

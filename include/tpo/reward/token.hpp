@@ -1,6 +1,7 @@
 #pragma once
-// Per-token reward math (SPEC §3.2–§3.4) and its partial derivatives (SPEC §5), written once for
-// every backend. Inputs are the row statistics of the clean and the noisy rows.
+// Per-token reward math (docs/formulas.md#token-rewards) and its partial derivatives
+// (docs/math.md), written once for every backend. Inputs are the row statistics of the clean and
+// the noisy rows.
 
 #include <cmath>
 
@@ -22,12 +23,12 @@ TPO_HOST_DEVICE inline double visual_score(score_kind kind, const row_stats& cle
     return 0;
 }
 
-/// The self-calibrated weight c, log c, and their slopes in s (SPEC §3.3).
+/// The self-calibrated weight c, log c, and their slopes in s (`docs/formulas.md#self-calibrated-weight`).
 struct calibrated_weight {
     double value;      // c
     double log_value;  // log c
     double slope;      // dc/ds
-    double log_slope;  // d log c/ds  (SPEC §5's D)
+    double log_slope;  // d log c/ds  (D of docs/math.md)
 };
 
 TPO_HOST_DEVICE inline calibrated_weight calibrate(response_side side, double s, double a) {
@@ -69,7 +70,7 @@ TPO_HOST_DEVICE inline calibrated_weight constant_weight(double c) {
 }
 
 /// Gradient coefficients of one scored row pair (clean row z, noisy row z̃), given the chain
-/// factors g_logp = ∂L/∂ℓ and g_score = ∂L/∂s (SPEC §5). Every case has the form
+/// factors g_logp = ∂L/∂ℓ and g_score = ∂L/∂s (`docs/math.md`). Every case has the form
 /// ∂L/∂z[v] = alpha·δ(v=y) − beta·p[v].
 struct row_pair_coefficients {
     double clean_alpha, clean_beta;

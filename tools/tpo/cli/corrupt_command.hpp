@@ -3,8 +3,8 @@
 //
 // .npy arrays of any shape are read as (..., C, H, W), C-contiguous, leading axes forming the
 // batch: the memory order is then exactly the flat row-major index, so diffusion noise element i
-// is SPEC §2.2's element i. Images are 8-bit RGB HWC with values x/255 in [0, 1], as the official
-// pipeline corrupts them after ToTensor.
+// is element i of docs/formulas.md#reproducible-noise. Images are 8-bit RGB HWC with values x/255
+// in [0, 1], as the official pipeline corrupts them after ToTensor.
 
 #include <array>
 #include <ostream>

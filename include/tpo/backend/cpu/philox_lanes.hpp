@@ -1,11 +1,13 @@
 #pragma once
-// Philox4x32-10 and Box–Muller for many consecutive blocks at once (SPEC §2.2), so the diffusion
-// noise pass vectorises: the integer rounds run over structure-of-arrays lanes the compiler turns
-// into vector multiplies, and log/sin/cos/sqrt are Eigen packet functions.
+// Philox4x32-10 and Box–Muller for many consecutive blocks at once
+// (docs/formulas.md#reproducible-noise), so the diffusion noise pass vectorises: the integer rounds
+// run over structure-of-arrays lanes the compiler turns into vector multiplies, and
+// log/sin/cos/sqrt are Eigen packet functions.
 //
 // The integer stream is bit-identical to math::philox4x32_10; the float formulas are those of
 // math::philox_stream::normals operation for operation, so the normals differ from the scalar
-// ones only by the last bits of the vector transcendental functions (SPEC §2.2 allows a few ulps).
+// ones only by the last bits of the vector transcendental functions (a few ulps, which
+// docs/formulas.md#reproducible-noise allows).
 // Each block's normals depend only on its index: the result is the same for any thread count.
 
 #include <cstdint>

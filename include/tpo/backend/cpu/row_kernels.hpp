@@ -4,8 +4,8 @@
 // A row is read block by block (cpu_detail::block_size elements, which stay in L1) by a
 // row_accumulator: one sweep of the block finds its maximum, a second sweep over the cached block
 // sums exp(x − running max) (NaN and +∞ make the sum NaN) and finds the minimum (the −∞ probe).
-// The running state is the online log-sum-exp of SPEC §3.1 taken per block, so there is one
-// exponential per element and memory is read once.
+// The running state is the online log-sum-exp (docs/formulas.md#token-log-probability) taken per
+// block, so there is one exponential per element and memory is read once.
 // Block sums accumulate in the element's accumulation type (float for 16/32-bit inputs, a few
 // hundred terms per lane) and the row total in double, so rows of 150k entries keep float-epsilon
 // accuracy.

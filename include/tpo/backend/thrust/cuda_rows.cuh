@@ -10,7 +10,7 @@
 //   row_gradient_kernel    one read and one write: alpha·δ(v=y) − beta·exp(z[v] − lse).
 // 16-bit inputs are read as they are (8 per load) and widened to float in registers; a softmax
 // is never stored. Reductions run in a fixed order, so identical rows give identical bits (the
-// policy and the reference at initialisation give h = 0 exactly, SPEC §7).
+// policy and the reference at initialisation give h = 0 exactly, docs/formulas.md#numerics).
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/warp/warp_reduce.cuh>

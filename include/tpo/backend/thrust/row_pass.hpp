@@ -1,11 +1,12 @@
 #pragma once
 // The per-row work of the Thrust backend, as host/device code shared by every Thrust system.
 //
-// A row's state is the online log-sum-exp of z and of 2z plus the finiteness probe (SPEC §3.1,
-// reward/row_stats.hpp). Values are folded in short runs: the run's maximum first, then one
-// exponential per value, and exp(2x − 2m) is the square of exp(x − m), so the WPO statistic
-// costs no second exponential. Runs are merged with online_logsumexp::merge, which is what a
-// CUDA thread does with its packs and what a block reduction does with its threads' states.
+// A row's state is the online log-sum-exp of z and of 2z plus the finiteness probe
+// (docs/formulas.md#token-log-probability, reward/row_stats.hpp). Values are folded in short runs:
+// the run's maximum first, then one exponential per value, and exp(2x − 2m) is the square of
+// exp(x − m), so the WPO statistic costs no second exponential. Runs are merged with
+// online_logsumexp::merge, which is what a CUDA thread does with its packs and what a block
+// reduction does with its threads' states.
 //
 // The host systems (OpenMP, TBB, C++) run row_statistics_op / row_gradient_op once per row
 // through thrust::for_each; the CUDA system uses the kernels of thrust/cuda_rows.cuh, which are
@@ -25,7 +26,7 @@
 TPO_BEGIN_NAMESPACE
 namespace backend::thrust_detail {
 
-/// float for 16- and 32-bit inputs (SPEC §1: at least float32), double for double.
+/// float for 16- and 32-bit inputs (`docs/formulas.md#notation-and-data-layout`: at least float32), double for double.
 template <class T>
 using accumulate_t = std::conditional_t<std::is_same_v<std::remove_const_t<T>, double>, double, float>;
 
