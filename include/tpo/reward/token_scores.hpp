@@ -1,7 +1,8 @@
 #pragma once
 // Per-token values of one side of a preference pair, for inspecting which tokens TPO rewards: the
 // log-probability ℓ, the visual score s and the self-calibrated weight c of every scored row
-// (SPEC §3), from the same row statistics and reward functions the objective uses.
+// (docs/formulas.md#token-rewards), from the same row statistics and reward functions the objective
+// uses.
 
 #include <cstdint>
 #include <vector>
