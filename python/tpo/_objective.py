@@ -30,7 +30,9 @@ class Result:
             setattr(self, name, values[name])
 
     def metrics(self, prefix=""):
-        """The batch means under the names TRL's DPOTrainer logs, plus TPO's visual scores."""
+        """The batch means under the names TRL's DPOTrainer logs, plus TPO's visual scores.
+        logps/* are the policy's sequence scores A: the sums of log-probabilities for DPO, and for
+        TPO the sums of ℓ + log c that its loss compares."""
         return {
             f"{prefix}rewards/chosen": float(self.chosen_rewards.mean()),
             f"{prefix}rewards/rejected": float(self.rejected_rewards.mean()),
