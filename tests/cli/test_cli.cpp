@@ -20,6 +20,7 @@
 
 #include "cli/process.hpp"
 #include "support/batch.hpp"
+#include "support/hidden.hpp"
 #include "tpo/io/npy.hpp"
 
 using namespace tpo_cli_test;
@@ -734,4 +735,114 @@ TEST_CASE("tpo demo runs the end-to-end example", "[cli]") {
     check_rejected(run_tool({"demo", "--fast"}), "expected no flags");
     check_rejected(run_tool({"train"}), "unknown command 'train'");
     check_rejected(run_tool({}), "missing command");
+}
+
+namespace {
+
+/// Writes a hidden-state dump of `d`: the policy's states and head, the labels, and the reference
+/// as its own states and head or (reference_scores) as the sequence scores given.
+void save_hidden(const fs::path& dir, const tpo_test::hidden::hidden_data<double>& d,
+                 const std::vector<double>* reference_scores = nullptr) {
+    save(dir / "lm_head.npy", {d.vocab, d.hidden}, d.weight);
+    if (d.with_bias) save(dir / "lm_head_bias.npy", {d.vocab}, d.bias);
+    if (!reference_scores) {
+        save(dir / "reference_lm_head.npy", {d.vocab, d.hidden}, d.reference_weight);
+        if (d.with_bias) save(dir / "reference_lm_head_bias.npy", {d.vocab}, d.reference_bias);
+    }
+    int k = 0;
+    for (auto [side, s] : {std::pair{std::string("chosen"), &d.chosen}, std::pair{std::string("rejected"), &d.rejected}}) {
+        const std::vector<std::int64_t> shape{s->pairs, s->length, s->hidden};
+        save(dir / ("policy_hidden_" + side + ".npy"), shape, s->policy);
+        save(dir / ("policy_hidden_" + side + "_noisy.npy"), shape, s->policy_noisy);
+        if (reference_scores) {
+            const std::vector<double> scores(reference_scores[k].begin(), reference_scores[k].end());
+            save(dir / ("reference_scores_" + side + ".npy"), {s->pairs}, scores);
+        } else {
+            save(dir / ("reference_hidden_" + side + ".npy"), shape, s->reference);
+            save(dir / ("reference_hidden_" + side + "_noisy.npy"), shape, s->reference_noisy);
+        }
+        save(dir / ("labels_" + side + ".npy"), {s->pairs, s->length}, s->labels);
+        ++k;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("tpo loss on hidden states and an lm_head matches the library's fused path", "[cli][fused]") {
+    using namespace tpo_test::hidden;
+    std::mt19937_64 rng(404);
+    const hidden_data<double> d = random_hidden(rng, 2, 6, 5, 4, 9);
+    temp_dir dir;
+    save_hidden(dir.path, d);
+    const run_result r = run_tool({"loss", "--dir", dir.path.string(), "--grad-dir", (dir / "grads").string(),
+                                   "--logit-scale", "1.5", "--logit-softcap", "3", "--temperature", "0.8",
+                                   "--chunk-tokens", "2"});
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    tpo::objective_options o;
+    o.logit_scale = 1.5;
+    o.logit_softcap = 3.0;
+    o.temperature = 0.8;
+    o.chunk_tokens = 2;
+    tpo::backend::reference backend;
+    hidden_gradient_data<double> g(d);
+    auto views = g.views(d, true);
+    const tpo::objective_result expected = tpo::evaluate(backend, o, d.batch(), &views);
+    const auto j = parse_json(r.out);
+    CHECK(j.at("loss").at(0) == expected.loss);
+    CHECK(j.at("chosen_rewards") == expected.chosen_rewards);
+    CHECK(j.at("reference_rejected_scores") == expected.reference_rejected_scores);
+    CHECK(same_bits(load<double>(dir / "grads/grad_policy_hidden_chosen.npy", {2, 6, 4}), g.hidden[0]));
+    CHECK(same_bits(load<double>(dir / "grads/grad_policy_hidden_chosen_noisy.npy", {2, 6, 4}), g.hidden[1]));
+    CHECK(same_bits(load<double>(dir / "grads/grad_policy_hidden_rejected.npy", {2, 5, 4}), g.hidden[2]));
+    CHECK(same_bits(load<double>(dir / "grads/grad_policy_hidden_rejected_noisy.npy", {2, 5, 4}), g.hidden[3]));
+    CHECK(same_bits(load<double>(dir / "grads/grad_lm_head.npy", {9, 4}), g.weight));
+    CHECK(same_bits(load<double>(dir / "grads/grad_lm_head_bias.npy", {9}), g.bias));
+    CHECK(files_under(dir / "grads").size() == 6);
+
+    // The reference as precomputed scores gives the same numbers.
+    temp_dir scores_dir;
+    const std::vector<double> given[2] = {expected.reference_chosen_scores, expected.reference_rejected_scores};
+    save_hidden(scores_dir.path, d, given);
+    const run_result s = run_tool({"loss", "--dir", scores_dir.path.string(), "--logit-scale", "1.5",
+                                   "--logit-softcap", "3", "--temperature", "0.8"});
+    INFO(s.err);
+    REQUIRE(s.status == 0);
+    CHECK(std::abs(parse_json(s.out).at("loss").at(0) - expected.loss) <= 1e-12 * std::abs(expected.loss));
+}
+
+TEST_CASE("tpo loss on hidden states: bad directories and flags are refused by name", "[cli][fused]") {
+    using namespace tpo_test::hidden;
+    std::mt19937_64 rng(405);
+    const hidden_data<double> d = random_hidden(rng, 2, 4, 4, 3, 7);
+    {
+        temp_dir dir;
+        save_hidden(dir.path, d);
+        save(dir / "policy_chosen.npy", {2, 4, 7}, std::vector<double>(56, 0.0));
+        check_rejected(run_tool({"loss", "--dir", dir.path.string()}), "holds both policy logits");
+    }
+    {
+        temp_dir dir;
+        save(dir / "labels_chosen.npy", {2, 4}, d.chosen.labels);
+        check_rejected(run_tool({"loss", "--dir", dir.path.string()}), "holds neither");
+    }
+    {
+        temp_dir dir;
+        save_hidden(dir.path, d);
+        save(dir / "lm_head.npy", {7, 2}, std::vector<double>(14, 0.1));  // H = 2 against states of H = 3
+        check_rejected(run_tool({"loss", "--dir", dir.path.string()}), "differs from the H = 2");
+    }
+    {
+        temp_dir dir;
+        save_hidden(dir.path, d);
+        save(dir / "lm_head_bias.npy", {6}, std::vector<double>(6, 0.0));
+        check_rejected(run_tool({"loss", "--dir", dir.path.string()}), "lm_head_bias.npy: shape: (6,), expected (7)");
+    }
+    {
+        temp_dir dir;
+        save_hidden(dir.path, d);
+        check_rejected(run_tool({"loss", "--dir", dir.path.string(), "--logit-softcap", "0"}), "logit_softcap");
+        check_rejected(run_tool({"loss", "--dir", dir.path.string(), "--temperature", "-1"}), "temperature");
+        check_rejected(run_tool({"loss", "--dir", dir.path.string(), "--chunk-tokens", "0"}), "chunk-tokens");
+    }
 }

@@ -16,6 +16,7 @@
 
 #include "cli/args.hpp"
 #include "cli/backends.hpp"
+#include "cli/fused_loss.hpp"
 #include "cli/inputs.hpp"
 #include "cli/json.hpp"
 #include "cli/output.hpp"
@@ -30,6 +31,8 @@ inline constexpr flag_spec loss_flags[] = {
     {"ignore-index", true},  {"backend", true},         {"grad-dir", true},
     {"f-divergence-type", true}, {"f-alpha-divergence-coef", true}, {"discopop-tau", true},
     {"use-weighting", false},    {"ld-alpha", true},
+    {"logit-scale", true},       {"logit-softcap", true},   {"temperature", true},
+    {"chunk-tokens", true},
 };
 
 /// Options shared by `loss` and `score`: token reward settings and label alignment.
@@ -61,6 +64,10 @@ inline tpo::objective_options read_loss_options(const parsed_args& args) {
     o.detach_weights = args.has("detach-weights");
     o.use_weighting = args.has("use-weighting");
     if (args.has("ld-alpha")) o.ld_alpha = args.real("ld-alpha", 1.0);
+    o.logit_scale = args.real("logit-scale", 1.0);
+    if (args.has("logit-softcap")) o.logit_softcap = args.real("logit-softcap", 0.0);
+    o.temperature = args.real("temperature", 1.0);
+    if (args.has("chunk-tokens")) o.chunk_tokens = args.integer("chunk-tokens", 0, 1, INT64_MAX);
     try {
         tpo::validate(o);
     } catch (const tpo::error& e) {
@@ -129,6 +136,7 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
 
     // The backend is checked before any file is read, so a wrong binary fails fast.
     with_backend(backend, [](auto&) {});
+    if (holds_hidden_states(dir)) return run_fused_loss(args, options, dir, backend, out);
 
     const side_files chosen = load_side(dir, "chosen", noisy, options.alignment);
     const side_files rejected = load_side(dir, "rejected", noisy, options.alignment);
