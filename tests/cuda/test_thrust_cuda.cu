@@ -316,3 +316,80 @@ TEST_CASE("CUDA: hidden states in (cuBLAS) agree with the reference backend", "[
     options.chunk_tokens.reset();
     SECTION("float, prob score, default chunks") { check_fused<float>(options, 1e-5, 1e-4); }
 }
+
+namespace {
+
+/// A caller's allocator (as a framework's caching allocator is) that counts what it hands out.
+struct counting_allocator {
+    std::size_t allocations = 0, releases = 0, bytes_out = 0;
+
+    static void* allocate(void* state, std::size_t bytes, cudaStream_t stream) {
+        auto& self = *static_cast<counting_allocator*>(state);
+        void* p = nullptr;
+        if (cudaMallocAsync(&p, bytes, stream) != cudaSuccess) return nullptr;
+        ++self.allocations;
+        self.bytes_out += bytes;
+        return p;
+    }
+    static void deallocate(void* state, void* p, std::size_t bytes, cudaStream_t stream) {
+        auto& self = *static_cast<counting_allocator*>(state);
+        ++self.releases;
+        self.bytes_out -= bytes;
+        (void)cudaFreeAsync(p, stream);
+    }
+    tpo::backend::cuda_allocator handle() { return {&allocate, &deallocate, this}; }
+};
+
+}  // namespace
+
+TEST_CASE("CUDA: scratch from the caller's allocator; forward and backward captured in a CUDA graph",
+          "[cuda][allocator][graph]") {
+    std::mt19937_64 rng(5);
+    const batch_data<float> data = convert<float>(random_batch<double>(rng, 3, 9, 7, 5003, 3.0, 0.3));
+    device_batch<float> device(data);
+    cudaStream_t stream;
+    REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess);
+    const tpo::objective_options options;
+
+    // The stream-ordered pool: what the caller's allocator must reproduce bit for bit.
+    cuda_backend pooled(stream);
+    device_gradients<float> expected_grads(data);
+    auto expected_view = expected_grads.views();
+    const tpo::objective_result expected = tpo::evaluate(pooled, options, device.batch(), &expected_view);
+
+    counting_allocator counter;
+    {
+        cuda_backend gpu(tpo::backend::cuda_context{stream, counter.handle()});
+        device_gradients<float> grads(data);
+        auto grads_view = grads.views();
+        tpo::objective<cuda_backend> objective(gpu, options);
+        // Under global capture mode any call that waits for the device (a synchronisation, a
+        // blocking copy, cudaMalloc) ends the capture with an error: the forward without read-back
+        // and the backward must do none.
+        cudaGraph_t graph;
+        REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess);
+        objective.launch_forward(device.batch());
+        objective.backward(device.batch(), grads_view);
+        REQUIRE(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
+        cudaGraphExec_t exec;
+        REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+        REQUIRE(cudaGraphLaunch(exec, stream) == cudaSuccess);
+        const tpo::objective_result got = objective.read_results();
+        CHECK(counter.allocations > 0);
+        CHECK(got.loss == expected.loss);
+        CHECK(got.losses == expected.losses);
+        CHECK(got.chosen_rewards == expected.chosen_rewards);
+        CHECK(got.mean_visual_score_rejected == expected.mean_visual_score_rejected);
+        for (int k = 0; k < 4; ++k) {
+            INFO("gradient tensor " << k);
+            const std::vector<float> a = grads.host(k), b = expected_grads.host(k);
+            CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+        }
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+    }
+    REQUIRE(cudaStreamSynchronize(stream) == cudaSuccess);
+    CHECK(counter.releases == counter.allocations);
+    CHECK(counter.bytes_out == 0);
+    cudaStreamDestroy(stream);
+}

@@ -3,7 +3,9 @@
 //
 //   tpo::backend::thrust<>                     Thrust's device system (CUDA under nvcc, or the
 //                                              system THRUST_DEVICE_SYSTEM names: OMP, TBB, CPP)
-//   tpo::backend::thrust<thrust::cuda::tag>    CUDA (nvcc only); constructed with a cudaStream_t
+//   tpo::backend::thrust<thrust::cuda::tag>    CUDA (nvcc only); constructed with a cudaStream_t,
+//                                              or a cuda_context: the stream and an allocator
+//                                              for the scratch (a framework's caching allocator)
 //   tpo::backend::thrust<thrust::omp::tag>     OpenMP threads (compile with OpenMP)
 //   tpo::backend::thrust<thrust::tbb::tag>     TBB (define TPO_THRUST_TBB and link TBB, unless TBB
 //                                              is Thrust's host or device system)
@@ -11,7 +13,8 @@
 //
 // Memory stays where the caller's data lives: views hold pointers in the system's memory (device
 // pointers on CUDA), the backend's O(S·L) scratch is in that memory (a Thrust vector of the system;
-// stream-ordered device memory on CUDA, thrust/cuda_buffer.cuh), results stay there,
+// on CUDA stream-ordered device memory or the caller's allocator, thrust/cuda_buffer.cuh), results
+// stay there,
 // and only to_host() (the O(P) results the objective reports) copies back. On CUDA everything is
 // ordered on the stream given to the constructor; to_host() is the only synchronisation.
 // Tensors held in Thrust vectors become views with tpo::logits_of / labels_of / token_values_of /
@@ -41,7 +44,8 @@ class thrust {
     using system = thrust_detail::system<System>;
 
 public:
-    /// Nothing on the host systems; the cudaStream_t every call is ordered on for CUDA.
+    /// Nothing on the host systems; for CUDA the stream every call is ordered on and, optionally,
+    /// the allocator of the scratch (cuda_context, constructible from a cudaStream_t).
     using context_type = typename system::context;
 
     template <class T>

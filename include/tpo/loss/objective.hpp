@@ -27,6 +27,42 @@
 
 TPO_BEGIN_NAMESPACE
 
+namespace detail {
+
+/// The objective's result from its O(P) buffers read back to the host; a non-finite value throws
+/// overflow_error.
+inline objective_result collect_result(const std::vector<loss::sequence_summary>& summaries,
+                                       const std::vector<loss::pair_result>& pairs, const loss::batch_result& batch,
+                                       index_t pair_count, const objective_options& options) {
+    loss::check_finite_forward(summaries, pairs, batch, options);
+    objective_result r;
+    r.loss = batch.loss;
+    r.reward_accuracy = batch.reward_accuracy;
+    r.reward_margin = batch.reward_margin;
+    for (index_t i = 0; i < pair_count; ++i) {
+        const loss::pair_result& p = pairs[i];
+        const loss::sequence_summary& w = summaries[i];
+        const loss::sequence_summary& l = summaries[pair_count + i];
+        r.losses.push_back(p.loss);
+        r.chosen_rewards.push_back(p.chosen_reward);
+        r.rejected_rewards.push_back(p.rejected_reward);
+        r.policy_chosen_scores.push_back(w.policy_score);
+        r.policy_rejected_scores.push_back(l.policy_score);
+        r.reference_chosen_scores.push_back(w.reference_score);
+        r.reference_rejected_scores.push_back(l.reference_score);
+        // The metric the official code logs: Σ m·s / (Σ m + 1e-8).
+        r.mean_visual_score_chosen.push_back(w.visual_score_sum / (w.tokens + 1e-8));
+        r.mean_visual_score_rejected.push_back(l.visual_score_sum / (l.tokens + 1e-8));
+        r.chosen_tokens.push_back(w.tokens);
+        r.rejected_tokens.push_back(l.tokens);
+        r.grad_policy_chosen_scores.push_back(p.grad_chosen);
+        r.grad_policy_rejected_scores.push_back(p.grad_rejected);
+    }
+    return r;
+}
+
+}  // namespace detail
+
 template <tensor_backend B>
 class objective {
 public:
@@ -39,12 +75,55 @@ public:
     /// Computes the loss and metrics and keeps what backward() needs.
     template <class T, class I, class R>
     objective_result forward(const preference_batch<T, I, R>& batch) {
+        launch_forward(batch);
+        deferred_ = false;
+        return read_forward();
+    }
+
+    /// The forward without reading anything back: the loss, the metrics and the input statuses stay
+    /// in backend memory (results()), so on a device nothing waits for it and the calls can be
+    /// captured in a CUDA graph. Input problems and overflow are not reported here but by
+    /// read_results() (and, for a backward() that follows, by loss::report_gradient_overflow on
+    /// results().gradient_overflow); backward() may follow at once and then writes whatever the
+    /// batch gives, without checking first.
+    template <class T, class I, class R>
+    void launch_forward(const preference_batch<T, I, R>& batch) {
         detail::check_batch(options_, batch);
         hidden_input_ = false;
         vocab_ = batch.chosen.policy.vocab;
         prepare(chosen_, batch.chosen);
         prepare(rejected_, batch.rejected);
-        return run_passes(batch.chosen.policy.sequences);
+        launch_passes(batch.chosen.policy.sequences);
+        deferred_ = true;
+    }
+
+    /// The last forward's results on the host (waits for the backend); with check_inputs an input
+    /// problem throws value_error naming it, and a non-finite result throws overflow_error.
+    objective_result read_results() {
+        detail::require<error>(forward_done_, "read_results: no forward has run");
+        const std::vector<loss::sequence_summary> summaries = backend_.to_host(summaries_);
+        if (options_.check_inputs)
+            detail::report_input_problems(options_, summaries, pairs_, vocab_, hidden_input_);
+        return detail::collect_result(summaries, backend_.to_host(pair_results_),
+                                      backend_.to_host(batch_result_).front(), pairs_, options_);
+    }
+
+    /// Where the last forward's results lie in backend memory (valid until the next forward or the
+    /// objective's end), for a caller that keeps them on its device; read them back as
+    /// read_results() does. `gradient_overflow` (2P, chosen then rejected) is set by a backward()
+    /// after launch_forward(), which leaves its check to the caller.
+    struct result_buffers {
+        const loss::sequence_summary* summaries;  // 2P: chosen, then rejected
+        const loss::pair_result* pairs;           // P
+        const loss::batch_result* batch;          // 1
+        const loss::gradient_overflow* gradient_overflow;
+        index_t pair_count;
+        index_t vocab;
+    };
+    result_buffers results() {
+        detail::require<error>(forward_done_, "results: no forward has run");
+        return {backend_.raw(summaries_), backend_.raw(pair_results_), backend_.raw(batch_result_),
+                overflow_.empty() ? nullptr : backend_.raw(overflow_), pairs_, vocab_};
     }
 
     /// The same with hidden states in: the logits transform(h·Wᵀ + b) are computed chunk by chunk
@@ -62,7 +141,9 @@ public:
         }
         prepare_hidden(chosen_, batch.chosen, batch, "chosen");
         prepare_hidden(rejected_, batch.rejected, batch, "rejected");
-        return run_passes(batch.chosen.policy.sequences);
+        launch_passes(batch.chosen.policy.sequences);
+        deferred_ = false;
+        return read_forward();
     }
 
     /// Writes ∂(batch loss)/∂(policy logits) into the given views (dtype G, shapes of the inputs).
@@ -180,10 +261,12 @@ private:
         coefficient_buffer clean, noisy;
     };
 
-    /// The O(S·L) and O(P) passes over the row statistics of both sides.
-    objective_result run_passes(index_t pairs) {
+    /// The O(S·L) and O(P) passes over the row statistics of both sides, results left in backend
+    /// memory.
+    void launch_passes(index_t pairs) {
         forward_done_ = false;
         pairs_ = pairs;
+        overflow_ = {};
         summaries_ = backend_.template allocate<loss::sequence_summary>(2 * pairs);
         pair_results_ = backend_.template allocate<loss::pair_result>(pairs);
         batch_result_ = backend_.template allocate<loss::batch_result>(1);
@@ -193,10 +276,6 @@ private:
         const loss::token_settings ts = loss::token_settings::from(options_);
         backend_.for_each(pairs, loss::sequence_pass{ts, rows(chosen_), rows(rejected_), pairs,
                                                      backend_.raw(summaries_)});
-        std::vector<loss::sequence_summary> summaries = backend_.to_host(summaries_);
-        if (options_.check_inputs)
-            detail::report_input_problems(options_, summaries, pairs_, vocab_, hidden_input_);
-
         backend_.for_each(1, loss::reward_pass{options_.hyper.beta, pairs, backend_.raw(summaries_),
                                                backend_.raw(pair_results_), backend_.raw(batch_result_)});
         for (const loss_term& term : options_.losses)
@@ -204,9 +283,17 @@ private:
                                                       backend_.raw(summaries_), backend_.raw(pair_results_),
                                                       backend_.raw(batch_result_), backend_.raw(scratch_),
                                                       backend_.raw(order_scratch_)});
-        objective_result result = collect(summaries);
         forward_done_ = true;
-        return result;
+    }
+
+    /// read_results() for forward(): a batch whose results are an error gets no backward.
+    objective_result read_forward() {
+        try {
+            return read_results();
+        } catch (...) {
+            forward_done_ = false;
+            throw;
+        }
     }
 
     side_coefficients coefficients(const side_state& s) {
@@ -220,15 +307,15 @@ private:
     template <class T, class G>
     void run_coefficient_pass(side_coefficients& chosen, side_coefficients& rejected) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        auto overflow = backend_.template allocate<loss::gradient_overflow>(2 * pairs_);
+        overflow_ = backend_.template allocate<loss::gradient_overflow>(2 * pairs_);
         backend_.for_each(pairs_, loss::coefficient_pass{
                                       loss::token_settings::from(options_), rows(chosen_), rows(rejected_),
                                       {backend_.raw(chosen.clean), noisy ? backend_.raw(chosen.noisy) : nullptr},
                                       {backend_.raw(rejected.clean), noisy ? backend_.raw(rejected.noisy) : nullptr},
                                       backend_.raw(summaries_), backend_.raw(pair_results_),
                                       backend_.raw(batch_result_), pairs_, loss::gradient_limits_for<T, G>(),
-                                      backend_.raw(overflow)});
-        loss::report_gradient_overflow<T, G>(backend_.to_host(overflow), pairs_, options_);
+                                      backend_.raw(overflow_)});
+        if (!deferred_) loss::report_gradient_overflow<T, G>(backend_.to_host(overflow_), pairs_, options_);
     }
 
     rows::fused_settings fused_settings() const {
@@ -342,48 +429,20 @@ private:
                 s.reference_scores};
     }
 
-    objective_result collect(const std::vector<loss::sequence_summary>& summaries) {
-        const std::vector<loss::pair_result> pairs = backend_.to_host(pair_results_);
-        const loss::batch_result batch = backend_.to_host(batch_result_).front();
-        loss::check_finite_forward(summaries, pairs, batch, options_);
-        objective_result r;
-        r.loss = batch.loss;
-        r.reward_accuracy = batch.reward_accuracy;
-        r.reward_margin = batch.reward_margin;
-        for (index_t i = 0; i < pairs_; ++i) {
-            const loss::pair_result& p = pairs[i];
-            const loss::sequence_summary& w = summaries[i];
-            const loss::sequence_summary& l = summaries[pairs_ + i];
-            r.losses.push_back(p.loss);
-            r.chosen_rewards.push_back(p.chosen_reward);
-            r.rejected_rewards.push_back(p.rejected_reward);
-            r.policy_chosen_scores.push_back(w.policy_score);
-            r.policy_rejected_scores.push_back(l.policy_score);
-            r.reference_chosen_scores.push_back(w.reference_score);
-            r.reference_rejected_scores.push_back(l.reference_score);
-            // The metric the official code logs: Σ m·s / (Σ m + 1e-8).
-            r.mean_visual_score_chosen.push_back(w.visual_score_sum / (w.tokens + 1e-8));
-            r.mean_visual_score_rejected.push_back(l.visual_score_sum / (l.tokens + 1e-8));
-            r.chosen_tokens.push_back(w.tokens);
-            r.rejected_tokens.push_back(l.tokens);
-            r.grad_policy_chosen_scores.push_back(p.grad_chosen);
-            r.grad_policy_rejected_scores.push_back(p.grad_rejected);
-        }
-        return r;
-    }
-
     B& backend_;
     objective_options options_;
     index_t pairs_ = 0;
     index_t vocab_ = 0;
     bool forward_done_ = false;
     bool hidden_input_ = false;
+    bool deferred_ = false;  // launch_forward(): the checks that read results back are the caller's
     side_state chosen_, rejected_;
     typename B::template buffer<loss::sequence_summary> summaries_;
     typename B::template buffer<loss::pair_result> pair_results_;
     typename B::template buffer<loss::batch_result> batch_result_;
     typename B::template buffer<double> scratch_;
     typename B::template buffer<index_t> order_scratch_;
+    typename B::template buffer<loss::gradient_overflow> overflow_;
 };
 
 /// One call: forward, and backward into `grads` when given.

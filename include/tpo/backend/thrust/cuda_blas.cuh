@@ -88,21 +88,24 @@ void gemm(cudaStream_t stream, bool trans_a, bool trans_b, index_t m, index_t n,
 /// Elements a row-major operand occupies: `rows` rows of stride ld.
 inline index_t stored_extent(index_t rows, index_t ld) { return rows * ld; }
 
+/// The same with operands of different types: the one in the accumulation type is narrowed first,
+/// into scratch from the context's allocator.
 template <class X, class Y, class Acc>
-void matmul(cudaStream_t stream, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
+void matmul(const cuda_context& context, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
             index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+    const cudaStream_t stream = context.stream;
     if constexpr (std::is_same_v<X, Y>) {
         gemm<X, Acc>(stream, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     } else if constexpr (std::is_same_v<X, Acc>) {  // A in the accumulation type, B 16-bit
         const index_t size = stored_extent(trans_a ? k : m, lda);
-        device_buffer<Y> narrowed(size, stream);
+        device_buffer<Y> narrowed(size, context);
         ::thrust::for_each(::thrust::cuda::par_nosync.on(stream), ::thrust::counting_iterator<index_t>(0),
                            ::thrust::counting_iterator<index_t>(size), narrow_copy<X, Y>{a, narrowed.data()});
         gemm<Y, Acc>(stream, trans_a, trans_b, m, n, k, narrowed.data(), lda, b, ldb, c, ldc, beta);
     } else {
         static_assert(std::is_same_v<Y, Acc>, "one operand of a mixed product is in the accumulation type");
         const index_t size = stored_extent(trans_b ? n : k, ldb);
-        device_buffer<X> narrowed(size, stream);
+        device_buffer<X> narrowed(size, context);
         ::thrust::for_each(::thrust::cuda::par_nosync.on(stream), ::thrust::counting_iterator<index_t>(0),
                            ::thrust::counting_iterator<index_t>(size), narrow_copy<Y, X>{b, narrowed.data()});
         gemm<X, Acc>(stream, trans_a, trans_b, m, n, k, a, lda, narrowed.data(), ldb, c, ldc, beta);

@@ -1,6 +1,7 @@
 #pragma once
 // Scratch for the CUDA system: device memory that is allocated, value-initialised and freed in
-// the order of the backend's stream (cudaMallocAsync / a Thrust fill / cudaFreeAsync).
+// the order of the backend's stream (cudaMallocAsync / a Thrust fill / cudaFreeAsync), or through
+// the caller's allocator (cuda_allocator: a framework's caching allocator) when it gives one.
 //
 // Why not a thrust::cuda::vector: its constructor fills on the default stream and waits, and its
 // destructor's cudaFree waits for the whole device, so every allocation of the objective (a few per
@@ -15,12 +16,42 @@
 #include <thrust/uninitialized_fill.h>
 
 #include <cstddef>
+#include <exception>
 #include <utility>
 
 #include "tpo/core/error.hpp"
 #include "tpo/core/views.hpp"
 
 TPO_BEGIN_NAMESPACE
+namespace backend {
+
+/// Device memory for the CUDA system's scratch from the caller, e.g. a framework's caching
+/// allocator, so that the backend's few O(S·L) buffers come from the same pool as the
+/// framework's tensors. Both functions are called on the host. `deallocate` may be called while
+/// work queued on `stream` still uses the memory (as cudaFreeAsync may): the allocator must hand
+/// it out again only to work ordered after that, as a caching allocator that records the stream of
+/// each block does. Neither may wait for the device if the backend is to stay capturable in a
+/// CUDA graph.
+struct cuda_allocator {
+    void* (*allocate)(void* state, std::size_t bytes, cudaStream_t stream) = nullptr;
+    void (*deallocate)(void* state, void* pointer, std::size_t bytes, cudaStream_t stream) = nullptr;
+    void* state = nullptr;
+
+    bool given() const { return allocate != nullptr && deallocate != nullptr; }
+};
+
+/// Where the CUDA system works: every call is ordered on `stream`; scratch comes from `allocator`
+/// when it is given, else from the driver's stream-ordered pool (cudaMallocAsync).
+struct cuda_context {
+    cudaStream_t stream = nullptr;
+    cuda_allocator allocator{};
+
+    cuda_context() = default;
+    cuda_context(cudaStream_t s, cuda_allocator a = {}) : stream(s), allocator(a) {}  // NOLINT: a stream is a context
+};
+
+}  // namespace backend
+
 namespace backend::thrust_detail::cuda {
 
 inline void check(cudaError_t status, const char* what) {
@@ -34,15 +65,27 @@ class device_buffer {
 public:
     device_buffer() = default;
 
-    /// n value-initialised T, ready for any later work on `stream`.
-    device_buffer(index_t n, cudaStream_t stream) : stream_(stream) {
+    /// n value-initialised T, ready for any later work on the context's stream.
+    device_buffer(index_t n, const cuda_context& context) : context_(context) {
         if (n <= 0) return;
+        const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
         void* p = nullptr;
-        check(cudaMallocAsync(&p, static_cast<std::size_t>(n) * sizeof(T), stream), "allocation of scratch memory");
+        if (context_.allocator.given()) {
+            try {
+                p = context_.allocator.allocate(context_.allocator.state, bytes, context_.stream);
+            } catch (const std::exception& e) {
+                throw error(detail::concat("thrust backend (CUDA): the caller's allocator failed to give ", bytes,
+                                           " bytes of scratch memory: ", e.what()));
+            }
+            detail::require<error>(p != nullptr, "thrust backend (CUDA): the caller's allocator gave no memory for ",
+                           bytes, " bytes of scratch");
+        } else {
+            check(cudaMallocAsync(&p, bytes, context_.stream), "allocation of scratch memory");
+        }
         data_ = static_cast<T*>(p);
         size_ = static_cast<std::size_t>(n);
         try {
-            ::thrust::uninitialized_fill_n(::thrust::cuda::par_nosync.on(stream), data_, n, T{});
+            ::thrust::uninitialized_fill_n(::thrust::cuda::par_nosync.on(context_.stream), data_, n, T{});
         } catch (const ::thrust::system_error& e) {
             release();
             throw error(detail::concat("thrust backend (CUDA): initialisation of scratch memory: ", e.what()));
@@ -50,14 +93,14 @@ public:
     }
 
     device_buffer(device_buffer&& other) noexcept
-        : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)), stream_(other.stream_) {}
+        : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)), context_(other.context_) {}
 
     device_buffer& operator=(device_buffer&& other) noexcept {
         if (this != &other) {
             release();
             data_ = std::exchange(other.data_, nullptr);
             size_ = std::exchange(other.size_, 0);
-            stream_ = other.stream_;
+            context_ = other.context_;
         }
         return *this;
     }
@@ -74,14 +117,19 @@ public:
 private:
     void release() noexcept {
         // A failure here can only be a broken context, which the next checked call reports.
-        if (data_) (void)cudaFreeAsync(data_, stream_);
+        if (data_) {
+            if (context_.allocator.given())
+                context_.allocator.deallocate(context_.allocator.state, data_, size_ * sizeof(T), context_.stream);
+            else
+                (void)cudaFreeAsync(data_, context_.stream);
+        }
         data_ = nullptr;
         size_ = 0;
     }
 
     T* data_ = nullptr;
     std::size_t size_ = 0;
-    cudaStream_t stream_ = nullptr;
+    cuda_context context_{};
 };
 
 }  // namespace backend::thrust_detail::cuda

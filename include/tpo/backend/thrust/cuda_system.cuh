@@ -1,7 +1,7 @@
 #pragma once
 // Thrust's CUDA system as a tpo backend (nvcc only): stream-ordered device scratch
-// (thrust/cuda_buffer.cuh), work ordered on one user-given stream, the row passes as the kernels
-// of thrust/cuda_rows.cuh.
+// (thrust/cuda_buffer.cuh; the caller's allocator when its cuda_context gives one), work ordered on
+// one user-given stream, the row passes as the kernels of thrust/cuda_rows.cuh.
 //
 // Nothing here waits for the GPU except to_host(), which the objective calls for its O(P)
 // results. Launch errors are reported as tpo::error where they happen; errors of the kernels
@@ -43,18 +43,19 @@ inline void require_device_accessible(const void* p, const char* what) {
 
 template <>
 struct system<::thrust::cuda::tag> {
-    using context = cudaStream_t;
+    using context = cuda_context;
 
     template <class T>
     using vector = cuda::device_buffer<T>;
 
     template <class T>
-    static vector<T> allocate(cudaStream_t stream, index_t n) {
-        return vector<T>(n, stream);
+    static vector<T> allocate(const cuda_context& context, index_t n) {
+        return vector<T>(n, context);
     }
 
     template <class T>
-    static std::vector<T> to_host(cudaStream_t stream, const vector<T>& b) {
+    static std::vector<T> to_host(const cuda_context& context, const vector<T>& b) {
+        const cudaStream_t stream = context.stream;
         std::vector<T> h(b.size());
         if (!h.empty())
             cuda::check(cudaMemcpyAsync(h.data(), b.data(), h.size() * sizeof(T),
@@ -67,8 +68,9 @@ struct system<::thrust::cuda::tag> {
     static constexpr index_t fused_chunk_values = index_t{1} << 27;
 
     template <class T>
-    static vector<T> upload(cudaStream_t stream, const std::vector<T>& host) {
-        vector<T> b(static_cast<index_t>(host.size()), stream);
+    static vector<T> upload(const cuda_context& context, const std::vector<T>& host) {
+        const cudaStream_t stream = context.stream;
+        vector<T> b(static_cast<index_t>(host.size()), context);
         if (!host.empty())
             cuda::check(cudaMemcpyAsync(b.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice,
                                         stream),
@@ -77,9 +79,14 @@ struct system<::thrust::cuda::tag> {
     }
 
     template <class X, class Y, class Acc>
-    static void matmul(cudaStream_t stream, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
-                       index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
-        cuda::matmul(stream, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+    static void matmul(const cuda_context& context, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
+                       const X* a, index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+        cuda::matmul(context, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+    }
+
+    template <class F>
+    static void for_each(const cuda_context& context, index_t n, const F& f) {
+        for_each(context.stream, n, f);
     }
 
     template <class F>
@@ -94,8 +101,9 @@ struct system<::thrust::cuda::tag> {
     }
 
     template <class T, class I>
-    static void row_statistics(cudaStream_t stream, logits_view<const T> z, labels_view<const I> labels,
+    static void row_statistics(const cuda_context& context, logits_view<const T> z, labels_view<const I> labels,
                                row_alignment align, row_reduction reduction, row_stats* out) {
+        const cudaStream_t stream = context.stream;
         const auto plan = rows::scored_rows<I>::of(labels, align, z.vocab);
         if (plan.count() <= 0) return;
         cuda::require_device_accessible(z.data, "logits");
@@ -126,8 +134,9 @@ struct system<::thrust::cuda::tag> {
     }
 
     template <class T, class G>
-    static void row_gradient(cudaStream_t stream, logits_view<const T> z, const row_coefficients* coefficients,
-                             index_t scored, logits_view<G> grad) {
+    static void row_gradient(const cuda_context& context, logits_view<const T> z,
+                             const row_coefficients* coefficients, index_t scored, logits_view<G> grad) {
+        const cudaStream_t stream = context.stream;
         const rows::gradient_rows plan{z.sequences, z.length, scored, coefficients};
         if (plan.count() <= 0) return;
         cuda::require_device_accessible(z.data, "logits");
