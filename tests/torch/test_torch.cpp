@@ -1,9 +1,10 @@
-// tpo_torch's loss and gradients against libtorch autograd of the same formula written in
-// libtorch ops (docs/formulas.md: log_softmax + gather on clean and noisy logits, weights σ(s) + a and
-// 1 − σ(s) + a, additive sequence scores, sigmoid DPO loss), then a few optimiser steps of a tiny
-// vision-language model trained once through tpo_torch and once through the libtorch formula.
-// One translation unit on purpose: libtorch headers are slow to compile.
-#include "tpo_torch.hpp"
+// tpo::torch (tpo/torch.hpp): loss, gradients and metrics against libtorch autograd of the same
+// formula written in libtorch ops (docs/formulas.md: log_softmax + gather on clean and noisy
+// logits, weights σ(s) + a and 1 − σ(s) + a, additive sequence scores, sigmoid DPO loss), in every
+// dtype, then a few
+// optimiser steps of a tiny vision-language model trained once through tpo::torch and once through
+// the libtorch formula. One translation unit on purpose: libtorch headers are slow to compile.
+#include <tpo/torch.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -48,7 +49,7 @@ torch::Tensor sequence_scores(const torch::Tensor& z, const torch::Tensor& zn, c
     return (term * mask.to(z.scalar_type())).sum(-1);
 }
 
-torch::Tensor torch_loss(const tpo_torch::batch_tensors& b, double beta, double a, bool weighted) {
+torch::Tensor torch_loss(const tpo::libtorch::logits_batch& b, double beta, double a, bool weighted) {
     const torch::Tensor h =
         (sequence_scores(b.policy_chosen, b.policy_chosen_noisy, b.labels_chosen, true, a, weighted) -
          sequence_scores(b.reference_chosen, b.reference_chosen_noisy, b.labels_chosen, true, a, weighted)) -
@@ -64,11 +65,11 @@ torch::Tensor random_labels(std::int64_t P, std::int64_t L, std::int64_t V, std:
     return y;
 }
 
-tpo_torch::batch_tensors random_batch(torch::ScalarType dtype, bool policy_grad) {
+tpo::libtorch::logits_batch random_batch(torch::ScalarType dtype, bool policy_grad) {
     const std::int64_t P = 3, Lw = 7, Ll = 5, V = 50;
     auto logits = [&](std::int64_t L) { return (2 * torch::randn({P, L, V}, torch::kDouble)).to(dtype); };
     auto noisy = [&](const torch::Tensor& z) { return z + (0.7 * torch::randn(z.sizes(), torch::kDouble)).to(dtype); };
-    tpo_torch::batch_tensors b;
+    tpo::libtorch::logits_batch b;
     b.policy_chosen = logits(Lw), b.policy_rejected = logits(Ll);
     b.policy_chosen_noisy = noisy(b.policy_chosen), b.policy_rejected_noisy = noisy(b.policy_rejected);
     b.reference_chosen = b.policy_chosen + 0.5 * torch::randn({P, Lw, V}, torch::kDouble).to(dtype);
@@ -80,9 +81,21 @@ tpo_torch::batch_tensors random_batch(torch::ScalarType dtype, bool policy_grad)
     return b;
 }
 
+std::string dtype_name(torch::ScalarType t) {
+    switch (t) {
+    case torch::kFloat: return "fp32";
+    case torch::kDouble: return "fp64";
+    case torch::kBFloat16: return "bf16";
+    case torch::kHalf: return "fp16";
+    default: return "?";
+    }
+}
+
+// The libtorch formula runs in float64 on the very values tpo reads (the dtype's own numbers,
+// widened), so the comparison measures tpo's arithmetic and the rounding of its outputs only.
 void compare_with_autograd(torch::ScalarType dtype, double tol, bool weighted) {
-    const std::string name = std::string(weighted ? "TPO " : "DPO ") + (dtype == torch::kFloat ? "fp32" : "fp64");
-    tpo_torch::batch_tensors b = random_batch(dtype, true);
+    const std::string name = std::string(weighted ? "TPO " : "DPO ") + dtype_name(dtype);
+    tpo::libtorch::logits_batch b = random_batch(dtype, true);
     if (!weighted)
         for (torch::Tensor* t : {&b.policy_chosen_noisy, &b.policy_rejected_noisy, &b.reference_chosen_noisy,
                                  &b.reference_rejected_noisy})
@@ -90,29 +103,115 @@ void compare_with_autograd(torch::ScalarType dtype, double tol, bool weighted) {
     tpo::objective_options options;  // TPO, sigmoid loss, β = 0.1, a = 0.5, logit score, additive
     if (!weighted) options.weighting = tpo::token_weighting::none;
 
-    const torch::Tensor mine = tpo_torch::preference_loss(b, options);
+    const auto [mine, metrics] = tpo::libtorch::preference_loss(b, options);
     // A non-unit upstream gradient checks that backward scales by it.
     (3 * mine).backward();
     const std::vector<torch::Tensor> my_grads{b.policy_chosen.grad().clone(), b.policy_rejected.grad().clone()};
     const std::vector<torch::Tensor> my_noisy_grads =
         weighted ? std::vector<torch::Tensor>{b.policy_chosen_noisy.grad().clone(), b.policy_rejected_noisy.grad().clone()}
                  : std::vector<torch::Tensor>{};
-    for (torch::Tensor* t : {&b.policy_chosen, &b.policy_chosen_noisy, &b.policy_rejected, &b.policy_rejected_noisy})
-        if (t->defined()) t->mutable_grad() = torch::Tensor();
 
-    const torch::Tensor theirs = torch_loss(b, options.hyper.beta, options.a, weighted);
+    tpo::libtorch::logits_batch wide = b;
+    for (torch::Tensor* t : {&wide.policy_chosen, &wide.policy_chosen_noisy, &wide.policy_rejected,
+                             &wide.policy_rejected_noisy, &wide.reference_chosen, &wide.reference_chosen_noisy,
+                             &wide.reference_rejected, &wide.reference_rejected_noisy})
+        if (t->defined()) *t = t->detach().to(torch::kDouble).requires_grad_(t == &wide.policy_chosen ||
+                                                                           t == &wide.policy_chosen_noisy ||
+                                                                           t == &wide.policy_rejected ||
+                                                                           t == &wide.policy_rejected_noisy);
+    const torch::Tensor theirs = torch_loss(wide, options.hyper.beta, options.a, weighted);
     (3 * theirs).backward();
     expect(mine.scalar_type() == dtype, name + ": loss has the logits' dtype");
     const double rel = std::abs(mine.item<double>() - theirs.item<double>()) / std::abs(theirs.item<double>());
-    char line[160];
+    char line[200];
     std::snprintf(line, sizeof line, "%s loss: tpo %.17g, libtorch %.17g, relative %.3g (tol %.0e)", name.c_str(),
                   mine.item<double>(), theirs.item<double>(), rel, tol);
     expect(rel <= tol, line);
-    expect_close(my_grads[0], b.policy_chosen.grad(), tol, name + " d/d policy_chosen");
-    expect_close(my_grads[1], b.policy_rejected.grad(), tol, name + " d/d policy_rejected");
+    expect(my_grads[0].scalar_type() == dtype, name + ": gradients have the logits' dtype");
+    expect_close(my_grads[0], wide.policy_chosen.grad(), tol, name + " d/d policy_chosen");
+    expect_close(my_grads[1], wide.policy_rejected.grad(), tol, name + " d/d policy_rejected");
     if (weighted) {
-        expect_close(my_noisy_grads[0], b.policy_chosen_noisy.grad(), tol, name + " d/d policy_chosen_noisy");
-        expect_close(my_noisy_grads[1], b.policy_rejected_noisy.grad(), tol, name + " d/d policy_rejected_noisy");
+        expect_close(my_noisy_grads[0], wide.policy_chosen_noisy.grad(), tol, name + " d/d policy_chosen_noisy");
+        expect_close(my_noisy_grads[1], wide.policy_rejected_noisy.grad(), tol, name + " d/d policy_rejected_noisy");
+    }
+
+    // The metrics: the rewards β(A_θ − A_ref) of the formula, and the device-side scalars equal
+    // to what read() reports.
+    const tpo::objective_result& r = metrics.read();
+    torch::NoGradGuard no_grad;
+    const torch::Tensor chosen_rewards =
+        options.hyper.beta *
+        (sequence_scores(wide.policy_chosen, wide.policy_chosen_noisy, wide.labels_chosen, true, options.a, weighted) -
+         sequence_scores(wide.reference_chosen, wide.reference_chosen_noisy, wide.labels_chosen, true, options.a,
+                         weighted));
+    expect_close(torch::tensor(r.chosen_rewards, torch::kDouble), chosen_rewards, tol, name + " chosen rewards");
+    expect(std::abs(r.loss - theirs.item<double>()) <= tol * std::abs(theirs.item<double>()),
+           name + ": metrics.read().loss is the loss");
+    expect(metrics.loss().item<double>() == r.loss && metrics.reward_accuracy().item<double>() == r.reward_accuracy &&
+               metrics.reward_margin().item<double>() == r.reward_margin,
+           name + ": loss/accuracy/margin tensors equal read()");
+}
+
+// Options, input forms and autograd behaviour around the same batch.
+void behaviour() {
+    tpo::libtorch::logits_batch b = random_batch(torch::kFloat, true);
+    const tpo::objective_options options;
+    const auto first = tpo::libtorch::preference_loss(b, options);
+    first.loss.backward();
+    const torch::Tensor g = b.policy_chosen.grad().clone();
+    const tpo::objective_result& r = first.metrics.read();
+
+    // The reference as the sequence scores reported: same loss and gradients, bit for bit.
+    {
+        tpo::libtorch::logits_batch s = b;
+        for (torch::Tensor* t : {&s.reference_chosen, &s.reference_chosen_noisy, &s.reference_rejected, &s.reference_rejected_noisy})
+            *t = torch::Tensor();
+        s.reference_chosen_scores = torch::tensor(r.reference_chosen_scores, torch::kDouble);
+        s.reference_rejected_scores = torch::tensor(r.reference_rejected_scores, torch::kDouble);
+        s.policy_chosen.mutable_grad() = torch::Tensor();
+        const auto with_scores = tpo::libtorch::preference_loss(s, options);
+        with_scores.loss.backward();
+        expect(with_scores.loss.item<float>() == first.loss.item<float>() && torch::equal(s.policy_chosen.grad(), g),
+               "reference as precomputed scores: same loss and gradients, bit for bit");
+    }
+    // Non-contiguous logits and int32 labels: the same numbers.
+    {
+        tpo::libtorch::logits_batch t = b;
+        t.policy_chosen = b.policy_chosen.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(true);
+        t.labels_chosen = b.labels_chosen.to(torch::kInt);
+        t.labels_rejected = b.labels_rejected.to(torch::kInt);
+        expect(!t.policy_chosen.is_contiguous(), "the transposed copy is not contiguous");
+        const auto other = tpo::libtorch::preference_loss(t, options);
+        other.loss.backward();
+        expect(other.loss.item<float>() == first.loss.item<float>() && torch::equal(t.policy_chosen.grad(), g),
+               "non-contiguous logits, int32 labels: same loss and gradients");
+    }
+    // No policy tensor requires grad: no gradient is computed, the loss has no grad_fn.
+    {
+        tpo::libtorch::logits_batch n = random_batch(torch::kFloat, false);
+        const auto frozen = tpo::libtorch::preference_loss(n, options);
+        expect(!frozen.loss.requires_grad(), "no policy tensor requires grad: the loss does not either");
+    }
+    // Plain DPO with the noisy logits given anyway: the loss does not depend on them, and no
+    // gradient flows into them.
+    {
+        tpo::libtorch::logits_batch n = random_batch(torch::kFloat, true);
+        tpo::objective_options dpo;
+        dpo.weighting = tpo::token_weighting::none;
+        const auto plain = tpo::libtorch::preference_loss(n, dpo);
+        plain.loss.backward();
+        expect(n.policy_chosen.grad().defined() && !n.policy_chosen_noisy.grad().defined() &&
+                   !n.policy_rejected_noisy.grad().defined(),
+               "DPO with noisy logits given: no gradient flows into them");
+    }
+    // A second backward through a retained graph gives the same gradients again.
+    {
+        tpo::libtorch::logits_batch d = random_batch(torch::kDouble, true);
+        const auto twice = tpo::libtorch::preference_loss(d, options);
+        (2 * twice.loss).backward({}, /*retain_graph=*/true);
+        const torch::Tensor once = d.policy_rejected.grad().clone();
+        (2 * twice.loss).backward();
+        expect(torch::allclose(d.policy_rejected.grad(), 2 * once, 0, 0), "retain_graph: the second backward adds the same gradient");
     }
 }
 
@@ -166,14 +265,14 @@ void training_agrees() {
     for (int step = 0; step < 5; ++step) {
         auto reference_batch = [&] {
             torch::NoGradGuard no_grad;
-            tpo_torch::batch_tensors b;
+            tpo::libtorch::logits_batch b;
             b.reference_chosen = reference.forward(tw, image), b.reference_chosen_noisy = reference.forward(tw, noisy_image);
             b.reference_rejected = reference.forward(tl, image);
             b.reference_rejected_noisy = reference.forward(tl, noisy_image);
             b.labels_chosen = yw, b.labels_rejected = yl;
             return b;
         };
-        tpo_torch::batch_tensors a = reference_batch(), b = reference_batch();
+        tpo::libtorch::logits_batch a = reference_batch(), b = reference_batch();
         a.policy_chosen = via_tpo.forward(tw, image), a.policy_chosen_noisy = via_tpo.forward(tw, noisy_image);
         a.policy_rejected = via_tpo.forward(tl, image), a.policy_rejected_noisy = via_tpo.forward(tl, noisy_image);
         b.policy_chosen = via_torch.forward(tw, image), b.policy_chosen_noisy = via_torch.forward(tw, noisy_image);
@@ -181,7 +280,7 @@ void training_agrees() {
         b.policy_rejected_noisy = via_torch.forward(tl, noisy_image);
 
         opt_tpo.zero_grad(), opt_torch.zero_grad();
-        const torch::Tensor loss_tpo = tpo_torch::preference_loss(a, options);
+        const torch::Tensor loss_tpo = tpo::libtorch::preference_loss(a, options).loss;
         const torch::Tensor loss_torch = torch_loss(b, options.hyper.beta, options.a, true);
         loss_tpo.backward(), loss_torch.backward();
         opt_tpo.step(), opt_torch.step();
@@ -213,17 +312,24 @@ void training_agrees() {
 int main() {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);
     torch::manual_seed(20261127);
-    compare_with_autograd(torch::kFloat, 1e-6, true);
-    compare_with_autograd(torch::kDouble, 1e-12, true);
-    compare_with_autograd(torch::kFloat, 1e-6, false);
-    compare_with_autograd(torch::kDouble, 1e-12, false);
+    // Tolerances: the arithmetic's (fp32, fp64), or for 16-bit logits two roundings to the dtype
+    // (the gradient tpo writes, then its product with the upstream 3 in that dtype, as libtorch's
+    // own 16-bit backward multiplies): 2u with u = 2^-8 for bf16 (8 significant bits) and 2^-11
+    // for fp16 (11); the loss is rounded once.
+    for (bool weighted : {true, false}) {
+        compare_with_autograd(torch::kFloat, 1e-6, weighted);
+        compare_with_autograd(torch::kDouble, 1e-12, weighted);
+        compare_with_autograd(torch::kBFloat16, 2 * 0x1p-8, weighted);
+        compare_with_autograd(torch::kHalf, 2 * 0x1p-11, weighted);
+    }
+    behaviour();
     training_agrees();
 
     // Bad input reaches the caller as an exception naming what was wrong.
     try {
-        tpo_torch::batch_tensors b = random_batch(torch::kFloat, false);
+        tpo::libtorch::logits_batch b = random_batch(torch::kFloat, false);
         b.labels_chosen.index_put_({0, 3}, 1000);
-        tpo_torch::preference_loss(b, tpo::objective_options{});
+        tpo::libtorch::preference_loss(b, tpo::objective_options{});
         expect(false, "label out of range raises");
     } catch (const std::exception& e) {
         const std::string what = e.what();
