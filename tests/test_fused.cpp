@@ -426,3 +426,34 @@ void fused_overflow() {
 TEST_CASE("hidden states in: a gradient that overflows is an error, not an Inf", "[fused][bad-input]") {
     fused_overflow<tested_backend>();
 }
+
+TEST_CASE("logits inputs under a logit transform: the transformed logits' results, chained gradients",
+          "[transform]") {
+    std::mt19937_64 rng(606);
+    tested_backend backend;
+    for (int with_softcap = 0; with_softcap < 2; ++with_softcap) {
+        tpo::objective_options options;
+        options.logit_scale = 1.3;
+        options.temperature = 0.7;
+        if (with_softcap) options.logit_softcap = 2.5;
+        const transform_of f(options);
+        const tpo_test::batch_data<double> u = tpo_test::random_batch<double>(rng, 2, 6, 4, 9);
+        tpo_test::batch_data<double> z = u;
+        for (auto* side : {&z.chosen, &z.rejected})
+            for (int k = 0; k < 4; ++k)
+                for (double& x : side->tensor(k)) x = f.z(x);
+        tpo::objective_options plain;
+        auto expected = tpo_test::evaluate_with_gradients<double>(backend, plain, z);
+        auto got = tpo_test::evaluate_with_gradients<double>(backend, options, u);
+        INFO("soft-cap " << with_softcap);
+        tpo_test::check_close({got.result.loss}, {expected.result.loss}, 1e-13, "loss");
+        tpo_test::check_close(got.result.chosen_rewards, expected.result.chosen_rewards, 1e-13, "chosen rewards");
+        const tpo_test::side_data<double>* sides[2] = {&u.chosen, &u.rejected};
+        for (int k = 0; k < 4; ++k) {
+            const auto& raw = const_cast<tpo_test::side_data<double>*>(sides[k / 2])->tensor(k % 2);
+            std::vector<double> chained = expected.gradients.tensor(k);
+            for (std::size_t i = 0; i < chained.size(); ++i) chained[i] *= f.dz(raw[i]);
+            tpo_test::check_close(got.gradients.tensor(k), chained, 1e-12, "dL/du");
+        }
+    }
+}

@@ -66,8 +66,6 @@ void check_head_shape(const head_view<const T>& w, const char* what) {
 /// Every shape and pointer of a batch against the options, before anything is read.
 template <class T, class I, class R>
 void check_batch(const objective_options& options, const preference_batch<T, I, R>& batch) {
-    require(options.transform().identity(), "logit_scale, logit_softcap and temperature apply to hidden-state "
-                                            "inputs; logits inputs must be given already transformed");
     const bool noisy = options.weighting == token_weighting::self_calibrated;
     auto check_side = [&](const side_batch<T, I, R>& s, const char* side) {
         detail::check_logits(s.policy, side, "policy logits");

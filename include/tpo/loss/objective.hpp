@@ -10,6 +10,7 @@
 // recomputes the exponentials instead of storing a softmax. What the objective reads and writes is
 // in loss/batch.hpp, its checks in loss/checks.hpp.
 
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -89,12 +90,16 @@ public:
     template <class T, class I, class R>
     void launch_forward(const preference_batch<T, I, R>& batch) {
         detail::check_batch(options_, batch);
-        hidden_input_ = false;
-        vocab_ = batch.chosen.policy.vocab;
-        prepare(chosen_, batch.chosen);
-        prepare(rejected_, batch.rejected);
-        launch_passes(batch.chosen.policy.sequences);
-        deferred_ = true;
+        if (!options_.transform().identity()) {
+            // Logits inputs under a logit transform: the transformed logits, once, in backend memory;
+            // backward() writes their gradient and chains it through the transform.
+            auto copies = std::make_shared<transformed_logits<T, I, R>>(backend_, batch, options_.transform());
+            transformed_ = copies;
+            launch_untransformed(copies->batch);
+            return;
+        }
+        transformed_.reset();
+        launch_untransformed(batch);
     }
 
     /// The last forward's results on the host (waits for the backend); with check_inputs an input
@@ -126,6 +131,7 @@ public:
                 overflow_.empty() ? nullptr : backend_.raw(overflow_), pairs_, vocab_};
     }
 
+public:
     /// The same with hidden states in: the logits transform(h·Wᵀ + b) are computed chunk by chunk
     /// and never stored whole (rows/fused.hpp).
     template <class T, class I, class R>
@@ -161,14 +167,20 @@ public:
         }
         side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
         run_coefficient_pass<T, G>(chosen, rejected);
-        auto write = [&](const auto& z, coefficient_buffer& coef, const logits_view<G>& out, index_t scored) {
-            if (!out.empty()) backend_.row_gradient(z, backend_.raw(coef), scored, out);
+        // Under a logit transform the rows are the transformed copies, and ∂L/∂z is chained to the
+        // caller's logits: ∂L/∂u = ∂L/∂z · dz/du, dz/du taken at z.
+        const auto* copies = static_cast<const transformed_logits<T, I, R>*>(transformed_.get());
+        const preference_batch<T, I, R>& rows_of = copies ? copies->batch : batch;
+        auto write = [&](logits_view<const T> z, coefficient_buffer& coef, const logits_view<G>& out, index_t scored) {
+            if (out.empty()) return;
+            backend_.row_gradient(z, backend_.raw(coef), scored, out);
+            if (copies) backend_.for_each(out.size(), chain_logits_op<T, G>{z.data, out.data, options_.transform()});
         };
-        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, chosen_.scored);
-        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, rejected_.scored);
+        write(rows_of.chosen.policy, chosen.clean, grads.chosen.policy, chosen_.scored);
+        write(rows_of.rejected.policy, rejected.clean, grads.rejected.policy, rejected_.scored);
         if (noisy) {
-            write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, chosen_.scored);
-            write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, rejected_.scored);
+            write(rows_of.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, chosen_.scored);
+            write(rows_of.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, rejected_.scored);
         }
     }
 
@@ -246,6 +258,16 @@ public:
     }
 
 private:
+    template <class T, class I, class R>
+    void launch_untransformed(const preference_batch<T, I, R>& batch) {
+        hidden_input_ = false;
+        vocab_ = batch.chosen.policy.vocab;
+        prepare(chosen_, batch.chosen);
+        prepare(rejected_, batch.rejected);
+        launch_passes(batch.chosen.policy.sequences);
+        deferred_ = true;
+    }
+
     using stats_buffer = typename B::template buffer<row_stats>;
     using coefficient_buffer = typename B::template buffer<row_coefficients>;
 
@@ -429,8 +451,55 @@ private:
                 s.reference_scores};
     }
 
+    /// ∂L/∂u of the caller's logits from ∂L/∂z (in place) and the transformed logits z.
+    template <class T, class G>
+    struct chain_logits_op {
+        const T* z;
+        G* grad;
+        logit_transform transform;
+        TPO_HOST_DEVICE void operator()(index_t e) const {
+            grad[e] = narrow<G>(widen<double>(grad[e]) * transform.derivative_at(widen<double>(z[e])));
+        }
+    };
+
+    template <class T>
+    struct transform_op {
+        const T* in;
+        T* out;
+        logit_transform transform;
+        TPO_HOST_DEVICE void operator()(index_t e) const { out[e] = narrow<T>(transform.apply(widen<double>(in[e]))); }
+    };
+
+    /// A batch's logits tensors through the transform, and the batch that reads them.
+    template <class T, class I, class R>
+    struct transformed_logits {
+        std::vector<typename B::template buffer<T>> policy;
+        std::vector<typename B::template buffer<R>> reference;
+        preference_batch<T, I, R> batch;
+
+        transformed_logits(B& backend, const preference_batch<T, I, R>& b, const logit_transform& t) : batch(b) {
+            policy.reserve(4);
+            reference.reserve(4);
+            auto copy = [&](auto& store, auto view) {
+                using E = std::remove_const_t<std::remove_pointer_t<decltype(view.data)>>;
+                if (view.empty()) return view;
+                store.push_back(backend.template allocate<E>(view.size()));
+                E* out = backend.raw(store.back());
+                backend.for_each(view.size(), transform_op<E>{view.data, out, t});
+                return decltype(view){out, view.sequences, view.length, view.vocab};
+            };
+            for (auto* side : {&batch.chosen, &batch.rejected}) {
+                side->policy = copy(policy, side->policy);
+                side->policy_noisy = copy(policy, side->policy_noisy);
+                side->reference = copy(reference, side->reference);
+                side->reference_noisy = copy(reference, side->reference_noisy);
+            }
+        }
+    };
+
     B& backend_;
     objective_options options_;
+    std::shared_ptr<void> transformed_;
     index_t pairs_ = 0;
     index_t vocab_ = 0;
     bool forward_done_ = false;

@@ -60,7 +60,8 @@ struct objective_options {
 
     // The logit transform between the lm_head and the softmax (rows/transform.hpp):
     // z = softcap·tanh(logit_scale·u / softcap) / temperature, the soft-cap only when set. With
-    // hidden states in it applies to h·Wᵀ + b; logits inputs must be given already transformed.
+    // hidden states in it applies to h·Wᵀ + b; with logits inputs to the logits given (through a
+    // transformed copy of each tensor, the gradients chained back to the logits given).
     double logit_scale = 1.0;
     std::optional<double> logit_softcap;
     double temperature = 1.0;
