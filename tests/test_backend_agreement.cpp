@@ -1,5 +1,5 @@
 // Every backend against the reference backend (the oracle) on the same random inputs, for every
-// input element type: forward values, metrics and gradients (issue 2; issues 4, 5 reuse this).
+// input element type: forward values, metrics and gradients.
 
 #include <catch2/catch.hpp>
 

@@ -1,5 +1,5 @@
 // Bad input raises a tpo::error naming the offending shape or value, on every backend; legitimate
-// edges are not errors (issue 2, DEVELOPERS.md's list).
+// edges are not errors.
 
 #include <catch2/catch.hpp>
 

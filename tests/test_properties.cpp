@@ -1,5 +1,5 @@
 // Property-based tests (RapidCheck): invariances, symmetries and limits of the objective that
-// hold for every input, on the tested backend (issue 2).
+// hold for every input, on the tested backend.
 
 #include <catch2/catch.hpp>
 #include <rapidcheck/catch.h>
