@@ -64,6 +64,32 @@ inline objective_result collect_result(const std::vector<loss::sequence_summary>
 
 }  // namespace detail
 
+namespace detail {
+
+// Element-wise functors of the logit transform on logits inputs; at namespace scope, since nvcc's
+// kernel stubs must name them from outside the objective.
+
+/// ∂L/∂u of the caller's logits from ∂L/∂z (in place) and the transformed logits z.
+template <class T, class G>
+struct chain_logits_op {
+    const T* z;
+    G* grad;
+    logit_transform transform;
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        grad[e] = narrow<G>(widen<double>(grad[e]) * transform.derivative_at(widen<double>(z[e])));
+    }
+};
+
+template <class T>
+struct transform_op {
+    const T* in;
+    T* out;
+    logit_transform transform;
+    TPO_HOST_DEVICE void operator()(index_t e) const { out[e] = narrow<T>(transform.apply(widen<double>(in[e]))); }
+};
+
+}  // namespace detail
+
 template <tensor_backend B>
 class objective {
 public:
@@ -174,7 +200,8 @@ public:
         auto write = [&](logits_view<const T> z, coefficient_buffer& coef, const logits_view<G>& out, index_t scored) {
             if (out.empty()) return;
             backend_.row_gradient(z, backend_.raw(coef), scored, out);
-            if (copies) backend_.for_each(out.size(), chain_logits_op<T, G>{z.data, out.data, options_.transform()});
+            if (copies)
+                backend_.for_each(out.size(), detail::chain_logits_op<T, G>{z.data, out.data, options_.transform()});
         };
         write(rows_of.chosen.policy, chosen.clean, grads.chosen.policy, chosen_.scored);
         write(rows_of.rejected.policy, rejected.clean, grads.rejected.policy, rejected_.scored);
@@ -451,25 +478,6 @@ private:
                 s.reference_scores};
     }
 
-    /// ∂L/∂u of the caller's logits from ∂L/∂z (in place) and the transformed logits z.
-    template <class T, class G>
-    struct chain_logits_op {
-        const T* z;
-        G* grad;
-        logit_transform transform;
-        TPO_HOST_DEVICE void operator()(index_t e) const {
-            grad[e] = narrow<G>(widen<double>(grad[e]) * transform.derivative_at(widen<double>(z[e])));
-        }
-    };
-
-    template <class T>
-    struct transform_op {
-        const T* in;
-        T* out;
-        logit_transform transform;
-        TPO_HOST_DEVICE void operator()(index_t e) const { out[e] = narrow<T>(transform.apply(widen<double>(in[e]))); }
-    };
-
     /// A batch's logits tensors through the transform, and the batch that reads them.
     template <class T, class I, class R>
     struct transformed_logits {
@@ -485,7 +493,7 @@ private:
                 if (view.empty()) return view;
                 store.push_back(backend.template allocate<E>(view.size()));
                 E* out = backend.raw(store.back());
-                backend.for_each(view.size(), transform_op<E>{view.data, out, t});
+                backend.for_each(view.size(), detail::transform_op<E>{view.data, out, t});
                 return decltype(view){out, view.sequences, view.length, view.vocab};
             };
             for (auto* side : {&batch.chosen, &batch.rejected}) {
