@@ -30,6 +30,24 @@
 
 namespace tpo_cli {
 
+/// The JSON object `tpo loss` prints, whatever its inputs.
+inline void add_result(json_object& json, const tpo::objective_result& r) {
+    json.number("loss", r.loss);
+    json.numbers("losses", r.losses);
+    json.numbers("chosen_rewards", r.chosen_rewards);
+    json.numbers("rejected_rewards", r.rejected_rewards);
+    json.numbers("policy_chosen_scores", r.policy_chosen_scores);
+    json.numbers("policy_rejected_scores", r.policy_rejected_scores);
+    json.numbers("reference_chosen_scores", r.reference_chosen_scores);
+    json.numbers("reference_rejected_scores", r.reference_rejected_scores);
+    json.numbers("mean_visual_score_chosen", r.mean_visual_score_chosen);
+    json.numbers("mean_visual_score_rejected", r.mean_visual_score_rejected);
+    json.number("reward_accuracy", r.reward_accuracy);
+    json.number("reward_margin", r.reward_margin);
+    json.numbers("chosen_tokens", r.chosen_tokens);
+    json.numbers("rejected_tokens", r.rejected_tokens);
+}
+
 /// A float array of a given number of dimensions, each at least 1.
 inline io::npy_array load_float_dims(const std::string& path, std::size_t dims, const char* layout) {
     io::npy_array a = load_float_array(path);
@@ -260,20 +278,7 @@ inline int run_fused_loss(const parsed_args& args, const tpo::objective_options&
             else
                 throw input_error(tpo::detail::concat("--backend ", backend, ": cannot take hidden states"));
         });
-        json.number("loss", r.loss);
-        json.numbers("losses", r.losses);
-        json.numbers("chosen_rewards", r.chosen_rewards);
-        json.numbers("rejected_rewards", r.rejected_rewards);
-        json.numbers("policy_chosen_scores", r.policy_chosen_scores);
-        json.numbers("policy_rejected_scores", r.policy_rejected_scores);
-        json.numbers("reference_chosen_scores", r.reference_chosen_scores);
-        json.numbers("reference_rejected_scores", r.reference_rejected_scores);
-        json.numbers("mean_visual_score_chosen", r.mean_visual_score_chosen);
-        json.numbers("mean_visual_score_rejected", r.mean_visual_score_rejected);
-        json.number("reward_accuracy", r.reward_accuracy);
-        json.number("reward_margin", r.reward_margin);
-        json.numbers("chosen_tokens", r.chosen_tokens);
-        json.numbers("rejected_tokens", r.rejected_tokens);
+        add_result(json, r);
         if (want_grads) {
             grad_dir.emplace(args.required("grad-dir"), "--grad-dir");
             const std::filesystem::path gdir = grad_dir->path();

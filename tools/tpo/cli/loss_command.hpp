@@ -173,20 +173,7 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
         }
         tpo::objective_result r;
         with_backend(backend, [&](auto& b) { r = tpo::evaluate(b, options, batch, want_grads ? &g : nullptr); });
-        json.number("loss", r.loss);
-        json.numbers("losses", r.losses);
-        json.numbers("chosen_rewards", r.chosen_rewards);
-        json.numbers("rejected_rewards", r.rejected_rewards);
-        json.numbers("policy_chosen_scores", r.policy_chosen_scores);
-        json.numbers("policy_rejected_scores", r.policy_rejected_scores);
-        json.numbers("reference_chosen_scores", r.reference_chosen_scores);
-        json.numbers("reference_rejected_scores", r.reference_rejected_scores);
-        json.numbers("mean_visual_score_chosen", r.mean_visual_score_chosen);
-        json.numbers("mean_visual_score_rejected", r.mean_visual_score_rejected);
-        json.number("reward_accuracy", r.reward_accuracy);
-        json.number("reward_margin", r.reward_margin);
-        json.numbers("chosen_tokens", r.chosen_tokens);
-        json.numbers("rejected_tokens", r.rejected_tokens);
+        add_result(json, r);
         if (want_grads) {
             grad_dir.emplace(args.required("grad-dir"), "--grad-dir");
             const std::filesystem::path gdir = grad_dir->path();
