@@ -78,11 +78,6 @@ struct fused_files {
     fused_side_files chosen, rejected;
 };
 
-inline bool has_file(const std::filesystem::path& dir, const std::string& name) {
-    std::error_code ec;
-    return std::filesystem::exists(dir / name, ec);
-}
-
 /// Which kind of policy input DIR holds: logits (false) or hidden states (true); both or neither
 /// is an error naming what was found.
 inline bool holds_hidden_states(const std::filesystem::path& dir) {

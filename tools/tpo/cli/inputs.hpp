@@ -76,11 +76,15 @@ struct input_alternative {
     std::vector<std::string> files;  // names without the directory
 };
 
+/// Whether DIR has an entry NAME of any kind. A dangling link, a link loop or a FIFO counts as
+/// present, so that the reader, not the choice of inputs, reports what is wrong with it.
+inline bool has_file(const std::filesystem::path& dir, const std::string& name) {
+    std::error_code ec;
+    return std::filesystem::exists(std::filesystem::symlink_status(dir / name, ec));
+}
+
 inline std::size_t choose_input(const std::filesystem::path& dir, const std::vector<input_alternative>& alternatives) {
-    auto present = [&](const std::string& name) {
-        std::error_code ec;
-        return std::filesystem::exists(dir / name, ec);
-    };
+    auto present = [&](const std::string& name) { return has_file(dir, name); };
     std::size_t chosen = alternatives.size();
     for (std::size_t k = 0; k < alternatives.size(); ++k)
         if (present(alternatives[k].files.front())) {
