@@ -5,6 +5,8 @@
 //   raw(buffer)          the buffer's raw pointer, as functors see it
 //   to_host(buffer)      a host copy (small results only)
 //   for_each(n, f)       f(i) for i in [0, n), any order, f a host/device functor
+//   for_each_group(n, f) optional: f(lanes) for n groups of threads that reduce together
+//                        (backend/lanes.hpp); without it the O(S·L) passes run one lane per pair
 //   row_statistics(...)  runs rows::scored_rows over a logits tensor: for every row the plan sends to
 //                        the backend (rows::statistics_of), one pass doing what its row_reduction
 //                        asks: a finiteness scan, the online log-sum-exp of z, and of 2z

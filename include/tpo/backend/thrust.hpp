@@ -93,6 +93,13 @@ public:
         system::for_each(context_, n, static_cast<const std::decay_t<F>&>(f));
     }
 
+    /// f(lanes) for each of n groups (backend/lanes.hpp), where the system has groups of lanes.
+    template <class F>
+        requires requires(const context_type& c, index_t n, const F& f) { system::for_each_group(c, n, f); }
+    void for_each_group(index_t n, const F& f) const {
+        system::for_each_group(context_, n, f);
+    }
+
     template <class T, class I>
     void row_statistics(logits_view<const T> z, labels_view<const I> labels, row_alignment align,
                         row_reduction reduction, row_stats* out) const {

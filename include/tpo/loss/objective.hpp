@@ -323,8 +323,8 @@ private:
         order_scratch_ = backend_.template allocate<index_t>(2 * pairs);
 
         const loss::token_settings ts = loss::token_settings::from(options_);
-        backend_.for_each(pairs, loss::sequence_pass{ts, rows(chosen_), rows(rejected_), pairs,
-                                                     backend_.raw(summaries_)});
+        backend::for_each_group(backend_, pairs,
+                                loss::sequence_pass{ts, rows(chosen_), rows(rejected_), pairs, backend_.raw(summaries_)});
         backend_.for_each(1, loss::reward_pass{options_.hyper.beta, pairs, backend_.raw(summaries_),
                                                backend_.raw(pair_results_), backend_.raw(batch_result_)});
         for (const loss_term& term : options_.losses)
@@ -357,7 +357,7 @@ private:
     void run_coefficient_pass(side_coefficients& chosen, side_coefficients& rejected) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         overflow_ = backend_.template allocate<loss::gradient_overflow>(2 * pairs_);
-        backend_.for_each(pairs_, loss::coefficient_pass{
+        backend::for_each_group(backend_, pairs_, loss::coefficient_pass{
                                       loss::token_settings::from(options_), rows(chosen_), rows(rejected_),
                                       {backend_.raw(chosen.clean), noisy ? backend_.raw(chosen.noisy) : nullptr},
                                       {backend_.raw(rejected.clean), noisy ? backend_.raw(rejected.noisy) : nullptr},

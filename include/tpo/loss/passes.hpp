@@ -3,15 +3,20 @@
 // with its for_each: they read the row statistics of the O(S·L·V) row pass and never touch
 // logits. One functor instance serves every backend, so the math exists exactly once.
 //
-//   sequence_pass    one pair per index: token terms → sequence scores, counts, metrics
+//   sequence_pass    one pair per group of lanes: token terms → sequence scores, counts, metrics
 //   reward_pass      one index: rewards, accuracy and margin; clears the loss accumulators
 //   loss_term_pass   one index, once per loss term: that term over the batch (aot sorts the
 //                    batch) → loss and ∂L/∂A per sequence
-//   coefficient_pass one pair per index: ∂L/∂A → (alpha, beta) of every scored row (docs/math.md)
+//   coefficient_pass one pair per group of lanes: ∂L/∂A → (alpha, beta) of every scored row
+//                    (docs/math.md)
+//
+// The two O(S·L) passes run through backend::for_each_group (backend/lanes.hpp): one lane per
+// pair on the host, where they are plain loops over the rows, a block of lanes per pair on a GPU.
 
 #include <cmath>
 #include <cstdint>
 
+#include "tpo/backend/lanes.hpp"
 #include "tpo/core/views.hpp"
 #include "tpo/loss/family.hpp"
 #include "tpo/loss/options.hpp"
@@ -96,18 +101,42 @@ TPO_HOST_DEVICE inline scored_token score_token(const token_settings& ts, respon
     return {logp, score, reward::sequence_term(ts.form, logp, c)};
 }
 
-/// Count the valid rows of one sequence and find the first input problem.
-TPO_HOST_DEVICE inline index_t count_valid_rows(const token_settings& ts, const side_rows& side, index_t s,
-                                                sequence_summary& out) {
+/// The first input problem of a sequence: the lowest row wins (the reference score, which has
+/// no row, comes before every row); within a row the first tensor, then the caller weight.
+struct problem_record {
+    index_t row = 0;
+    input_problem problem = input_problem::none;
+    tensor_role tensor = tensor_role::policy;
+    double value = 0;  // the label or weight found there, or the reference score
+};
+
+/// A sequence's valid rows and its first input problem.
+struct row_scan {
     index_t valid = 0;
+    problem_record first{};
+};
+
+struct combine_scans {
+    TPO_HOST_DEVICE row_scan operator()(const row_scan& a, const row_scan& b) const {
+        row_scan c{a.valid + b.valid, a.first};
+        const bool take_b = b.first.problem != input_problem::none &&
+                            (a.first.problem == input_problem::none || b.first.row < a.first.row);
+        if (take_b) c.first = b.first;
+        return c;
+    }
+};
+
+/// Counts the valid rows of one sequence and finds its first input problem, each lane over its
+/// rows, then across the lanes.
+template <class Lanes>
+TPO_HOST_DEVICE row_scan scan_rows(const token_settings& ts, const side_rows& side, index_t s, const Lanes& lanes) {
+    row_scan mine{};
+    problem_record& first = mine.first;
     const bool noisy = ts.weighting == token_weighting::self_calibrated;
     const bool reference_rows = side.reference_scores == nullptr;
-    if (!reference_rows && !math::is_finite(side.reference_scores[s])) {
-        out.problem = input_problem::non_finite_reference_score;
-        out.problem_tensor = tensor_role::reference;
-        out.problem_value = side.reference_scores[s];
-    }
-    for (index_t t = 0; t < side.scored; ++t) {
+    if (!reference_rows && !math::is_finite(side.reference_scores[s]))
+        first = {-1, input_problem::non_finite_reference_score, tensor_role::reference, side.reference_scores[s]};
+    for (index_t t = lanes.lane(); t < side.scored; t += lanes.size()) {
         const index_t r = s * side.scored + t;
         const row_stats* rows[4] = {side.policy + r, noisy ? side.policy_noisy + r : nullptr,
                                     reference_rows ? side.reference + r : nullptr,
@@ -116,74 +145,110 @@ TPO_HOST_DEVICE inline index_t count_valid_rows(const token_settings& ts, const 
             if (!rows[k]) continue;
             const row_status st = rows[k]->status;
             if (st == row_status::ok || st == row_status::masked) continue;
-            if (out.problem == input_problem::none) {
-                out.problem = st == row_status::label_out_of_range ? input_problem::label_out_of_range
-                                                                  : input_problem::non_finite_logits;
-                out.problem_tensor = static_cast<tensor_role>(k);
-                out.problem_position = ts.alignment.label_position(t);
-                out.problem_value = static_cast<double>(rows[k]->label);
-            }
+            if (first.problem == input_problem::none)
+                first = {t,
+                         st == row_status::label_out_of_range ? input_problem::label_out_of_range
+                                                              : input_problem::non_finite_logits,
+                         static_cast<tensor_role>(k), static_cast<double>(rows[k]->label)};
         }
         if (side.policy[r].status == row_status::masked) continue;
-        if (ts.weighting == token_weighting::caller && out.problem == input_problem::none) {
+        if (ts.weighting == token_weighting::caller && first.problem == input_problem::none) {
             const float w = side.weights[s * side.length + ts.alignment.label_position(t)];
             const bool bad = !math::is_finite(w) || (ts.form == sequence_form::additive ? !(w > 0.0f) : false);
-            if (bad) {
-                out.problem = input_problem::bad_weight;
-                out.problem_tensor = tensor_role::weights;
-                out.problem_position = ts.alignment.label_position(t);
-                out.problem_value = static_cast<double>(w);
-            }
+            if (bad) first = {t, input_problem::bad_weight, tensor_role::weights, static_cast<double>(w)};
         }
-        ++valid;
+        ++mine.valid;
     }
-    return valid;
+    return lanes.reduce(mine, combine_scans{});
 }
 
+/// What summarise adds up over a sequence's rows.
+struct sequence_sums {
+    double policy_score = 0, reference_score = 0, visual_score_sum = 0, sft_logp_sum = 0, wpo_log_weight = 0;
+};
+
+struct add_sums {
+    TPO_HOST_DEVICE sequence_sums operator()(const sequence_sums& a, const sequence_sums& b) const {
+        return {a.policy_score + b.policy_score, a.reference_score + b.reference_score,
+                a.visual_score_sum + b.visual_score_sum, a.sft_logp_sum + b.sft_logp_sum,
+                a.wpo_log_weight + b.wpo_log_weight};
+    }
+};
+
+/// One pair per group of lanes; the lanes split each sequence's rows, in rounds of consecutive rows
+/// so that a row's rank among the valid ones (LD-DPO) is a count within the round.
 struct sequence_pass {
     token_settings ts;
     side_rows chosen, rejected;
     index_t pairs;
     sequence_summary* out;  // [0, P): chosen; [P, 2P): rejected
 
-    TPO_HOST_DEVICE void operator()(index_t i) const {
-        sequence_summary& w = out[i];
-        sequence_summary& l = out[pairs + i];
-        w = sequence_summary{};
-        l = sequence_summary{};
-        const index_t n_w = count_valid_rows(ts, chosen, i, w);
-        const index_t n_l = count_valid_rows(ts, rejected, i, l);
-        if (w.problem != input_problem::none || l.problem != input_problem::none) return;
-        // LD-DPO: the first min(n_w, n_l) valid tokens count fully (docs/formulas.md#ld-dpo).
-        const index_t shared = n_w < n_l ? n_w : n_l;
-        summarise(chosen, response_side::chosen, i, n_w, shared, w);
-        summarise(rejected, response_side::rejected, i, n_l, shared, l);
+    template <class Lanes>
+    TPO_HOST_DEVICE void operator()(const Lanes& lanes) const {
+        const index_t i = lanes.group();
+        const row_scan scan_w = scan_rows(ts, chosen, i, lanes);
+        const row_scan scan_l = scan_rows(ts, rejected, i, lanes);
+        sequence_summary w{}, l{};
+        if (scan_w.first.problem != input_problem::none || scan_l.first.problem != input_problem::none) {
+            note_problem(scan_w.first, w);
+            note_problem(scan_l.first, l);
+        } else {
+            // LD-DPO: the first min(n_w, n_l) valid tokens count fully (docs/formulas.md#ld-dpo).
+            const index_t shared = scan_w.valid < scan_l.valid ? scan_w.valid : scan_l.valid;
+            w = summarise(chosen, response_side::chosen, i, scan_w.valid, shared, lanes);
+            l = summarise(rejected, response_side::rejected, i, scan_l.valid, shared, lanes);
+        }
+        if (lanes.lane() == 0) {
+            out[i] = w;
+            out[pairs + i] = l;
+        }
     }
 
-    TPO_HOST_DEVICE void summarise(const side_rows& side, response_side which, index_t s, index_t valid,
-                                   index_t shared, sequence_summary& out) const {
+    TPO_HOST_DEVICE void note_problem(const problem_record& p, sequence_summary& out) const {
+        if (p.problem == input_problem::none) return;
+        out.problem = p.problem;
+        out.problem_tensor = p.tensor;
+        out.problem_position = p.row < 0 ? 0 : ts.alignment.label_position(p.row);
+        out.problem_value = p.value;
+    }
+
+    template <class Lanes>
+    TPO_HOST_DEVICE sequence_summary summarise(const side_rows& side, response_side which, index_t s, index_t valid,
+                                               index_t shared, const Lanes& lanes) const {
         const bool noisy = ts.weighting == token_weighting::self_calibrated;
-        index_t rank = 0;
-        for (index_t t = 0; t < side.scored; ++t) {
+        sequence_sums sums{};
+        index_t before = 0;  // valid rows of the earlier rounds
+        for (index_t first = 0; first < side.scored; first += lanes.size()) {
+            const index_t t = first + lanes.lane();
             const index_t r = s * side.scored + t;
-            if (side.policy[r].status == row_status::masked) continue;
+            const bool counted = t < side.scored && side.policy[r].status != row_status::masked;
+            index_t in_round = 0;
+            const index_t rank = before + lanes.exclusive_count(counted, in_round);
+            before += in_round;
+            if (!counted) continue;
             const double lambda = (ts.use_ld && rank >= shared) ? ts.ld_alpha : 1.0;
-            ++rank;
             const float* weight =
                 side.weights ? side.weights + s * side.length + ts.alignment.label_position(t) : nullptr;
             const scored_token pol =
                 score_token(ts, which, side.policy[r], noisy ? side.policy_noisy + r : nullptr, weight);
-            out.policy_score += lambda * pol.term.value;
+            sums.policy_score += lambda * pol.term.value;
             if (!side.reference_scores) {
                 const scored_token ref =
                     score_token(ts, which, side.reference[r], noisy ? side.reference_noisy + r : nullptr, weight);
-                out.reference_score += lambda * ref.term.value;
+                sums.reference_score += lambda * ref.term.value;
             }
-            out.visual_score_sum += pol.score;
-            out.sft_logp_sum += pol.logp;
+            sums.visual_score_sum += pol.score;
+            sums.sft_logp_sum += pol.logp;
             const row_stats& z = side.policy[r];
-            out.wpo_log_weight += pol.logp - (z.lse_doubled - 2.0 * z.lse);
+            sums.wpo_log_weight += pol.logp - (z.lse_doubled - 2.0 * z.lse);
         }
+        sums = lanes.reduce(sums, add_sums{});
+        sequence_summary out{};
+        out.policy_score = sums.policy_score;
+        out.reference_score = sums.reference_score;
+        out.visual_score_sum = sums.visual_score_sum;
+        out.sft_logp_sum = sums.sft_logp_sum;
+        out.wpo_log_weight = sums.wpo_log_weight;
         out.tokens = static_cast<double>(valid);
         if (valid > 0) {
             out.wpo_log_weight /= static_cast<double>(valid);
@@ -193,6 +258,7 @@ struct sequence_pass {
             }
         }
         if (side.reference_scores) out.reference_score = side.reference_scores[s];  // final A_ref, as given
+        return out;
     }
 };
 
@@ -394,6 +460,17 @@ TPO_HOST_DEVICE inline bool gradient_fits(double alpha, double beta, const row_s
     return fabs(beta) <= limits.beta && bound <= limits.entry;
 }
 
+/// The lower of two rows' overflows: the lowest label position, the clean row before the noisy.
+struct first_overflow {
+    TPO_HOST_DEVICE gradient_overflow operator()(const gradient_overflow& a, const gradient_overflow& b) const {
+        if (!b.found) return a;
+        if (!a.found) return b;
+        const bool b_first = b.position < a.position || (b.position == a.position && b.noisy < a.noisy);
+        return b_first ? b : a;
+    }
+};
+
+/// One pair per group of lanes, in rounds of consecutive rows like sequence_pass.
 struct coefficient_pass {
     token_settings ts;
     side_rows chosen, rejected;
@@ -405,20 +482,28 @@ struct coefficient_pass {
     gradient_limits limits;
     gradient_overflow* overflow;  // [0, P): chosen; [P, 2P): rejected
 
-    TPO_HOST_DEVICE void operator()(index_t i) const {
+    template <class Lanes>
+    TPO_HOST_DEVICE void operator()(const Lanes& lanes) const {
+        const index_t i = lanes.group();
         const sequence_summary& w = summaries[i];
         const sequence_summary& l = summaries[pairs + i];
         const index_t shared = w.tokens < l.tokens ? static_cast<index_t>(w.tokens) : static_cast<index_t>(l.tokens);
-        write(chosen, chosen_out, response_side::chosen, i, pair_results[i].grad_chosen, w.tokens, shared,
-              batch->sft_logp_coefficient, overflow[i]);
-        write(rejected, rejected_out, response_side::rejected, i, pair_results[i].grad_rejected, l.tokens, shared,
-              0.0, overflow[pairs + i]);
+        const gradient_overflow problem_w = write(chosen, chosen_out, response_side::chosen, i,
+                                                  pair_results[i].grad_chosen, w.tokens, shared,
+                                                  batch->sft_logp_coefficient, lanes);
+        const gradient_overflow problem_l = write(rejected, rejected_out, response_side::rejected, i,
+                                                  pair_results[i].grad_rejected, l.tokens, shared, 0.0, lanes);
+        if (lanes.lane() == 0) {
+            overflow[i] = problem_w;
+            overflow[pairs + i] = problem_l;
+        }
     }
 
-    TPO_HOST_DEVICE void write(const side_rows& side, const side_coefficients& out, response_side which, index_t s,
-                               double grad_score, double tokens, index_t shared, double sft,
-                               gradient_overflow& problem) const {
-        problem = gradient_overflow{};
+    template <class Lanes>
+    TPO_HOST_DEVICE gradient_overflow write(const side_rows& side, const side_coefficients& out, response_side which,
+                                            index_t s, double grad_score, double tokens, index_t shared, double sft,
+                                            const Lanes& lanes) const {
+        gradient_overflow problem{};  // this lane's first
         auto check = [&](double alpha, double beta, const row_stats& row, bool noisy_row, index_t t) {
             double bound = 0;
             if (gradient_fits(alpha, beta, row, limits, bound) || problem.found) return;
@@ -427,16 +512,22 @@ struct coefficient_pass {
         const bool noisy = ts.weighting == token_weighting::self_calibrated;
         // ∂A/∂(term) is 1, or 1/n with the average option.
         const double per_token = (ts.average && tokens > 0) ? grad_score / tokens : grad_score;
-        index_t rank = 0;
-        for (index_t t = 0; t < side.scored; ++t) {
+        index_t before = 0;  // scored rows of the earlier rounds
+        for (index_t first = 0; first < side.scored; first += lanes.size()) {
+            const index_t t = first + lanes.lane();
             const index_t r = s * side.scored + t;
+            const bool inside = t < side.scored;
+            const bool counted = inside && side.policy[r].status == row_status::ok;
+            index_t in_round = 0;
+            const index_t rank = before + lanes.exclusive_count(counted, in_round);
+            before += in_round;
+            if (!inside) continue;
             const row_stats& clean = side.policy[r];
             row_coefficients& c = out.clean[r];
             c = row_coefficients{};
             if (noisy) out.noisy[r] = row_coefficients{};
-            if (clean.status != row_status::ok) continue;
+            if (!counted) continue;
             const double lambda = (ts.use_ld && rank >= shared) ? ts.ld_alpha : 1.0;
-            ++rank;
             const float* weight =
                 side.weights ? side.weights + s * side.length + ts.alignment.label_position(t) : nullptr;
             const scored_token tok = score_token(ts, which, clean, noisy ? side.policy_noisy + r : nullptr, weight);
@@ -452,6 +543,7 @@ struct coefficient_pass {
                 check(k.noisy_alpha, k.noisy_beta, side.policy_noisy[r], true, t);
             }
         }
+        return lanes.reduce(problem, first_overflow{});
     }
 };
 

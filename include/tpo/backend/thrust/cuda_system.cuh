@@ -18,6 +18,7 @@
 
 #include "tpo/backend/thrust/cuda_blas.cuh"
 #include "tpo/backend/thrust/cuda_buffer.cuh"
+#include "tpo/backend/thrust/cuda_lanes.cuh"
 #include "tpo/backend/thrust/cuda_rows.cuh"
 #include "tpo/backend/thrust/host_systems.hpp"
 #include "tpo/core/error.hpp"
@@ -98,6 +99,14 @@ struct system<::thrust::cuda::tag> {
         } catch (const ::thrust::system_error& e) {
             throw error(detail::concat("thrust backend (CUDA): for_each: ", e.what()));
         }
+    }
+
+    /// f(lanes) for each of n groups, a block of cuda::group_lanes threads each.
+    template <class F>
+    static void for_each_group(const cuda_context& context, index_t n, const F& f) {
+        if (n <= 0) return;
+        cuda::group_kernel<<<static_cast<unsigned int>(n), cuda::group_lanes, 0, context.stream>>>(f);
+        cuda::check(cudaGetLastError(), "launch of a pass over groups of lanes");
     }
 
     template <class T, class I>
