@@ -246,31 +246,47 @@ struct bias_gradient_op {
     }
 };
 
-/// Rank-one rows (β = 0): d = α·dz/du at the label, ∂L/∂h = d·W[y]; d is kept for the head.
-template <class A, class T, class G, class I>
-struct label_only_hidden_op {
+/// Rank-one rows (β = 0): d = α·dz/du at the label, kept for ∂L/∂h and the head.
+template <class A, class T, class I>
+struct label_factor_op {
     hidden_rows<T> source;
     scored_rows<I> plan;
     logit_transform transform;
     const row_coefficients* coefficients;
     const index_t* list;
     A* factor;
-    hidden_view<G> grad;
     TPO_HOST_DEVICE void operator()(index_t i) const {
-        const scored_row row = plan(list[i]);
         const row_coefficients& c = coefficients[list[i]];
-        const T* h = source.states.row(row.sequence, row.position);
         A d = static_cast<A>(c.alpha);
-        if (!transform.identity()) d *= transform.derivative_at(label_logit<A>(h, source.head, c.label, transform));
+        if (!transform.identity()) {
+            const scored_row row = plan(list[i]);
+            d *= transform.derivative_at(label_logit<A>(source.states.row(row.sequence, row.position), source.head,
+                                                        c.label, transform));
+        }
         factor[i] = d;
-        const T* w = source.head.row(c.label);
-        G* out = grad.row(row.sequence, row.position);
-        for (index_t k = 0; k < grad.hidden; ++k) out[k] = narrow<G>(d * widen<A>(w[k]));
     }
 };
 
-/// ∂L/∂W[y] += d·h and ∂L/∂b[y] += d of the rank-one rows, one column of W per index, rows in order
-/// (deterministic: no two indices touch the same entry).
+/// ∂L/∂h = d·W[y] of the rank-one rows, one entry per index (index = row·H + k).
+template <class A, class T, class G, class I>
+struct label_only_hidden_op {
+    head_view<const T> head;
+    scored_rows<I> plan;
+    const row_coefficients* coefficients;
+    const index_t* list;
+    const A* factor;
+    hidden_view<G> grad;
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        const index_t i = e / grad.hidden, k = e % grad.hidden;
+        const scored_row row = plan(list[i]);
+        grad.row(row.sequence, row.position)[k] = narrow<G>(factor[i] * widen<A>(head.row(coefficients[list[i]].label)[k]));
+    }
+};
+
+/// ∂L/∂W[y] += d·h and ∂L/∂b[y] += d of the rank-one rows: one entry (y, k) per index, k = H
+/// meaning the bias. The rows of label y are those of its group (`order`, positions in the list
+/// grouped by label and in list order within one), so each entry adds its rows in the order a
+/// row-by-row loop would, and no two indices touch the same entry.
 template <class A, class T, class I>
 struct label_only_head_op {
     hidden_view<const T> states;
@@ -278,17 +294,21 @@ struct label_only_head_op {
     const row_coefficients* coefficients;
     const index_t* list;
     const A* factor;
-    index_t rows;
+    const index_t* order;
+    const index_t* group_start;  // one past the groups: group g is order[group_start[g], group_start[g + 1])
     index_t hidden;
     A* grad_weight;  // V×H, or null
     A* grad_bias;    // V, or null
-    TPO_HOST_DEVICE void operator()(index_t k) const {
-        for (index_t i = 0; i < rows; ++i) {
-            const scored_row row = plan(list[i]);
+    TPO_HOST_DEVICE void operator()(index_t e) const {
+        const index_t g = e / (hidden + 1), k = e % (hidden + 1);
+        for (index_t j = group_start[g]; j < group_start[g + 1]; ++j) {
+            const index_t i = order[j];
             const std::int64_t y = coefficients[list[i]].label;
             if (k < hidden) {
-                if (grad_weight)
+                if (grad_weight) {
+                    const scored_row row = plan(list[i]);
                     grad_weight[y * hidden + k] += factor[i] * widen<A>(states.row(row.sequence, row.position)[k]);
+                }
             } else if (grad_bias) {
                 grad_bias[y] += factor[i];
             }
@@ -306,6 +326,21 @@ std::pair<std::vector<index_t>, index_buffer<B>> set_indices(B& backend, const s
     for (std::size_t r = 0; r < flags.size(); ++r)
         if (flags[r]) list.push_back(static_cast<index_t>(r));
     return {list, backend.upload(list)};
+}
+
+/// The positions of `list` grouped by the label of their row (coefficients[list[i]].label), in
+/// list order within a group, and where each group starts (one entry more than there are groups).
+inline std::pair<std::vector<index_t>, std::vector<index_t>> label_groups(const std::vector<index_t>& list,
+                                                                         const std::vector<row_coefficients>& rows) {
+    std::vector<index_t> order(list.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<index_t>(i);
+    auto label = [&](index_t i) { return rows[static_cast<std::size_t>(list[static_cast<std::size_t>(i)])].label; };
+    std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return label(a) < label(b); });
+    std::vector<index_t> start;
+    for (std::size_t j = 0; j < order.size(); ++j)
+        if (j == 0 || label(order[j]) != label(order[j - 1])) start.push_back(static_cast<index_t>(j));
+    start.push_back(static_cast<index_t>(order.size()));
+    return {order, start};
 }
 
 }  // namespace fused_detail
@@ -419,12 +454,20 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
 
     if (const auto n = static_cast<index_t>(host_rank_one.size()); n > 0) {
         auto factor = backend.template allocate<A>(n);
-        backend.for_each(n, label_only_hidden_op<A, T, G, I>{source, plan, settings.transform, coefficients,
-                                                             backend.raw(rank_one_list), backend.raw(factor), grad});
-        if (grad_weight || grad_bias)
-            backend.for_each(H + 1, label_only_head_op<A, T, I>{source.states, plan, coefficients,
-                                                                backend.raw(rank_one_list), backend.raw(factor), n, H,
-                                                                grad_weight, grad_bias});
+        backend.for_each(n, label_factor_op<A, T, I>{source, plan, settings.transform, coefficients,
+                                                     backend.raw(rank_one_list), backend.raw(factor)});
+        backend.for_each(n * H, label_only_hidden_op<A, T, G, I>{source.head, plan, coefficients,
+                                                                 backend.raw(rank_one_list), backend.raw(factor), grad});
+        if (grad_weight || grad_bias) {
+            const auto [order, group_start] = label_groups(host_rank_one, host);
+            auto order_buffer = backend.upload(order);
+            auto start_buffer = backend.upload(group_start);
+            const auto groups = static_cast<index_t>(group_start.size()) - 1;
+            backend.for_each(groups * (H + 1),
+                             label_only_head_op<A, T, I>{source.states, plan, coefficients, backend.raw(rank_one_list),
+                                                         backend.raw(factor), backend.raw(order_buffer),
+                                                         backend.raw(start_buffer), H, grad_weight, grad_bias});
+        }
     }
 
     const auto n = static_cast<index_t>(host_full.size());
