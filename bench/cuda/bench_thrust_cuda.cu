@@ -8,8 +8,11 @@
 // compulsory ones: every logits tensor read once for the forward, the four policy tensors read
 // once more and their gradients written once for the backward.
 //
-// Usage: tpo_bench_thrust_cuda [--quick]
+// Usage: tpo_bench_thrust_cuda [--quick | --profile-fused]
+//   --profile-fused  only one DPO and one TPO step of the large fused shape, between
+//                    cudaProfilerStart and cudaProfilerStop, for `ncu --profile-from-start off`
 
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <thrust/device_vector.h>
 #include <thrust/transform.h>
@@ -202,7 +205,7 @@ std::size_t pool_peak(int device, bool reset) {
 /// states and the head, against the floor of the same matrix products done once each by cuBLAS
 /// (the logits of every valid row of both sides, then recompute, ∂L/∂h and ∂L/∂W), bf16.
 void run_fused(cudaStream_t stream, int device, index_t pairs, index_t length, index_t hidden, index_t vocab,
-               int repeats) {
+               int repeats, bool profile = false) {
     backend_t gpu(stream);
     const index_t states = pairs * length * hidden;
     thrust::device_vector<element> head(static_cast<std::size_t>(vocab * hidden)), grad_head(head.size());
@@ -259,6 +262,22 @@ void run_fused(cudaStream_t stream, int device, index_t pairs, index_t length, i
         check(cudaStreamSynchronize(stream), "fused forward");
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / repeats;
     };
+    if (profile) {  // one DPO step and one TPO step inside the profiler's range, after a warm-up of each
+        tpo::objective_options dpo;
+        dpo.weighting = tpo::token_weighting::none;
+        tpo::evaluate(gpu, dpo, batch, &grads);
+        tpo::evaluate(gpu, tpo::objective_options{}, batch, &grads);
+        check(cudaStreamSynchronize(stream), "warm-up");
+        check(cudaProfilerStart(), "cudaProfilerStart");
+        tpo::evaluate(gpu, dpo, batch, &grads);
+        check(cudaStreamSynchronize(stream), "DPO step");
+        tpo::evaluate(gpu, tpo::objective_options{}, batch, &grads);
+        check(cudaStreamSynchronize(stream), "TPO step");
+        check(cudaProfilerStop(), "cudaProfilerStop");
+        std::printf("profiled one DPO and one TPO step: P=%lld L=%lld H=%lld V=%lld\n", static_cast<long long>(pairs),
+                    static_cast<long long>(length), static_cast<long long>(hidden), static_cast<long long>(vocab));
+        return;
+    }
     std::size_t tpo_peak = 0, dpo_peak = 0, unchecked_peak = 0, one_chunk_peak = 0;
     const double tpo_s = time_step(tpo::objective_options{}, tpo_peak);
     const double tpo_forward_s = forward_only(tpo::objective_options{});
@@ -323,12 +342,18 @@ void run_fused(cudaStream_t stream, int device, index_t pairs, index_t length, i
 
 int main(int argc, char** argv) {
     const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    const bool profile = argc > 1 && std::strcmp(argv[1], "--profile-fused") == 0;
     int device = 0;
     check(cudaGetDevice(&device), "cudaGetDevice");
     cudaDeviceProp prop{};
     check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
     cudaStream_t stream;
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    if (profile) {
+        run_fused(stream, device, 2, 1024, 4096, 152064, 1, true);
+        cudaStreamDestroy(stream);
+        return 0;
+    }
     const int repeats = quick ? 3 : 10;
     const double peak = peak_bandwidth(device);
     const double copy = copy_bandwidth(stream, repeats);
