@@ -359,3 +359,27 @@ TEST_CASE("corruptions reject bad images and settings", "[bad-input][corrupt]") 
     crop.min_area = 0;
     CHECK_THROWS_WITH(tpo::random_resized_crop(backend, in, out, crop), Contains("area range [0"));
 }
+
+TEST_CASE("an output scanned for overflow is read to its last value", "[bad-input]") {
+    // require_finite_output reads rows of 2^16 values and one shorter row: a non-finite value in
+    // the first row, the last whole row or the short row is found, and so is one at the very end.
+    tested_backend backend;
+    const tpo::objective_options o;
+    const auto size = static_cast<std::size_t>(2 * 65536 + 5);
+    for (const std::size_t at : {std::size_t{0}, std::size_t{65535}, std::size_t{65536 + 777}, size - 5, size - 1}) {
+        for (const double bad : {std::numeric_limits<double>::quiet_NaN(), -std::numeric_limits<double>::infinity()}) {
+            std::vector<float> values(size, 1.5f);
+            values[at] = static_cast<float>(bad);
+            INFO("value " << bad << " at " << at);
+            CHECK_THROWS_WITH(tpo::loss::require_finite_output(backend, values.data(), static_cast<tpo::index_t>(size),
+                                                               "scanned output", o),
+                              Contains("scanned output: a value is not finite"));
+        }
+    }
+    std::vector<tpo::bfloat16> finite(size, tpo::bfloat16(-3.0f));
+    CHECK_NOTHROW(tpo::loss::require_finite_output(backend, finite.data(), static_cast<tpo::index_t>(size), "x", o));
+    std::vector<double> small(3, 2.0);
+    CHECK_NOTHROW(tpo::loss::require_finite_output(backend, small.data(), 3, "x", o));
+    small[2] = std::numeric_limits<double>::infinity();
+    CHECK_THROWS_WITH(tpo::loss::require_finite_output(backend, small.data(), 3, "x", o), Contains("x: a value is not"));
+}

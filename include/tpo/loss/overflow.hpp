@@ -102,41 +102,30 @@ void report_gradient_overflow(const std::vector<gradient_overflow>& found, index
     }
 }
 
-/// Marks, per block of `block` elements, whether the block holds a NaN or an Inf (a functor any
-/// backend runs with its for_each, one block per index).
-template <class G>
-struct non_finite_blocks {
-    const G* data;
-    index_t size;
-    index_t block;
-    std::int32_t* found;
-
-    TPO_HOST_DEVICE void operator()(index_t b) const {
-        const index_t end = (b + 1) * block < size ? (b + 1) * block : size;
-        std::int32_t bad = 0;
-        for (index_t i = b * block; i < end; ++i) {
-            double x;
-            if constexpr (std::is_floating_point_v<G>) x = static_cast<double>(data[i]);
-            else x = static_cast<double>(static_cast<float>(data[i]));
-            bad |= math::is_finite(x) ? 0 : 1;
-        }
-        found[b] = bad;
-    }
-};
-
 /// Throws overflow_error when the `size` values at `data` (backend memory) hold a NaN or an Inf.
 /// For outputs whose entries are sums the coefficient bounds do not cover (the fused lm_head
-/// path's hidden-state and head gradients): one read of O(S·L·H + V·H) values.
+/// path's hidden-state and head gradients): one read of O(S·L·H + V·H) values, as rows of 2^16
+/// values (and one shorter row) through the backend's own finiteness scan, which reads rows as
+/// fast as it can.
 template <class Backend, class G>
 void require_finite_output(Backend& backend, const G* data, index_t size, const std::string& what,
                            const objective_options& o) {
     if (!data || size <= 0) return;
-    constexpr index_t block = 4096;
-    const index_t blocks = (size + block - 1) / block;
-    auto found = backend.template allocate<std::int32_t>(blocks);
-    backend.for_each(blocks, non_finite_blocks<G>{data, size, block, backend.raw(found)});
-    for (std::int32_t f : backend.to_host(found))
-        if (f)
+    constexpr index_t width = index_t{1} << 16;
+    const index_t rows = size / width, tail = size % width;
+    const row_alignment unshifted{false, -1};
+    auto labels = backend.template allocate<std::int64_t>(rows > 0 ? rows : 1);  // 0: every row is read
+    auto stats = backend.template allocate<row_stats>(rows + (tail > 0 ? 1 : 0));
+    if (rows > 0)
+        backend.row_statistics(logits_view<const G>{data, 1, rows, width},
+                               labels_view<const std::int64_t>{backend.raw(labels), 1, rows}, unshifted,
+                               row_reduction::finiteness, backend.raw(stats));
+    if (tail > 0)
+        backend.row_statistics(logits_view<const G>{data + rows * width, 1, 1, tail},
+                               labels_view<const std::int64_t>{backend.raw(labels), 1, 1}, unshifted,
+                               row_reduction::finiteness, backend.raw(stats) + rows);
+    for (const row_stats& s : backend.to_host(stats))
+        if (s.status != row_status::ok)
             throw overflow_error(detail::concat(what, ": a value is not finite: it overflowed (", overflow_settings(o),
                                                 ")"));
 }
