@@ -18,6 +18,7 @@
 
 #include "support/agreement.hpp"
 #include "support/batch.hpp"
+#include "support/hidden.hpp"
 
 using namespace tpo_test;
 
@@ -211,5 +212,33 @@ TEST_CASE("groups of lanes find the first row whose gradient overflows", "[lanes
         grouped.lanes = lanes;
         INFO(lanes << " lanes");
         CHECK(message(grouped) == expected);
+    }
+}
+
+TEST_CASE("hidden states in: the label dot products over groups of lanes agree with one lane per row",
+          "[lanes][fused]") {
+    // Under the logit score the noisy rows' statistics and rank-one gradients are label dot
+    // products h·W[y], split over the lanes; H = 37 leaves a partial round for every lane count.
+    std::mt19937_64 rng(31);
+    const auto data = hidden::random_hidden(rng, 2, 6, 5, 37, 9, true, 0.2);
+    tpo::backend::reference serial;
+    for (const index_t lanes : lane_counts) {
+        threaded_lanes_backend grouped;
+        grouped.lanes = lanes;
+        for (const double softcap : {0.0, 3.0}) {
+            tpo::objective_options o;
+            if (softcap > 0) o.logit_softcap = softcap;
+            INFO(lanes << " lanes, softcap " << softcap);
+            hidden::hidden_gradient_data<double> ga(data), gb(data);
+            auto va = ga.views(data, true);
+            auto vb = gb.views(data, true);
+            const tpo::objective_result a = tpo::evaluate(grouped, o, data.batch(), &va);
+            const tpo::objective_result b = tpo::evaluate(serial, o, data.batch(), &vb);
+            check_close({a.loss, a.reward_margin}, {b.loss, b.reward_margin}, 1e-13, "loss, margin");
+            check_close(a.mean_visual_score_chosen, b.mean_visual_score_chosen, 1e-13, "visual scores");
+            check_close(ga.weight, gb.weight, 1e-13, "head gradient");
+            check_close(ga.bias, gb.bias, 1e-13, "bias gradient");
+            for (int k = 0; k < 4; ++k) check_close(ga.hidden[k], gb.hidden[k], 1e-13, "hidden-state gradient");
+        }
     }
 }

@@ -49,6 +49,14 @@ struct serial_lanes {
     }
 };
 
+/// a + b, for lanes.reduce.
+struct plus {
+    template <class T>
+    TPO_HOST_DEVICE T operator()(const T& a, const T& b) const {
+        return a + b;
+    }
+};
+
 }  // namespace backend
 
 namespace detail {

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "tpo/backend/lanes.hpp"
 #include "tpo/core/element.hpp"
 #include "tpo/core/error.hpp"
 #include "tpo/core/views.hpp"
@@ -109,18 +110,21 @@ inline index_t first_non_finite(const std::vector<row_stats>& rows) {
     return -1;
 }
 
-/// h·W[y] + b[y] in the accumulation type, through the transform.
-template <class A, class T>
+/// h·W[y] + b[y] in the accumulation type, through the transform; the lanes split the dot product
+/// (one lane: the plain loop) and every lane gets the result.
+template <class A, class T, class Lanes>
 TPO_HOST_DEVICE A label_logit(const T* h, const head_view<const T>& head, std::int64_t label,
-                              const logit_transform& transform) {
+                              const logit_transform& transform, const Lanes& lanes) {
     const T* w = head.row(label);
     A u = A(0);
-    for (index_t k = 0; k < head.hidden; ++k) u += widen<A>(h[k]) * widen<A>(w[k]);
+    for (index_t k = lanes.lane(); k < head.hidden; k += lanes.size()) u += widen<A>(h[k]) * widen<A>(w[k]);
+    u = lanes.reduce(u, backend::plus{});
     if (head.bias) u += widen<A>(head.bias[label]);
     return transform.apply(u);
 }
 
-/// The statistics of a row that needs only its label's logit: one dot product.
+/// The statistics of a row that needs only its label's logit: one dot product, a group of lanes
+/// per row.
 template <class A, class T, class I>
 struct label_row_op {
     hidden_rows<T> source;
@@ -128,11 +132,13 @@ struct label_row_op {
     logit_transform transform;
     const index_t* list;
     row_stats* out;
-    TPO_HOST_DEVICE void operator()(index_t i) const {
+    template <class Lanes>
+    TPO_HOST_DEVICE void operator()(const Lanes& lanes) const {
+        const index_t i = lanes.group();
         const scored_row row = plan(list[i]);
         const T* h = source.states.row(row.sequence, row.position);
-        const A z = label_logit<A>(h, source.head, row.label, transform);
-        out[list[i]] = row_without_logsumexp(static_cast<double>(z), 0.0, row.label);
+        const A z = label_logit<A>(h, source.head, row.label, transform, lanes);
+        if (lanes.lane() == 0) out[list[i]] = row_without_logsumexp(static_cast<double>(z), 0.0, row.label);
     }
 };
 
@@ -246,7 +252,8 @@ struct bias_gradient_op {
     }
 };
 
-/// Rank-one rows (β = 0): d = α·dz/du at the label, kept for ∂L/∂h and the head.
+/// Rank-one rows (β = 0): d = α·dz/du at the label, kept for ∂L/∂h and the head; a group of lanes
+/// per row, as label_row_op, so that z is the forward's.
 template <class A, class T, class I>
 struct label_factor_op {
     hidden_rows<T> source;
@@ -255,15 +262,17 @@ struct label_factor_op {
     const row_coefficients* coefficients;
     const index_t* list;
     A* factor;
-    TPO_HOST_DEVICE void operator()(index_t i) const {
+    template <class Lanes>
+    TPO_HOST_DEVICE void operator()(const Lanes& lanes) const {
+        const index_t i = lanes.group();
         const row_coefficients& c = coefficients[list[i]];
         A d = static_cast<A>(c.alpha);
-        if (!transform.identity()) {
+        if (!transform.identity()) {  // the same for every lane of the group
             const scored_row row = plan(list[i]);
             d *= transform.derivative_at(label_logit<A>(source.states.row(row.sequence, row.position), source.head,
-                                                        c.label, transform));
+                                                        c.label, transform, lanes));
         }
-        factor[i] = d;
+        if (lanes.lane() == 0) factor[i] = d;
     }
 };
 
@@ -402,7 +411,7 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
                                              ": the hidden state holds a NaN or an infinite value"));
     }
     if (!needs_logsumexp(reduction)) {
-        backend.for_each(n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
+        backend::for_each_group(backend, n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
         return;
     }
     const index_t C = std::min(n, settings.rows_per_chunk(V, default_chunk_values(backend)));
@@ -454,8 +463,8 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
 
     if (const auto n = static_cast<index_t>(host_rank_one.size()); n > 0) {
         auto factor = backend.template allocate<A>(n);
-        backend.for_each(n, label_factor_op<A, T, I>{source, plan, settings.transform, coefficients,
-                                                     backend.raw(rank_one_list), backend.raw(factor)});
+        backend::for_each_group(backend, n, label_factor_op<A, T, I>{source, plan, settings.transform, coefficients,
+                                                                     backend.raw(rank_one_list), backend.raw(factor)});
         backend.for_each(n * H, label_only_hidden_op<A, T, G, I>{source.head, plan, coefficients,
                                                                  backend.raw(rank_one_list), backend.raw(factor), grad});
         if (grad_weight || grad_bias) {

@@ -98,14 +98,14 @@ void matmul(const cuda_context& context, bool trans_a, bool trans_b, index_t m, 
         gemm<X, Acc>(stream, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     } else if constexpr (std::is_same_v<X, Acc>) {  // A in the accumulation type, B 16-bit
         const index_t size = stored_extent(trans_a ? k : m, lda);
-        device_buffer<Y> narrowed(size, context);
+        device_buffer<Y> narrowed(size, context, uninitialized);
         ::thrust::for_each(::thrust::cuda::par_nosync.on(stream), ::thrust::counting_iterator<index_t>(0),
                            ::thrust::counting_iterator<index_t>(size), narrow_copy<X, Y>{a, narrowed.data()});
         gemm<Y, Acc>(stream, trans_a, trans_b, m, n, k, narrowed.data(), lda, b, ldb, c, ldc, beta);
     } else {
         static_assert(std::is_same_v<Y, Acc>, "one operand of a mixed product is in the accumulation type");
         const index_t size = stored_extent(trans_b ? n : k, ldb);
-        device_buffer<X> narrowed(size, context);
+        device_buffer<X> narrowed(size, context, uninitialized);
         ::thrust::for_each(::thrust::cuda::par_nosync.on(stream), ::thrust::counting_iterator<index_t>(0),
                            ::thrust::counting_iterator<index_t>(size), narrow_copy<Y, X>{b, narrowed.data()});
         gemm<X, Acc>(stream, trans_a, trans_b, m, n, k, a, lda, narrowed.data(), ldb, c, ldc, beta);

@@ -60,13 +60,28 @@ inline void check(cudaError_t status, const char* what) {
                                    cudaGetErrorString(status), ")"));
 }
 
+/// Asks device_buffer for memory that its first work overwrites entirely, so not worth filling.
+struct uninitialized_t {};
+inline constexpr uninitialized_t uninitialized{};
+
 template <class T>
 class device_buffer {
 public:
     device_buffer() = default;
 
     /// n value-initialised T, ready for any later work on the context's stream.
-    device_buffer(index_t n, const cuda_context& context) : context_(context) {
+    device_buffer(index_t n, const cuda_context& context) : device_buffer(n, context, uninitialized) {
+        if (!data_) return;
+        try {
+            ::thrust::uninitialized_fill_n(::thrust::cuda::par_nosync.on(context_.stream), data_, n, T{});
+        } catch (const ::thrust::system_error& e) {
+            release();
+            throw error(detail::concat("thrust backend (CUDA): initialisation of scratch memory: ", e.what()));
+        }
+    }
+
+    /// n T whose values are unspecified until written.
+    device_buffer(index_t n, const cuda_context& context, uninitialized_t) : context_(context) {
         if (n <= 0) return;
         const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
         void* p = nullptr;
@@ -84,12 +99,6 @@ public:
         }
         data_ = static_cast<T*>(p);
         size_ = static_cast<std::size_t>(n);
-        try {
-            ::thrust::uninitialized_fill_n(::thrust::cuda::par_nosync.on(context_.stream), data_, n, T{});
-        } catch (const ::thrust::system_error& e) {
-            release();
-            throw error(detail::concat("thrust backend (CUDA): initialisation of scratch memory: ", e.what()));
-        }
     }
 
     device_buffer(device_buffer&& other) noexcept
