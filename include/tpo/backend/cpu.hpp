@@ -1,10 +1,12 @@
 #pragma once
-// The CPU backend: the primitives of backend/concept.hpp with Eigen packet math inside a row and
-// OpenMP across rows. Needs Eigen 3.4 and (for more than one thread) OpenMP.
+// The CPU backend: the primitives of backend/concept.hpp with the backend's own vector kernels
+// inside a row (cpu/kernels.hpp: SSE2, AVX2 or AVX-512, chosen at run time, cpu/level.hpp) and
+// OpenMP across rows; Eigen for the fused lm_head's matrix products (cpu/matmul.hpp). Needs Eigen
+// 3.4 and (for more than one thread) OpenMP.
 //
-// Rows are independent and each row is reduced in a fixed order (cpu/row_kernels.hpp), so every
-// result is bit-identical for any thread count, and the policy and the reference logits go
-// through the same code: identical logits give h = 0 exactly (docs/formulas.md#numerics).
+// Rows are independent and each row is reduced in a fixed order (cpu/kernels.inl), so every
+// result is bit-identical for any thread count at one level, and the policy and the reference
+// logits go through the same code: identical logits give h = 0 exactly (docs/formulas.md#numerics).
 // Scratch is O(S·L) row statistics; the O(S·L·V) memory is the caller's inputs and gradients.
 
 #include <algorithm>
@@ -18,8 +20,8 @@
 
 #include "tpo/backend/concept.hpp"
 #include "tpo/backend/cpu/matmul.hpp"
-#include "tpo/backend/cpu/philox_lanes.hpp"
-#include "tpo/backend/cpu/row_kernels.hpp"
+#include "tpo/backend/cpu/kernels.hpp"
+#include "tpo/backend/cpu/level.hpp"
 #include "tpo/core/error.hpp"
 #include "tpo/reward/row_stats.hpp"
 
@@ -37,9 +39,18 @@ public:
     using buffer = std::vector<T>;
 
     /// `threads` ≤ 0 takes OpenMP's default (omp_get_max_threads()); without OpenMP, one thread.
-    explicit cpu(int threads = 0) : threads_(resolve(threads)) {}
+    /// The kernels' instruction-set level is default_cpu_level() (the CPU's best, or TPO_CPU_LEVEL).
+    explicit cpu(int threads = 0) : threads_(resolve(threads)), level_(default_cpu_level()) {}
+
+    /// With the kernels' level given: an error if this CPU (or build) lacks it.
+    cpu(int threads, cpu_level level) : threads_(resolve(threads)), level_(level) {
+        cpu_detail::require_supported(level);
+    }
 
     int threads() const { return threads_; }
+
+    /// The instruction-set level this backend's kernels run at.
+    cpu_level level() const { return level_; }
 
     template <class T>
     buffer<T> allocate(index_t n) const {
@@ -91,7 +102,7 @@ public:
         for (index_t c = 0; c < chunks; ++c) {
             alignas(64) float normals[4 * chunk];
             const index_t first = c * chunk, count = std::min(chunk, blocks - first);
-            cpu_detail::philox_normals(pass.rng, static_cast<std::uint64_t>(first), count, normals);
+            cpu_detail::kernels::philox_normals(level_, pass.rng, static_cast<std::uint64_t>(first), count, normals);
             for (index_t b = 0; b < count; ++b) pass.apply(first + b, normals + 4 * b);
         }
     }
@@ -166,25 +177,25 @@ public:
             const rows::gradient_row row = plan(r);
             G* out = grad.row(row.sequence, row.position);
             switch (row.kind) {
-            case rows::gradient_row_kind::zero: cpu_detail::zero_row(out, z.vocab, stream); break;
+            case rows::gradient_row_kind::zero: cpu_detail::kernels::zero_row(level_, out, z.vocab, stream); break;
             case rows::gradient_row_kind::label_only:
-                cpu_detail::label_only_row(out, z.vocab, row.coefficients, stream);
+                cpu_detail::kernels::label_only_row(level_, out, z.vocab, row.coefficients, stream);
                 break;
             case rows::gradient_row_kind::softmax:
-                cpu_detail::gradient_row(z.row(row.sequence, row.position), z.vocab, row.coefficients, out, stream);
+                cpu_detail::kernels::gradient_row(level_, z.row(row.sequence, row.position), z.vocab, row.coefficients, out, stream);
                 break;
             }
-            if (stream) cpu_detail::store_fence();
+            if (stream) cpu_detail::kernels::store_fence(level_);
         }
     }
 
 private:
     /// Row r of the plan into out[r]: the plan settles rows that are not reduced.
     template <class T, class I>
-    static void reduce(const rows::scored_rows<I>& plan, index_t r, logits_view<const T> z, row_reduction reduction,
-                       row_stats* out) {
+    void reduce(const rows::scored_rows<I>& plan, index_t r, logits_view<const T> z, row_reduction reduction,
+                row_stats* out) const {
         out[r] = rows::statistics_of(plan, z, r, reduction, [&](const T* row, std::int64_t label) {
-            return cpu_detail::row_statistics_of(reduction, row, z.vocab, label);
+            return cpu_detail::kernels::row_statistics_of(level_, reduction, row, z.vocab, label);
         });
     }
 
@@ -213,6 +224,7 @@ private:
     }
 
     int threads_;
+    cpu_level level_;
 };
 
 static_assert(tensor_backend<cpu>);

@@ -1,0 +1,158 @@
+#pragma once
+// The CPU backend's kernels at every instruction-set level (cpu/level.hpp), and the calls that
+// pick one at run time.
+//
+// cpu/kernels.inl is compiled once per level, each time inside the level's namespace
+// (cpu_detail::TPO_CPU_TU_NAMESPACE::baseline, ::avx2, ::avx512) and the compiler's per-function
+// target options, over that level's vectors (vectors_*.inl: SSE2, AVX2 + FMA, AVX-512 intrinsics;
+// one scalar lane where there is no dispatch). No kernel uses Eigen, whose packet types are fixed
+// per translation unit by its flags. Header-only: everything is inline or a template.
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "tpo/backend/cpu/level.hpp"
+#include "tpo/backend/cpu/simd.hpp"
+#include "tpo/math/online_logsumexp.hpp"
+#include "tpo/math/philox.hpp"
+#include "tpo/reward/row_stats.hpp"
+#include "tpo/rows/rules.hpp"
+
+#if TPO_CPU_DISPATCH
+#  include <immintrin.h>
+#endif
+
+// Vector arguments and returns between functions of one level are the level's own business; GCC
+// would warn that their ABI differs from the translation unit's. GCC 12's AVX-512 intrinsics use
+// deliberately undefined operands it then warns about (GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#  pragma GCC diagnostic push
+#  pragma GCC diagnostic ignored "-Wpsabi"
+#  pragma GCC diagnostic ignored "-Wuninitialized"
+#  pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+TPO_BEGIN_NAMESPACE
+namespace backend::cpu_detail::TPO_CPU_TU_NAMESPACE {
+
+#if TPO_CPU_DISPATCH
+
+// Baseline: the translation unit's own target (x86-64 guarantees SSE2).
+namespace baseline {
+#  include "tpo/backend/cpu/vectors_sse2.inl"
+#  include "tpo/backend/cpu/kernels.inl"
+}  // namespace baseline
+
+#  if defined(__clang__)
+#    pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#  else
+#    pragma GCC push_options
+#    pragma GCC target("avx2,fma")
+#  endif
+namespace avx2 {
+#  include "tpo/backend/cpu/vectors_avx2.inl"
+#  include "tpo/backend/cpu/kernels.inl"
+}  // namespace avx2
+#  if defined(__clang__)
+#    pragma clang attribute pop
+#  else
+#    pragma GCC pop_options
+#  endif
+
+#  if defined(__clang__)
+#    pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl"))), \
+                                 apply_to = function)
+#  else
+#    pragma GCC push_options
+#    pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")
+#  endif
+namespace avx512 {
+#  include "tpo/backend/cpu/vectors_avx512.inl"
+#  include "tpo/backend/cpu/kernels.inl"
+}  // namespace avx512
+#  if defined(__clang__)
+#    pragma clang attribute pop
+#  else
+#    pragma GCC pop_options
+#  endif
+
+#else
+
+namespace baseline {
+#  include "tpo/backend/cpu/vectors_scalar.inl"
+#  include "tpo/backend/cpu/kernels.inl"
+}  // namespace baseline
+
+#endif
+
+/// Row r's statistics at `level`.
+template <class T>
+row_stats row_statistics_of(cpu_level level, row_reduction reduction, const T* row, index_t vocab,
+                            std::int64_t label) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::row_statistics_of(reduction, row, vocab, label);
+    if (level == cpu_level::avx2) return avx2::row_statistics_of(reduction, row, vocab, label);
+#endif
+    (void)level;
+    return baseline::row_statistics_of(reduction, row, vocab, label);
+}
+
+template <class G>
+void zero_row(cpu_level level, G* out, index_t vocab, bool stream) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::zero_row(out, vocab, stream);
+    if (level == cpu_level::avx2) return avx2::zero_row(out, vocab, stream);
+#endif
+    (void)level;
+    baseline::zero_row(out, vocab, stream);
+}
+
+template <class G>
+void label_only_row(cpu_level level, G* out, index_t vocab, const row_coefficients& c, bool stream) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::label_only_row(out, vocab, c, stream);
+    if (level == cpu_level::avx2) return avx2::label_only_row(out, vocab, c, stream);
+#endif
+    (void)level;
+    baseline::label_only_row(out, vocab, c, stream);
+}
+
+template <class T, class G>
+void gradient_row(cpu_level level, const T* row, index_t vocab, const row_coefficients& c, G* out, bool stream) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::gradient_row(row, vocab, c, out, stream);
+    if (level == cpu_level::avx2) return avx2::gradient_row(row, vocab, c, out, stream);
+#endif
+    (void)level;
+    baseline::gradient_row(row, vocab, c, out, stream);
+}
+
+inline void store_fence(cpu_level) { baseline::store_fence(); }
+
+inline void philox_normals(cpu_level level, const math::philox_stream& rng, std::uint64_t first, index_t count,
+                           float* out) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::philox_normals(rng, first, count, out);
+    if (level == cpu_level::avx2) return avx2::philox_normals(rng, first, count, out);
+#endif
+    (void)level;
+    baseline::philox_normals(rng, first, count, out);
+}
+
+}  // namespace backend::cpu_detail::TPO_CPU_TU_NAMESPACE
+
+namespace backend::cpu_detail {
+/// This translation unit's kernels (cpu/level.hpp: named by its instruction-set macros).
+namespace kernels = TPO_CPU_TU_NAMESPACE;
+}  // namespace backend::cpu_detail
+TPO_END_NAMESPACE
+
+#if defined(__GNUC__) && !defined(__clang__)
+#  pragma GCC diagnostic pop
+#endif
