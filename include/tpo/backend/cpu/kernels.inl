@@ -590,3 +590,23 @@ inline void philox_normals(const math::philox_stream& rng, std::uint64_t first, 
             for (int k = 0; k < 4; ++k) out[4 * (base + l) + k] = n[k][l];
     }
 }
+
+// --- For the tests of each level's pieces (tests/test_cpu_threads.cpp): the same code as the
+// kernels', callable from code compiled for any target.
+
+inline void widen_array(const bfloat16* src, index_t n, float* dst) { widen_block(src, n, dst); }
+inline void widen_array(const float16* src, index_t n, float* dst) { widen_block(src, n, dst); }
+inline void narrow_array(const float* src, index_t n, bfloat16* dst) { narrow_block(src, n, dst); }
+
+/// y[i] = fast_exp(x[i]), or exp(x[i] − m) by shifted_exp(m) when `shift` is set.
+inline void exp_array(const float* x, index_t n, float* y, bool shift = false, float m = 0.0f) {
+    using O = f32;
+    const shifted_exp<float> exp_shifted(m);
+    alignas(64) float in[O::width], out[O::width];
+    for (index_t i = 0; i < n; i += O::width) {
+        for (index_t k = 0; k < O::width; ++k) in[k] = i + k < n ? x[i + k] : 0.0f;
+        const O::vec v = O::load(in);
+        O::store(out, shift ? exp_shifted(v) : fast_exp<float>(v));
+        for (index_t k = 0; k < O::width && i + k < n; ++k) y[i + k] = out[k];
+    }
+}

@@ -89,6 +89,10 @@
 #define TPO_CPU_TU_NAMESPACE                                                                                   \
     TPO_CPU_CAT(TPO_CPU_TU_A, TPO_CPU_TU_B, TPO_CPU_TU_C, TPO_CPU_TU_D, TPO_CPU_TU_E, TPO_CPU_TU_F, TPO_CPU_TU_G, \
                 TPO_CPU_TU_H, TPO_CPU_TU_I, TPO_CPU_TU_J)
+#define TPO_CPU_STRINGIFY2(x) #x
+#define TPO_CPU_STRINGIFY(x) TPO_CPU_STRINGIFY2(x)
+/// The name of this translation unit's kernel namespace, as a string (for tests and diagnostics).
+#define TPO_CPU_TU_NAME TPO_CPU_STRINGIFY(TPO_CPU_TU_NAMESPACE)
 
 TPO_BEGIN_NAMESPACE
 namespace backend {
