@@ -15,8 +15,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <algorithm>
+#include <fstream>
+#include <initializer_list>
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace {
@@ -57,6 +62,89 @@ double tpo_loss(Backend& backend, const side& w, const side& l) {
         {.policy = view(l.policy), .policy_noisy = view(l.policy_noisy), .reference = view(l.reference),
          .reference_noisy = view(l.reference_noisy), .labels = {l.labels.data(), P, L}}};
     return tpo::evaluate(backend, tpo::objective_options{}, batch).loss;
+}
+
+// 1 if /proc/cpuinfo lists every one of `flags`, 0 if not, −1 where it cannot be read.
+int cpuinfo_has(std::initializer_list<const char*> flags) {
+    std::ifstream in("/proc/cpuinfo");
+    for (std::string line; std::getline(in, line);) {
+        if (line.rfind("flags", 0) != 0) continue;
+        std::istringstream words(line.substr(line.find(':') + 1));
+        std::vector<std::string> have;
+        for (std::string w; words >> w;) have.push_back(w);
+        for (const char* f : flags)
+            if (std::find(have.begin(), have.end(), f) == have.end()) return 0;
+        return 1;
+    }
+    return -1;
+}
+
+// Runtime dispatch: this program is built with the compiler's default flags (no -march), yet the
+// CPU backend must run its AVX-512 kernels where the CPU has them, and agree with its baseline
+// kernels within the tolerance docs/design.md documents between levels.
+void check_dispatch() {
+    using tpo::backend::cpu_level;
+#if defined(__AVX512F__)
+    std::puts("note: this consumer was built with AVX-512 enabled; the dispatch check below proves less");
+#endif
+    const tpo::backend::cpu best;
+    std::printf("cpu backend level: %s (TPO_CPU_LEVEL %s)\n", tpo::backend::to_string(best.level()),
+                std::getenv("TPO_CPU_LEVEL") ? std::getenv("TPO_CPU_LEVEL") : "unset");
+    const int avx512 = cpuinfo_has({"avx512f", "avx512dq", "avx512bw", "avx512vl"});
+    const int avx2 = cpuinfo_has({"avx2", "fma"});
+    if (std::getenv("TPO_CPU_LEVEL") == nullptr && avx512 >= 0) {
+        const cpu_level expected = avx512 == 1 ? cpu_level::avx512 : avx2 == 1 ? cpu_level::avx2 : cpu_level::baseline;
+        const bool ok = best.level() == expected;
+        std::printf("level chosen for this CPU (/proc/cpuinfo: avx512 %d, avx2 %d): %s, expected %s %s\n", avx512,
+                    avx2, tpo::backend::to_string(best.level()), tpo::backend::to_string(expected),
+                    ok ? "ok" : "FAILED");
+        if (!ok) ++failures;
+    }
+
+    // A realistic row length, float logits: the loss and every gradient entry at the chosen level
+    // against the forced baseline.
+    const std::int64_t pairs = 2, length = 6, vocab = 32003;
+    std::vector<std::vector<float>> logits(8, std::vector<float>(static_cast<std::size_t>(pairs * length * vocab)));
+    std::uint64_t state = 20261204;
+    for (auto& tensor : logits)
+        for (auto& x : tensor) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            x = static_cast<float>(static_cast<double>(state >> 11) * 0x1p-53 * 8.0 - 4.0);
+        }
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(pairs * length));
+    for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int64_t>((i * 7919) % vocab);
+    auto view = [&](int k) { return tpo::logits_view<const float>{logits[k].data(), pairs, length, vocab}; };
+    const tpo::labels_view<const std::int64_t> y{labels.data(), pairs, length};
+    const tpo::preference_batch<float, std::int64_t> batch{
+        {.policy = view(0), .policy_noisy = view(1), .reference = view(2), .reference_noisy = view(3), .labels = y},
+        {.policy = view(4), .policy_noisy = view(5), .reference = view(6), .reference_noisy = view(7), .labels = y}};
+    auto run = [&](const tpo::backend::cpu& backend, std::vector<std::vector<float>>& grads) {
+        grads.assign(4, std::vector<float>(logits[0].size()));
+        auto g = [&](int k) { return tpo::logits_view<float>{grads[k].data(), pairs, length, vocab}; };
+        tpo::preference_gradients<float> views{{g(0), g(1)}, {g(2), g(3)}};
+        tpo::backend::cpu b = backend;
+        return tpo::evaluate(b, tpo::objective_options{}, batch, &views).loss;
+    };
+    std::vector<std::vector<float>> g_best, g_base;
+    const double loss_best = run(best, g_best);
+    const double loss_base = run(tpo::backend::cpu(0, cpu_level::baseline), g_base);
+    expect_near("chosen level vs baseline, loss", loss_best, loss_base, 1e-6);
+    // Per tensor, max |difference| / max |entry|: an entry α − β·p where the two nearly cancel
+    // (the label's, in double) keeps the absolute, not the relative, size of the last-bit
+    // differences of the log-sum-exp it was computed from.
+    double worst = 0;
+    for (int k = 0; k < 4; ++k) {
+        double difference = 0, scale = 0;
+        for (std::size_t i = 0; i < g_base[k].size(); ++i) {
+            difference = std::max(difference, std::abs(static_cast<double>(g_best[k][i]) - g_base[k][i]));
+            scale = std::max(scale, std::abs(static_cast<double>(g_base[k][i])));
+        }
+        worst = std::max(worst, difference / scale);
+    }
+    const bool ok = worst <= 1e-6;
+    std::printf("chosen level vs baseline, gradients: max difference / max entry %.3g (tolerance 1e-6) %s\n", worst,
+                ok ? "ok" : "FAILED");
+    if (!ok) ++failures;
 }
 
 }  // namespace
@@ -114,6 +202,8 @@ int main() {
                     expected, 1e-12);
     }
 #endif
+
+    check_dispatch();
 
     // Bad input surfaces as tpo::error through the installed headers too.
     try {

@@ -80,12 +80,19 @@ public:
 
     template <class F>
     void for_each(index_t n, F&& f) const {
-        // Small passes (one index per pair) are not worth waking a team for.
-        [[maybe_unused]] const bool parallel = threads_ > 1 && n >= 256;
+        // Small passes (one index per pair) are not worth waking a team for. Indices go to the
+        // level's loop (cpu/kernels.inl for_range) in runs, so the element function is compiled
+        // for the level when the compiler inlines it.
+        if (threads_ == 1 || n < 256) {
+            cpu_detail::kernels::for_range(level_, 0, n, f);
+            return;
+        }
+        const index_t runs = std::min<index_t>(n, 8 * static_cast<index_t>(threads_)), run = (n + runs - 1) / runs;
 #if defined(_OPENMP)
-#  pragma omp parallel for schedule(static) num_threads(threads_) if (parallel)
+#  pragma omp parallel for schedule(static) num_threads(threads_)
 #endif
-        for (index_t i = 0; i < n; ++i) f(i);
+        for (index_t r = 0; r < runs; ++r)
+            cpu_detail::kernels::for_range(level_, std::min(n, r * run), std::min(n, (r + 1) * run), f);
     }
 
     /// The diffusion noise pass (corrupt/diffusion.hpp), one index per block of four elements:

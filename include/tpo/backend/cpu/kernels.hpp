@@ -135,6 +135,16 @@ void gradient_row(cpu_level level, const T* row, index_t vocab, const row_coeffi
 
 inline void store_fence(cpu_level) { baseline::store_fence(); }
 
+template <class F>
+void for_range(cpu_level level, index_t begin, index_t end, F& f) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::for_range(begin, end, f);
+    if (level == cpu_level::avx2) return avx2::for_range(begin, end, f);
+#endif
+    (void)level;
+    baseline::for_range(begin, end, f);
+}
+
 inline void philox_normals(cpu_level level, const math::philox_stream& rng, std::uint64_t first, index_t count,
                            float* out) {
 #if TPO_CPU_DISPATCH

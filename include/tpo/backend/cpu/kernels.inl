@@ -471,6 +471,14 @@ void gradient_row(const T* row, index_t vocab, const row_coefficients& c, G* out
     }
 }
 
+/// f(i) for i in [begin, end): the loop of the backend's for_each, compiled for this level so that
+/// the element functions the compiler inlines into it are too (the fused lm_head's epilogues:
+/// bias, logit transform and its derivative, bias gradient).
+template <class F>
+void for_range(index_t begin, index_t end, F& f) {
+    for (index_t i = begin; i < end; ++i) f(i);
+}
+
 // --- The diffusion noise generator: Philox4x32-10 and Box–Muller for many consecutive blocks at
 // once (docs/formulas.md#reproducible-noise). The integer rounds run over structure-of-arrays lanes
 // the compiler turns into vector multiplies (a fixed count, so at -O2 too); the integer stream is
