@@ -44,7 +44,7 @@ public:
 
     /// With the kernels' level given: an error if this CPU (or build) lacks it.
     cpu(int threads, cpu_level level) : threads_(resolve(threads)), level_(level) {
-        cpu_detail::require_supported(level);
+        cpu_level_detail::require_supported(level);
     }
 
     int threads() const { return threads_; }

@@ -162,7 +162,7 @@ void narrow_block(const A* src, index_t n, G* dst) {
     if constexpr (std::is_same_v<G, bfloat16>) {
         index_t i = 0;
         if constexpr (std::is_same_v<A, float> && has_bf16_narrowing) {
-            if (cpu_has_bf16()) i = narrow_bf16_vcvt(src, n, dst);
+            if (cpu_level_detail::cpu_has_bf16()) i = narrow_bf16_vcvt(src, n, dst);
         }
         narrow_bf16_scalar(src + i, n - i, dst + i);
     } else {

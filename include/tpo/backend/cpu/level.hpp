@@ -130,7 +130,7 @@ inline cpu_level supported_cpu_level() {
     return cpu_level::baseline;
 }
 
-namespace cpu_detail {
+namespace cpu_level_detail {
 
 /// The level named by TPO_CPU_LEVEL, checked, or the highest supported one.
 inline cpu_level level_from_environment() {
@@ -164,12 +164,12 @@ inline void require_supported(cpu_level level) {
                                  to_string(supported_cpu_level()));
 }
 
-}  // namespace cpu_detail
+}  // namespace cpu_level_detail
 
 /// The level a backend::cpu constructed without one uses: TPO_CPU_LEVEL if set (an error if it
 /// names no level or one this CPU lacks), else the highest supported. Read once per process.
 inline cpu_level default_cpu_level() {
-    static const cpu_level level = cpu_detail::level_from_environment();
+    static const cpu_level level = cpu_level_detail::level_from_environment();
     return level;
 }
 
