@@ -93,7 +93,10 @@ void check_dispatch() {
     const int avx512 = cpuinfo_has({"avx512f", "avx512dq", "avx512bw", "avx512vl"});
     const int avx2 = cpuinfo_has({"avx2", "fma"});
     if (std::getenv("TPO_CPU_LEVEL") == nullptr && avx512 >= 0) {
-        const cpu_level expected = avx512 == 1 ? cpu_level::avx512 : avx2 == 1 ? cpu_level::avx2 : cpu_level::baseline;
+        const cpu_level expected = !TPO_CPU_DISPATCH ? cpu_level::baseline  // no dispatch in this build
+                                   : avx512 == 1        ? cpu_level::avx512
+                                   : avx2 == 1          ? cpu_level::avx2
+                                                        : cpu_level::baseline;
         const bool ok = best.level() == expected;
         std::printf("level chosen for this CPU (/proc/cpuinfo: avx512 %d, avx2 %d): %s, expected %s %s\n", avx512,
                     avx2, tpo::backend::to_string(best.level()), tpo::backend::to_string(expected),

@@ -9,7 +9,7 @@
 //
 // - baseline: 128-bit SSE2 vectors on x86-64 (and whatever else the translation unit's own flags
 //   allow); the portable scalar form on other architectures, where it is the only level.
-// - avx2: 256-bit vectors, AVX2 + FMA + F16C.
+// - avx2: 256-bit vectors, AVX2 + FMA.
 // - avx512: 512-bit vectors, AVX-512 F/DQ/BW/VL (+ BF16 for narrowing, where the CPU has it).
 //
 // ODR: a level's kernels are named by the level and by the translation unit's own instruction-set
@@ -29,6 +29,7 @@
 #if !defined(TPO_CPU_NO_DISPATCH) && (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && \
     !defined(__CUDACC__)
 #  define TPO_CPU_DISPATCH 1
+#  include <cpuid.h>
 #else
 #  define TPO_CPU_DISPATCH 0
 #endif
@@ -84,11 +85,12 @@
 #else
 #  define TPO_CPU_TU_J 0
 #endif
-#define TPO_CPU_CAT2(a, b, c, d, e, f, g, h, i, j) tu_##a##b##c##d##e##f##g##h##i##j
-#define TPO_CPU_CAT(a, b, c, d, e, f, g, h, i, j) TPO_CPU_CAT2(a, b, c, d, e, f, g, h, i, j)
-#define TPO_CPU_TU_NAMESPACE                                                                                   \
-    TPO_CPU_CAT(TPO_CPU_TU_A, TPO_CPU_TU_B, TPO_CPU_TU_C, TPO_CPU_TU_D, TPO_CPU_TU_E, TPO_CPU_TU_F, TPO_CPU_TU_G, \
-                TPO_CPU_TU_H, TPO_CPU_TU_I, TPO_CPU_TU_J)
+// The first digit says whether the unit dispatches at all (the portable kernels have other code).
+#define TPO_CPU_CAT2(z, a, b, c, d, e, f, g, h, i, j) tu_##z##a##b##c##d##e##f##g##h##i##j
+#define TPO_CPU_CAT(z, a, b, c, d, e, f, g, h, i, j) TPO_CPU_CAT2(z, a, b, c, d, e, f, g, h, i, j)
+#define TPO_CPU_TU_NAMESPACE                                                                                    \
+    TPO_CPU_CAT(TPO_CPU_DISPATCH, TPO_CPU_TU_A, TPO_CPU_TU_B, TPO_CPU_TU_C, TPO_CPU_TU_D, TPO_CPU_TU_E, TPO_CPU_TU_F, \
+                TPO_CPU_TU_G, TPO_CPU_TU_H, TPO_CPU_TU_I, TPO_CPU_TU_J)
 #define TPO_CPU_STRINGIFY2(x) #x
 #define TPO_CPU_STRINGIFY(x) TPO_CPU_STRINGIFY2(x)
 /// The name of this translation unit's kernel namespace, as a string (for tests and diagnostics).
@@ -124,7 +126,7 @@ inline cpu_level supported_cpu_level() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
         return cpu_level::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return cpu_level::avx2;
 #endif
     return cpu_level::baseline;
@@ -145,12 +147,14 @@ inline cpu_level level_from_environment() {
     return *asked;
 }
 
-/// Whether the CPU has AVX-512 BF16 (the avx512 kernels then narrow bf16 gradients with it).
+/// Whether the CPU has AVX-512 BF16 (the avx512 kernels then narrow bf16 gradients with it; the
+/// operating system's consent to the wide registers is the avx512 level's own condition). CPUID
+/// leaf 7, subleaf 1, EAX bit 5: not every compiler's __builtin_cpu_supports knows the name.
 inline bool cpu_has_bf16() {
-#if TPO_CPU_DISPATCH && (defined(__clang__) || __GNUC__ >= 10)
+#if TPO_CPU_DISPATCH
     static const bool has = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx512bf16") != 0;
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && ((a >> 5) & 1u) != 0;
     }();
     return has;
 #else
