@@ -2,7 +2,8 @@
 // the same checkpoint — and its object hallucination measured on held-out scenes.
 //
 //   toy_lvlm [--seeds N] [--first-seed S] [--jobs J] [--sft-steps N] [--pref-steps N]
-//            [--pref-lr X] [--beta X] [--noise-step K] [--out DIR]
+//            [--pref-lr X] [--beta X] [--noise-step K] [--pairs on-policy|swapped] [--out DIR] ...
+//   (--help lists every flag)
 
 #include <atomic>
 #include <chrono>
@@ -34,7 +35,9 @@ struct cli {
 [[noreturn]] void usage(const char* why) {
     std::fprintf(stderr,
                  "toy_lvlm: %s\nusage: toy_lvlm [--seeds N] [--first-seed S] [--jobs J] [--sft-steps N] "
-                 "[--pref-steps N] [--pref-lr X] [--beta X] [--noise-step K] [--score logit|prob|logprob] [--detach-weights 0|1]\n                [--form additive|multiplicative] [--sft-weight X] [--out DIR]\n",
+                 "[--pref-steps N] [--pref-lr X] [--beta X] [--noise-step K] [--score logit|prob|logprob] [--detach-weights 0|1]\n"
+                 "                [--form additive|multiplicative] [--sft-weight X] [--pairs on-policy|swapped] [--sample-tries N]\n"
+                 "                [--schedule constant|cosine] [--out DIR]\n",
                  why);
     std::exit(2);
 }
@@ -65,6 +68,14 @@ cli parse(int argc, char** argv) {
         else if (k == "--form") c.s.form = tpo::parse_sequence_form(v);
         else if (k == "--sft-weight") need(x >= 0), c.s.sft_weight = x;
         else if (k == "--detach-weights") need(x == 0 || x == 1), c.s.detach_weights = x == 1;
+        else if (k == "--sample-tries") need(x >= 1), c.s.sample_tries = static_cast<int>(x);
+        else if (k == "--pairs") {
+            if (v != "on-policy" && v != "swapped") usage(("bad value '" + v + "' for --pairs, expected on-policy or swapped").c_str());
+            c.s.pairs = v == "swapped" ? toy::pair_source::swapped : toy::pair_source::on_policy;
+        } else if (k == "--schedule") {
+            if (v != "constant" && v != "cosine") usage(("bad value '" + v + "' for --schedule, expected constant or cosine").c_str());
+            c.s.cosine = v == "cosine";
+        }
         else usage(("unknown option " + k).c_str());
     }
     return c;
@@ -97,6 +108,14 @@ private:
     bool tty_;
     std::chrono::steady_clock::time_point shown_{};
 };
+
+/// A KL value: small and spanning decades, so significant digits rather than fixed decimals.
+std::string kl_pm(const std::vector<double>& x) {
+    const toy::mean_std m = toy::summarise(x);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.3g ± %.2g", m.mean, m.std);
+    return buf;
+}
 
 std::string pm(const std::vector<double>& x, double scale = 100.0, int decimals = 1) {
     const toy::mean_std m = toy::summarise(x);
@@ -153,7 +172,7 @@ void heatmap(const std::vector<toy::caption_weights>& before, const std::vector<
                 for (std::size_t t = 0; t < wts.size(); ++t) {
                     const int x0 = left + static_cast<int>(t) * cell_w;
                     cv.rect(x0, y, x0 + cell_w - 2, y + cell_h - 2, diverging(wts[t], a, 1 + a));
-                    if (side == 1 && c[t + 1] == ex.hallucinated_token) {
+                    if (side == 1 && toy::is_shape_token(c[t + 1]) && ex.absent[c[t + 1] - toy::first_shape]) {
                         cv.line(x0, y, x0 + cell_w - 3, y, black, 2);
                         cv.line(x0, y + cell_h - 3, x0 + cell_w - 3, y + cell_h - 3, black, 2);
                         cv.line(x0, y, x0, y + cell_h - 3, black, 2);
@@ -179,9 +198,11 @@ void heatmap(const std::vector<toy::caption_weights>& before, const std::vector<
 int main(int argc, char** argv) {
     const cli c = parse(argc, argv);
     const auto start = std::chrono::steady_clock::now();
-    std::printf("toy_lvlm: %d seeds, SFT %d steps × %d, preference %d steps × %d pairs (β = %g, a = %g, k = %d), %d jobs\n",
-                c.seeds, c.s.sft_steps, c.s.sft_batch, c.s.pref_steps, c.s.pref_batch, c.s.beta, c.s.a, c.s.noise_step,
-                c.jobs);
+    std::printf("toy_lvlm: %d seeds, SFT %d steps × %d, preference %d steps × %d pairs (%s pairs from %d images, lr %g%s, "
+                "β = %g, a = %g, k = %d), %d jobs\n",
+                c.seeds, c.s.sft_steps, c.s.sft_batch, c.s.pref_steps, c.s.pref_batch,
+                c.s.pairs == toy::pair_source::on_policy ? "on-policy" : "swapped", c.s.pref_pairs, c.s.pref_lr,
+                c.s.cosine ? " cosine" : " constant", c.s.beta, c.s.a, c.s.noise_step, c.jobs);
     std::fflush(stdout);
 
     std::vector<toy::run_result> results(c.seeds);
@@ -221,20 +242,37 @@ int main(int argc, char** argv) {
     };
     std::printf("\nHeld-out scenes (%d per seed, shapes drawn independently), greedy captions; mean ± std over %d seeds, %%\n\n",
                 c.s.eval_images, c.seeds);
-    std::printf("| model | CHAIR_i ↓ | CHAIR_s ↓ | recall ↑ | objects/caption | grammatical | partner share of hallucinations |\n");
-    std::printf("|---|---|---|---|---|---|---|\n");
+    std::printf("| model | CHAIR_i ↓ | CHAIR_s ↓ | recall ↑ | objects/caption | grammatical | partner share of hallucinations | KL held-out | KL pairs |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
     const std::pair<const char*, toy::hallucination_metrics toy::run_result::*> rows[] = {
         {"base (init)", &toy::run_result::base}, {"SFT", &toy::run_result::sft}, {"DPO", &toy::run_result::dpo},
         {"TPO", &toy::run_result::tpo}, {"SFT, biased world", &toy::run_result::sft_in_distribution}};
+    auto kl_cells = [&](const char* name) -> std::string {
+        const bool dpo = std::string(name) == "DPO", tpo = std::string(name) == "TPO";
+        if (!dpo && !tpo) return "— | —";
+        const auto member = dpo ? &toy::run_result::dpo_kl : &toy::run_result::tpo_kl;
+        return kl_pm(column([&](const auto& r) { return (r.*member).held_out; })) + " | " +
+               kl_pm(column([&](const auto& r) { return (r.*member).pairs; }));
+    };
     for (auto [name, member] : rows) {
-        std::printf("| %-11s | %s | %s | %s | %s | %s | %s |\n", name,
+        std::printf("| %-11s | %s | %s | %s | %s | %s | %s | %s |\n", name,
                     pm(column([&](const auto& r) { return (r.*member).chair_i; })).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).chair_s; })).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).recall; })).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).mentions_per_caption; }), 1.0).c_str(),
                     pm(column([&](const auto& r) { return (r.*member).well_formed; })).c_str(),
-                    pm(column([&](const auto& r) { return (r.*member).cooccurrence; })).c_str());
+                    pm(column([&](const auto& r) { return (r.*member).cooccurrence; })).c_str(), kl_cells(name).c_str());
     }
+    std::printf("(KL: mean per-token KL(π ‖ π_SFT), teacher-forced on the held-out scenes' captions and on %d preference pairs' chosen and rejected captions)\n",
+                c.s.kl_pairs);
+    std::printf("Preference pairs (%s): %s built of %d images, %s skipped; %s absent-shape mentions per rejected caption, "
+                "%s tokens changed per pair; %s of the sampled captions did not parse\n",
+                c.s.pairs == toy::pair_source::on_policy ? "on-policy, SFT samples and their corrections" : "swapped",
+                pm(column([&](const auto& r) { return r.pairs.pairs; }), 1.0, 0).c_str(), c.s.pref_pairs,
+                pm(column([&](const auto& r) { return r.pairs.skipped; }), 1.0, 0).c_str(),
+                pm(column([&](const auto& r) { return r.pairs.hallucinated_per_rejected; }), 1.0, 2).c_str(),
+                pm(column([&](const auto& r) { return r.pairs.changed_per_pair; }), 1.0, 2).c_str(),
+                pm(column([&](const auto& r) { return r.pairs.samples ? static_cast<double>(r.pairs.ungrammatical) / r.pairs.samples : 0.0; })).c_str());
     auto last_mean = [](const std::vector<toy::curve_point>& c, std::size_t n) {
         double acc = 0;
         const std::size_t from = c.size() > n ? c.size() - n : 0;
@@ -298,12 +336,20 @@ int main(int argc, char** argv) {
     heatmap(results.front().examples_before, results.front().examples, c.s.a, c.s.noise_step, c.out + "/token_weights.png");
     {
         std::ofstream csv(c.out + "/results.csv");
-        csv << "seed,model,chair_i,chair_s,recall,objects_per_caption,grammatical\n";
+        csv << "seed,model,chair_i,chair_s,recall,objects_per_caption,grammatical,kl_held_out,kl_pairs\n";
         for (int i = 0; i < c.seeds; ++i)
             for (auto [name, member] : rows) {
                 const auto& m = results[i].*member;
                 csv << c.first_seed + i << ',' << name << ',' << m.chair_i << ',' << m.chair_s << ',' << m.recall << ','
-                    << m.mentions_per_caption << ',' << m.well_formed << '\n';
+                    << m.mentions_per_caption << ',' << m.well_formed << ',';
+                const std::string n = name;
+                if (n == "DPO" || n == "TPO") {
+                    const toy::divergence& d = n == "DPO" ? results[i].dpo_kl : results[i].tpo_kl;
+                    csv << d.held_out << ',' << d.pairs;
+                } else {
+                    csv << ',';
+                }
+                csv << '\n';
             }
     }
     std::printf("\nFigures and raw numbers in %s/ (curves.png, token_weights.png, results.csv); %.0f s\n",

@@ -199,6 +199,28 @@ public:
 
     /// Greedy decoding from BOS until "." or max_length tokens; returns the captions.
     std::vector<caption> generate(const parameters<S>& p, const float* images, int rows) const {
+        return decode(p, images, rows, [](const auto& z) {
+            Eigen::Index best;
+            z.maxCoeff(&best);
+            return static_cast<int>(best);
+        });
+    }
+
+    /// Ancestral sampling at `temperature` (> 0) from BOS until "." or max_length tokens.
+    std::vector<caption> sample(const parameters<S>& p, const float* images, int rows, std::mt19937_64& rng,
+                                double temperature = 1.0) const {
+        std::vector<double> prob(vocab_size);
+        return decode(p, images, rows, [&](const auto& z) {
+            const double top = static_cast<double>(z.maxCoeff());
+            for (int v = 0; v < vocab_size; ++v) prob[v] = std::exp((static_cast<double>(z(v)) - top) / temperature);
+            return std::discrete_distribution<int>(prob.begin(), prob.end())(rng);
+        });
+    }
+
+private:
+    /// Decodes every row from BOS, choosing each next token with `choose(logit row)`.
+    template <class Choose>
+    std::vector<caption> decode(const parameters<S>& p, const float* images, int rows, Choose&& choose) const {
         activations<S> a;
         encode(p, images, rows, a);
         mat<S> h = tanh_of((a.g * p.m[Wh0]).rowwise() + p.m[bh0].row(0));
@@ -214,9 +236,7 @@ public:
             bool all = true;
             for (int b = 0; b < rows; ++b) {
                 if (done[b]) continue;
-                Eigen::Index best;
-                z.row(b).maxCoeff(&best);
-                current[b] = static_cast<int>(best);
+                current[b] = choose(z.row(b));
                 out[b].push_back(current[b]);
                 done[b] = current[b] == stop;
                 all = all && done[b];
@@ -226,7 +246,6 @@ public:
         return out;
     }
 
-private:
     static mat<S> tanh_of(const mat<S>& x) { return x.array().tanh().matrix(); }
     static mat<S> sigmoid_of(const mat<S>& x) { return (S(1) / (S(1) + (-x.array()).exp())).matrix(); }
 
@@ -277,6 +296,7 @@ public:
         m_.set_zero();
         v_.set_zero();
     }
+    void set_lr(double lr) { lr_ = lr; }
     void step(parameters<S>& p, const parameters<S>& g) {
         ++t_;
         double norm2 = 0;

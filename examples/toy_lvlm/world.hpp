@@ -184,18 +184,69 @@ private:
     world_options o_;
 };
 
-/// A preference pair: the image's correct caption, and the same caption with one object's shape
-/// replaced by an absent one — the partner of a present shape when that partner is absent (the
-/// hallucination the biased prior produces), otherwise any absent shape.
+/// Whether token t names a shape the scene does not hold (a hallucinated object).
+inline bool hallucinated(const scene& sc, int t) { return is_shape_token(t) && !sc.has(t - first_shape); }
+inline int hallucinations(const scene& sc, const caption& c) {
+    return static_cast<int>(std::count_if(c.begin(), c.end(), [&](int t) { return hallucinated(sc, t); }));
+}
+
+/// The minimal correction of a grammatical caption of `sc`, as an annotator would write it: each
+/// mention of an absent shape becomes a present shape the caption does not mention yet (the first
+/// such in canonical order, with its colour), or its clause is removed when none is left; the
+/// colour of every mention of a present shape is set to that object's colour. Mentions keep their
+/// order, so chosen and rejected differ only in the corrected words. Needs `grammatical(said)`.
+inline caption correct(const scene& sc, const caption& said) {
+    auto colour_of = [&](int shape) {
+        for (const object& o : sc.objects)
+            if (o.shape == shape) return o.colour;
+        return -1;
+    };
+    std::vector<bool> mentioned(num_shapes, false);
+    for (int t : said)
+        if (is_shape_token(t) && !hallucinated(sc, t)) mentioned[t - first_shape] = true;
+    std::vector<object> kept;
+    // Clauses "a colour shape" start after BOS "there is" and every "and".
+    for (std::size_t i = 3; i + 2 < said.size(); i += 4) {
+        int shape = said[i + 2] - first_shape;
+        if (!sc.has(shape)) {
+            shape = -1;
+            for (const object& o : sc.objects)
+                if (!mentioned[o.shape]) {
+                    shape = o.shape;
+                    break;
+                }
+            if (shape < 0) continue;  // nothing left to name: the clause goes
+            mentioned[shape] = true;
+        }
+        kept.push_back({shape, colour_of(shape), 0, 0});
+    }
+    return describe(kept);
+}
+
+/// A preference pair: a caption of the image that names no absent shape (chosen) and one that
+/// names at least one (rejected). `absent` marks the shapes the image does not hold, so a reader
+/// can tell which tokens of either caption are hallucinated objects.
 struct preference_pair {
     std::vector<float> image;
     caption chosen, rejected;
-    int hallucinated_token = -1;  // the replacing shape token in `rejected`
+    std::array<bool, num_shapes> absent{};
+    bool hallucinated(int t) const { return is_shape_token(t) && absent[t - first_shape]; }
 };
 
+inline std::array<bool, num_shapes> absent_shapes(const scene& sc) {
+    std::array<bool, num_shapes> out{};
+    for (int s = 0; s < num_shapes; ++s) out[s] = !sc.has(s);
+    return out;
+}
+
+/// The swapped construction (`--pairs swapped`): chosen = the image's caption, rejected = the same
+/// caption with one object's shape replaced by an absent one — the partner of a present shape when
+/// that partner is absent (the hallucination the biased prior produces), otherwise any absent
+/// shape. Off-policy: the rejected captions are not ones the model itself produces.
 inline preference_pair make_pair(world& w, const scene& sc) {
     preference_pair p;
     p.image = w.render(sc);
+    p.absent = absent_shapes(sc);
     p.chosen = describe(sc);
     auto& rng = w.rng();
     std::vector<int> absent_partners, absent;
@@ -215,7 +266,6 @@ inline preference_pair make_pair(world& w, const scene& sc) {
     objects[victim].shape = replacement;
     std::sort(objects.begin(), objects.end(), [](const object& x, const object& y) { return x.shape < y.shape; });
     p.rejected = describe(objects);
-    p.hallucinated_token = shape_token(replacement);
     return p;
 }
 

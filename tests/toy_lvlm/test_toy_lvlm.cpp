@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -178,6 +179,27 @@ TEST_CASE("TPO and DPO gradients through the toy LVLM match finite differences o
     }
 }
 
+TEST_CASE("the minimal correction of a caption", "[toy_lvlm][pairs]") {
+    using namespace toy;
+    // A red square (shape 0) and a blue cross (shape 3); colours 0 = red, 1 = green, 2 = blue.
+    scene sc;
+    sc.objects = {{0, 0, 0, 0}, {3, 2, 8, 8}};
+    const auto clause = [](int colour, int shape) { return object{shape, colour, 0, 0}; };
+    // The partner hallucination (circle for square) becomes the unmentioned cross, in its colour.
+    CHECK(correct(sc, describe({clause(0, 0), clause(1, 1)})) == describe({clause(0, 0), clause(2, 3)}));
+    // Mentions keep their order; a wrong colour on a present shape is corrected.
+    CHECK(correct(sc, describe({clause(1, 1), clause(3, 0)})) == describe({clause(2, 3), clause(0, 0)}));
+    // No present shape left to name: the clause goes, whichever position it has.
+    CHECK(correct(sc, describe({clause(0, 0), clause(1, 1), clause(2, 3)})) == describe({clause(0, 0), clause(2, 3)}));
+    CHECK(correct(sc, describe({clause(1, 5), clause(0, 0), clause(2, 3)})) == describe({clause(0, 0), clause(2, 3)}));
+    // Two hallucinations, two unmentioned shapes: replaced in canonical order of the scene.
+    CHECK(correct(sc, describe({clause(1, 1), clause(1, 5)})) == describe({clause(0, 0), clause(2, 3)}));
+    // A correct caption is its own correction.
+    CHECK(correct(sc, describe(sc)) == describe(sc));
+    CHECK(hallucinations(sc, describe({clause(0, 0), clause(1, 1)})) == 1);
+    CHECK(hallucinations(sc, describe(sc)) == 0);
+}
+
 TEST_CASE("a shortened SFT → DPO/TPO run trains", "[toy_lvlm][train]") {
     toy::settings s;
     s.seed = 2;
@@ -193,6 +215,7 @@ TEST_CASE("a shortened SFT → DPO/TPO run trains", "[toy_lvlm][train]") {
     s.eval_images = 60;
     s.probe_images = 20;
     s.probe_every = 20;
+    s.pairs = toy::pair_source::on_policy;
     toy::experiment e(s);
     const toy::run_result r = e.run(nullptr);
     auto mean = [](const std::vector<toy::curve_point>& c, std::size_t from, std::size_t to) {
@@ -211,4 +234,73 @@ TEST_CASE("a shortened SFT → DPO/TPO run trains", "[toy_lvlm][train]") {
     }
     // Supervised training must have taught the grammar: most greedy captions parse.
     CHECK(r.sft.well_formed > 0.8);
+
+    // The on-policy pairs: rejected = a sampled caption naming an absent shape, chosen = its correction.
+    const auto& pairs = e.pairs();
+    REQUIRE(!pairs.empty());
+    CHECK(r.pairs.pairs == static_cast<int>(pairs.size()));
+    CHECK(r.pairs.pairs + r.pairs.skipped == s.pref_pairs);
+    for (const auto& p : pairs) {
+        INFO("chosen: " << toy::text(p.chosen) << " | rejected: " << toy::text(p.rejected));
+        CHECK(toy::grammatical(p.chosen));
+        CHECK(toy::grammatical(p.rejected));
+        CHECK(std::none_of(p.chosen.begin(), p.chosen.end(), [&](int t) { return p.hallucinated(t); }));
+        CHECK(std::any_of(p.rejected.begin(), p.rejected.end(), [&](int t) { return p.hallucinated(t); }));
+    }
+
+    // KL(π ‖ π_ref) is exactly zero at the reference, positive after preference training, and equals
+    // the divergence computed here from the two models' softmax distributions.
+    const toy::parameters<toy::real>& checkpoint = e.sft_checkpoint();
+    std::vector<float> images;
+    std::vector<toy::caption> captions;
+    for (std::size_t i = 0; i < 8 && i < pairs.size(); ++i) {
+        images.insert(images.end(), pairs[i].image.begin(), pairs[i].image.end());
+        captions.push_back(pairs[i].rejected);
+    }
+    CHECK(e.mean_token_kl(checkpoint, checkpoint, images.data(), captions) == 0.0);
+    CHECK(r.dpo_kl.held_out > 0);
+    CHECK(r.dpo_kl.pairs > 0);
+    CHECK(r.tpo_kl.held_out > 0);
+    toy::parameters<toy::real> moved = checkpoint;
+    std::mt19937_64 rng(3);
+    std::normal_distribution<double> n(0.0, 0.05);
+    for (auto& w : moved.m)
+        for (Eigen::Index i = 0; i < w.size(); ++i) w.data()[i] += static_cast<toy::real>(n(rng));
+    const toy::lvlm<toy::real> model(s.shape);
+    const int rows = static_cast<int>(captions.size()), L = toy::max_length, V = toy::vocab_size;
+    toy::encoded enc;
+    for (const auto& c : captions) toy::append(enc, c);
+    std::vector<toy::real> zp(static_cast<std::size_t>(rows) * L * V), zq(zp.size());
+    model.forward(moved, images.data(), enc.tokens.data(), rows, L, zp.data(), nullptr);
+    model.forward(checkpoint, images.data(), enc.tokens.data(), rows, L, zq.data(), nullptr);
+    double expected = 0;
+    int positions = 0;
+    for (int b = 0; b < rows; ++b)
+        for (int t = 0; t + 1 < static_cast<int>(captions[b].size()); ++t) {
+            std::vector<double> p(V), q(V);
+            double sp = 0, sq = 0;
+            for (int v = 0; v < V; ++v) {
+                p[v] = std::exp(static_cast<double>(zp[(static_cast<std::size_t>(b) * L + t) * V + v]));
+                q[v] = std::exp(static_cast<double>(zq[(static_cast<std::size_t>(b) * L + t) * V + v]));
+                sp += p[v];
+                sq += q[v];
+            }
+            for (int v = 0; v < V; ++v) expected += p[v] / sp * std::log((p[v] / sp) / (q[v] / sq));
+            positions += 1;
+        }
+    expected /= positions;
+    CHECK(expected > 0);
+    CHECK(e.mean_token_kl(moved, checkpoint, images.data(), captions) == Approx(expected).epsilon(1e-9));
+}
+
+TEST_CASE("swapped pairs: the ground truth against one shape swapped for an absent one", "[toy_lvlm][pairs]") {
+    toy::world w(31, {.biased = false});
+    for (int i = 0; i < 200; ++i) {
+        const toy::scene sc = w.sample_scene();
+        const toy::preference_pair p = toy::make_pair(w, sc);
+        CHECK(p.chosen == toy::describe(sc));
+        CHECK(toy::hallucinations(sc, p.chosen) == 0);
+        CHECK(toy::hallucinations(sc, p.rejected) == 1);
+        CHECK(std::count_if(p.rejected.begin(), p.rejected.end(), [&](int t) { return p.hallucinated(t); }) == 1);
+    }
 }
