@@ -5,6 +5,7 @@
 //            [--pref-lr X] [--beta X] [--noise-step K] [--pairs on-policy|swapped] [--out DIR] ...
 //   (--help lists every flag)
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -13,13 +14,16 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <unistd.h>
 
 #define TOY_PLOT_IMPLEMENTATION
 #include "plot.hpp"
+#include "sweep.hpp"
 #include "train.hpp"
 
 namespace {
@@ -30,6 +34,9 @@ struct cli {
     std::uint64_t first_seed = 1;
     int jobs = 2;
     std::string out = "out/toy_lvlm";
+    bool sweep = false;
+    std::vector<double> lrs = toy::default_lr_grid();
+    std::vector<toy::variant> methods = toy::frontier_variants();
 };
 
 [[noreturn]] void usage(const char* why) {
@@ -37,7 +44,9 @@ struct cli {
                  "toy_lvlm: %s\nusage: toy_lvlm [--seeds N] [--first-seed S] [--jobs J] [--sft-steps N] "
                  "[--pref-steps N] [--pref-lr X] [--beta X] [--noise-step K] [--score logit|prob|logprob] [--detach-weights 0|1]\n"
                  "                [--form additive|multiplicative] [--sft-weight X] [--pairs on-policy|swapped] [--sample-tries N]\n"
-                 "                [--schedule constant|cosine] [--out DIR]\n",
+                 "                [--schedule constant|cosine] [--out DIR]\n"
+                 "       toy_lvlm --sweep [--lrs X,Y,...] [--methods dpo,tpo,tpo-detached,tpo-logprob,tpo-mult-detached] [same flags]\n"
+                 "                the learning-rate frontier of DPO, TPO and its variants (DPO is always run: the comparisons need it)\n",
                  why);
     std::exit(2);
 }
@@ -47,8 +56,42 @@ cli parse(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         const std::string k = argv[i];
         if (k == "-h" || k == "--help") usage("trains SFT, DPO and TPO on a procedural world and measures hallucination");
+        if (k == "--sweep") {
+            c.sweep = true;
+            continue;
+        }
         if (i + 1 >= argc) usage(("missing value after " + k).c_str());
         const std::string v = argv[++i];
+        if (k == "--methods") {
+            const auto all = toy::frontier_variants();
+            c.methods = {all.front()};
+            std::size_t from = 0;
+            while (from <= v.size()) {
+                const std::size_t comma = std::min(v.find(',', from), v.size());
+                const std::string item = v.substr(from, comma - from);
+                const auto it = std::find_if(all.begin(), all.end(), [&](const auto& m) { return toy::method_key(m) == item; });
+                if (it == all.end())
+                    usage(("bad value '" + item + "' for --methods, expected dpo, tpo, tpo-detached, tpo-logprob or tpo-mult-detached").c_str());
+                if (std::none_of(c.methods.begin(), c.methods.end(), [&](const auto& m) { return m.name == it->name; })) c.methods.push_back(*it);
+                from = comma + 1;
+            }
+            continue;
+        }
+        if (k == "--lrs") {
+            c.lrs.clear();
+            std::size_t from = 0;
+            while (from <= v.size()) {
+                const std::size_t comma = std::min(v.find(',', from), v.size());
+                const std::string item = v.substr(from, comma - from);
+                char* end = nullptr;
+                const double lr = std::strtod(item.c_str(), &end);
+                if (item.empty() || *end != '\0' || !(lr > 0) || (!c.lrs.empty() && lr <= c.lrs.back()))
+                    usage(("bad value '" + v + "' for --lrs, expected ascending positive rates separated by commas").c_str());
+                c.lrs.push_back(lr);
+                from = comma + 1;
+            }
+            continue;
+        }
         char* end = nullptr;
         const double x = std::strtod(v.c_str(), &end);
         const bool number = end && *end == '\0' && !v.empty();
@@ -127,7 +170,7 @@ std::string pm(const std::vector<double>& x, double scale = 100.0, int decimals 
 /// Mean over seeds of a curve, smoothed by a moving average of `window` points.
 toy::plot::series average_curve(const std::vector<std::vector<toy::curve_point>>& runs, const std::string& name,
                                 toy::plot::rgb colour, int window) {
-    toy::plot::series s{name, colour, {}, {}, {}, {}};
+    toy::plot::series s{name, colour, {}, {}, {}, {}, false, false};
     if (runs.empty()) return s;
     const std::size_t n = runs.front().size();
     std::vector<double> mean(n, 0), lo(n, 1e300), hi(n, -1e300);
@@ -193,10 +236,253 @@ void heatmap(const std::vector<toy::caption_weights>& before, const std::vector<
     if (!cv.save(path)) std::fprintf(stderr, "toy_lvlm: could not write %s\n", path.c_str());
 }
 
+template <class Pick>
+std::vector<double> sft_column_pairs(const std::vector<toy::pair_stats>& all, Pick pick) {
+    std::vector<double> x;
+    for (const auto& p : all) x.push_back(static_cast<double>(pick(p)));
+    return x;
+}
+
+/// CHAIR_i, CHAIR_s and recall against log10 KL (held-out captions), one line per method through
+/// its learning rates, mean ± std over seeds in both axes' metric; SFT as a band.
+void frontier_plot(const toy::frontier_result& f, const std::string& path) {
+    using namespace toy::plot;
+    const rgb palette[] = {dpo_colour, tpo_colour, {255, 127, 14}, {148, 103, 189}, {140, 86, 75}};
+    const auto all = toy::frontier_variants();
+    auto colour_of = [&](const toy::variant& v) {
+        for (std::size_t i = 0; i < all.size(); ++i)
+            if (all[i].name == v.name) return palette[i % 5];
+        return black;
+    };
+    const int panel_w = 560, panel_h = 480;
+    canvas cv(3 * panel_w, panel_h + 40);
+    cv.text(10, 8, "Learning-rate frontier: hallucination against KL from the SFT model (mean +- std over seeds; one point per learning rate)", black, 2);
+    const std::pair<const char*, double toy::hallucination_metrics::*> metrics[] = {
+        {"CHAIR_i (%, lower is better)", &toy::hallucination_metrics::chair_i},
+        {"CHAIR_s (%, lower is better)", &toy::hallucination_metrics::chair_s},
+        {"recall (%, higher is better)", &toy::hallucination_metrics::recall}};
+    for (int k = 0; k < 3; ++k) {
+        const auto member = metrics[k].second;
+        std::vector<series> all;
+        double xmin = 1e300, xmax = -1e300;
+        for (std::size_t v = 0; v < f.variants.size(); ++v) {
+            series s{f.variants[v].name, colour_of(f.variants[v]), {}, {}, {}, {}, true, true};
+            for (std::size_t g = 0; g < f.lrs.size(); ++g) {
+                std::vector<double> kl, m;
+                for (const auto& p : f.points[v][g]) {
+                    kl.push_back(p.kl.held_out);
+                    m.push_back(100 * (p.m.*member));
+                }
+                const double mean_kl = toy::summarise(kl).mean;
+                if (!(mean_kl > 0)) continue;
+                const toy::mean_std ms = toy::summarise(m);
+                s.x.push_back(std::log10(mean_kl));
+                s.y.push_back(ms.mean);
+                s.low.push_back(ms.mean - ms.std);
+                s.high.push_back(ms.mean + ms.std);
+                xmin = std::min(xmin, s.x.back());
+                xmax = std::max(xmax, s.x.back());
+            }
+            all.push_back(std::move(s));
+        }
+        std::vector<double> sft;
+        for (const auto& m : f.sft) sft.push_back(100 * (m.*member));
+        const toy::mean_std ss = toy::summarise(sft);
+        if (xmin <= xmax)
+            all.insert(all.begin(), series{"SFT", sft_colour, {xmin, xmax}, {ss.mean, ss.mean}, {ss.mean - ss.std, ss.mean - ss.std},
+                                           {ss.mean + ss.std, ss.mean + ss.std}, false, false});
+        line_chart(cv, k * panel_w, 36, panel_w, panel_h, metrics[k].first, "log10 mean per-token KL(policy || SFT), held-out captions", all);
+    }
+    if (!cv.save(path)) std::fprintf(stderr, "toy_lvlm: could not write %s\n", path.c_str());
+}
+
+/// Runs task(0 .. n−1) on `jobs` threads; rethrows the first failure after all have stopped.
+template <class Task>
+void parallel_for(int n, int jobs, Task task) {
+    std::atomic<int> next{0};
+    std::mutex error_mutex;
+    std::string failure;
+    std::vector<std::thread> workers;
+    for (int j = 0; j < std::min(jobs, n); ++j)
+        workers.emplace_back([&] {
+            for (int i; (i = next++) < n;) {
+                try {
+                    task(i);
+                } catch (const std::exception& ex) {
+                    std::lock_guard<std::mutex> lock(error_mutex);
+                    if (failure.empty()) failure = ex.what();
+                }
+            }
+        });
+    for (auto& w : workers) w.join();
+    if (!failure.empty()) throw std::runtime_error(failure);
+}
+
+std::string signed_pm(const std::vector<double>& x) {
+    const toy::mean_std m = toy::summarise(x);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%+.1f ± %.1f", 100 * m.mean, 100 * m.std);
+    return buf;
+}
+
+int sweep(const cli& c) {
+    const auto start = std::chrono::steady_clock::now();
+    toy::settings base = c.s;
+    base.probe_images = 0;  // no training curves: only end points count here
+    toy::frontier_result f;
+    f.lrs = c.lrs;
+    f.variants = c.methods;  // DPO first
+    const int S = c.seeds, G = static_cast<int>(f.lrs.size()), V = static_cast<int>(f.variants.size());
+    std::printf("toy_lvlm --sweep: %d seeds × %d methods × %d learning rates (", S, V, G);
+    for (int i = 0; i < G; ++i) std::printf("%s%g", i ? ", " : "", f.lrs[i]);
+    std::printf("), SFT %d steps × %d, preference %d steps × %d pairs, %s pairs from %d images, %s schedule, β = %g, %d jobs\n",
+                base.sft_steps, base.sft_batch, base.pref_steps, base.pref_batch,
+                base.pairs == toy::pair_source::on_policy ? "on-policy" : "swapped", base.pref_pairs,
+                base.cosine ? "cosine" : "constant", base.beta, c.jobs);
+    std::fflush(stdout);
+
+    std::vector<std::unique_ptr<toy::experiment>> experiments(S);
+    std::vector<toy::run_result> prepared(S);
+    std::fprintf(stderr, "sweep: SFT and preference pairs of %d seeds\n", S);
+    parallel_for(S, c.jobs, [&](int i) {
+        toy::settings s = base;
+        s.seed = c.first_seed + static_cast<std::uint64_t>(i);
+        experiments[i] = std::make_unique<toy::experiment>(s);
+        experiments[i]->prepare(prepared[i], nullptr);
+    });
+    for (const auto& r : prepared) {
+        f.sft.push_back(r.sft);
+        f.pairs.push_back(r.pairs);
+    }
+    f.points.assign(V, std::vector<std::vector<toy::run_point>>(G, std::vector<toy::run_point>(S)));
+    const int runs = S * V * G;
+    std::atomic<int> done{0};
+    std::mutex print_mutex;
+    parallel_for(runs, c.jobs, [&](int k) {
+        const int s = k % S, g = (k / S) % G, v = k / (S * G);
+        f.points[v][g][s] = experiments[s]->point(f.variants[v], f.lrs[g], nullptr);
+        const int n = ++done;
+        std::lock_guard<std::mutex> lock(print_mutex);
+        if (n % std::max(1, runs / 20) == 0 || n == runs)
+            std::fprintf(stderr, "sweep: %d/%d preference runs, %.0f s\n", n, runs,
+                         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+    auto over_seeds = [&](int v, int g, auto pick) {
+        std::vector<double> x;
+        for (int s = 0; s < S; ++s) x.push_back(pick(f.points[v][g][s]));
+        return x;
+    };
+    auto sft_column = [&](auto pick) {
+        std::vector<double> x;
+        for (const auto& m : f.sft) x.push_back(pick(m));
+        return x;
+    };
+    std::vector<double> sft_i = sft_column([](const auto& m) { return m.chair_i; });
+    std::printf("\nPreference pairs: %s built of %d images per seed (%s skipped), %s absent-shape mentions per rejected caption\n",
+                pm(sft_column_pairs(f.pairs, [](const auto& p) { return p.pairs; }), 1.0, 0).c_str(), base.pref_pairs,
+                pm(sft_column_pairs(f.pairs, [](const auto& p) { return p.skipped; }), 1.0, 0).c_str(),
+                pm(sft_column_pairs(f.pairs, [](const auto& p) { return p.hallucinated_per_rejected; }), 1.0, 2).c_str());
+    std::printf("\nHeld-out scenes (%d per seed), greedy captions; mean ± std over %d seeds, %%; KL = mean per-token "
+                "KL(π ‖ π_SFT) on the held-out captions / on %d pairs\n\n",
+                base.eval_images, S, base.kl_pairs);
+    std::printf("| method | lr | KL held-out | KL pairs | CHAIR_i ↓ | CHAIR_s ↓ | recall ↑ | objects/caption | CHAIR_i − SFT (paired) | reward acc. (last 50) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| SFT | — | 0 | 0 | %s | %s | %s | %s | — | — |\n", pm(sft_i).c_str(),
+                pm(sft_column([](const auto& m) { return m.chair_s; })).c_str(),
+                pm(sft_column([](const auto& m) { return m.recall; })).c_str(),
+                pm(sft_column([](const auto& m) { return m.mentions_per_caption; }), 1.0).c_str());
+    for (int v = 0; v < V; ++v)
+        for (int g = 0; g < G; ++g) {
+            std::vector<double> delta;
+            for (int s = 0; s < S; ++s) delta.push_back(f.points[v][g][s].m.chair_i - sft_i[s]);
+            std::printf("| %s | %g | %s | %s | %s | %s | %s | %s | %s | %s |\n", f.variants[v].name.c_str(), f.lrs[g],
+                        kl_pm(over_seeds(v, g, [](const auto& p) { return p.kl.held_out; })).c_str(),
+                        kl_pm(over_seeds(v, g, [](const auto& p) { return p.kl.pairs; })).c_str(),
+                        pm(over_seeds(v, g, [](const auto& p) { return p.m.chair_i; })).c_str(),
+                        pm(over_seeds(v, g, [](const auto& p) { return p.m.chair_s; })).c_str(),
+                        pm(over_seeds(v, g, [](const auto& p) { return p.m.recall; })).c_str(),
+                        pm(over_seeds(v, g, [](const auto& p) { return p.m.mentions_per_caption; }), 1.0).c_str(),
+                        signed_pm(delta).c_str(), pm(over_seeds(v, g, [](const auto& p) { return p.accuracy; })).c_str());
+        }
+
+    // The headline rule sees DPO's recall and SFT's, nothing else.
+    std::vector<std::vector<double>> dpo_recall;
+    for (int g = 0; g < G; ++g) dpo_recall.push_back(over_seeds(0, g, [](const auto& p) { return p.m.recall; }));
+    const std::vector<double> sft_recall = sft_column([](const auto& m) { return m.recall; });
+    const std::size_t h = toy::headline_index(dpo_recall, sft_recall);
+    const toy::mean_std sr = toy::summarise(sft_recall);
+    std::printf("\nHeadline rule (on DPO alone): the largest lr whose DPO recall is within one std of SFT's (%.1f ± %.1f):\n ",
+                100 * sr.mean, 100 * sr.std);
+    for (int g = 0; g < G; ++g) {
+        const double m = toy::summarise(dpo_recall[g]).mean;
+        std::printf(" %g: %.1f%s", f.lrs[g], 100 * m, std::abs(m - sr.mean) <= sr.std ? " (within)" : "");
+    }
+    std::printf("\n  → headline learning rate %g%s\n", f.lrs[h],
+                std::abs(toy::summarise(dpo_recall[h]).mean - sr.mean) <= sr.std ? "" : " (no rate qualified: the smallest)");
+
+    std::printf("\nAt the headline lr %g, paired differences over seeds, method − DPO (points; CHAIR_i / CHAIR_s / recall):\n", f.lrs[h]);
+    for (int v = 1; v < V; ++v) {
+        std::vector<double> di, ds, dr;
+        for (int s = 0; s < S; ++s) {
+            di.push_back(f.points[v][h][s].m.chair_i - f.points[0][h][s].m.chair_i);
+            ds.push_back(f.points[v][h][s].m.chair_s - f.points[0][h][s].m.chair_s);
+            dr.push_back(f.points[v][h][s].m.recall - f.points[0][h][s].m.recall);
+        }
+        std::printf("  %-18s %s / %s / %s\n", f.variants[v].name.c_str(), signed_pm(di).c_str(), signed_pm(ds).c_str(), signed_pm(dr).c_str());
+    }
+
+    std::printf("\nAt equal KL: method − DPO interpolated (linear in log KL along the same seed's DPO line) at the method's KL; "
+                "mean ± std over the seeds whose KL lies inside DPO's range, points\n\n");
+    std::printf("| method | lr | seeds | CHAIR_i | CHAIR_s | recall |\n|---|---|---|---|---|---|\n");
+    for (int v = 1; v < V; ++v)
+        for (int g = 0; g < G; ++g) {
+            const auto di = toy::equal_kl_differences(f, v, g, [](const auto& m) { return m.chair_i; });
+            if (di.empty()) {
+                std::printf("| %s | %g | 0 | — | — | — |\n", f.variants[v].name.c_str(), f.lrs[g]);
+                continue;
+            }
+            std::printf("| %s | %g | %zu | %s | %s | %s |\n", f.variants[v].name.c_str(), f.lrs[g], di.size(), signed_pm(di).c_str(),
+                        signed_pm(toy::equal_kl_differences(f, v, g, [](const auto& m) { return m.chair_s; })).c_str(),
+                        signed_pm(toy::equal_kl_differences(f, v, g, [](const auto& m) { return m.recall; })).c_str());
+        }
+
+    std::filesystem::create_directories(c.out);
+    {
+        std::ofstream csv(c.out + "/sweep.csv");
+        csv << "seed,method,lr,kl_held_out,kl_pairs,chair_i,chair_s,recall,objects_per_caption,grammatical,reward_accuracy\n";
+        for (int s = 0; s < S; ++s) {
+            const auto& m = f.sft[s];
+            csv << c.first_seed + s << ",SFT,0,0,0," << m.chair_i << ',' << m.chair_s << ',' << m.recall << ','
+                << m.mentions_per_caption << ',' << m.well_formed << ",\n";
+            for (int v = 0; v < V; ++v)
+                for (int g = 0; g < G; ++g) {
+                    const auto& p = f.points[v][g][s];
+                    csv << c.first_seed + s << ',' << f.variants[v].name << ',' << f.lrs[g] << ',' << p.kl.held_out << ','
+                        << p.kl.pairs << ',' << p.m.chair_i << ',' << p.m.chair_s << ',' << p.m.recall << ','
+                        << p.m.mentions_per_caption << ',' << p.m.well_formed << ',' << p.accuracy << '\n';
+                }
+        }
+    }
+    frontier_plot(f, c.out + "/frontier.png");
+    std::printf("\nFigure and raw numbers in %s/ (frontier.png, sweep.csv); %.0f s\n",
+                std::filesystem::absolute(c.out).lexically_normal().c_str(), seconds);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     const cli c = parse(argc, argv);
+    if (c.sweep) {
+        try {
+            return sweep(c);
+        } catch (const std::exception& ex) {
+            std::fprintf(stderr, "\ntoy_lvlm: failed: %s\n", ex.what());
+            return 1;
+        }
+    }
     const auto start = std::chrono::steady_clock::now();
     std::printf("toy_lvlm: %d seeds, SFT %d steps × %d, preference %d steps × %d pairs (%s pairs from %d images, lr %g%s, "
                 "β = %g, a = %g, k = %d), %d jobs\n",

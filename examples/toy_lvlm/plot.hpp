@@ -76,6 +76,8 @@ struct series {
     rgb colour;
     std::vector<double> x, y;
     std::vector<double> low, high;  // optional band (e.g. min/max over seeds)
+    bool bars = false;               // draw low–high as an error bar at each point instead of a band
+    bool markers = false;            // a dot at each point
 };
 
 inline std::string short_number(double v) {
@@ -116,11 +118,21 @@ inline void line_chart(canvas& cv, int x, int y, int w, int h, const std::string
     }
     cv.line(left, top, left, bottom, black);
     cv.line(left, bottom, right, bottom, black);
-    cv.text(left, bottom + 4, short_number(xmin), black);
-    cv.text(right - canvas::text_width(short_number(xmax)), bottom + 4, short_number(xmax), black);
+    for (int k = 0; k <= 4; ++k) {
+        const std::string label = short_number(xmin + (xmax - xmin) * k / 4);
+        const double at = px(xmin + (xmax - xmin) * k / 4);
+        cv.line(at, bottom, at, bottom + 3, black);
+        cv.text(static_cast<int>(at) - (k == 0 ? 0 : k == 4 ? canvas::text_width(label) : canvas::text_width(label) / 2), bottom + 5, label, black);
+    }
     cv.text(x + (w - canvas::text_width(xlabel)) / 2, bottom + 16, xlabel, black);
     for (const auto& s : all) {
-        if (!s.low.empty()) {
+        if (!s.low.empty() && s.bars) {
+            for (std::size_t i = 0; i < s.x.size(); ++i) {
+                cv.line(px(s.x[i]), py(s.low[i]), px(s.x[i]), py(s.high[i]), s.colour);
+                cv.line(px(s.x[i]) - 3, py(s.low[i]), px(s.x[i]) + 3, py(s.low[i]), s.colour);
+                cv.line(px(s.x[i]) - 3, py(s.high[i]), px(s.x[i]) + 3, py(s.high[i]), s.colour);
+            }
+        } else if (!s.low.empty()) {
             rgb light{static_cast<unsigned char>(255 - (255 - s.colour[0]) / 4),
                       static_cast<unsigned char>(255 - (255 - s.colour[1]) / 4),
                       static_cast<unsigned char>(255 - (255 - s.colour[2]) / 4)};
@@ -136,8 +148,14 @@ inline void line_chart(canvas& cv, int x, int y, int w, int h, const std::string
     int legend_y = top + 4;
     for (const auto& s : all) {
         for (std::size_t i = 0; i + 1 < s.x.size(); ++i) cv.line(px(s.x[i]), py(s.y[i]), px(s.x[i + 1]), py(s.y[i + 1]), s.colour, 2);
-        cv.rect(right - 90, legend_y + 2, right - 80, legend_y + 8, s.colour);
-        cv.text(right - 76, legend_y, s.name, black);
+        if (s.markers)
+            for (std::size_t i = 0; i < s.x.size(); ++i) {
+                const int cx = static_cast<int>(std::lround(px(s.x[i]))), cy = static_cast<int>(std::lround(py(s.y[i])));
+                cv.rect(cx - 3, cy - 3, cx + 4, cy + 4, s.colour);
+            }
+        const int legend_x = right - std::max(90, canvas::text_width(s.name) + 20);
+        cv.rect(legend_x, legend_y + 2, legend_x + 10, legend_y + 8, s.colour);
+        cv.text(legend_x + 14, legend_y, s.name, black);
         legend_y += 12;
     }
 }

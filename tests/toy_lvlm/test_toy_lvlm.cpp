@@ -8,6 +8,7 @@
 #include <cmath>
 #include <random>
 
+#include "sweep.hpp"
 #include "train.hpp"
 
 namespace {
@@ -303,4 +304,28 @@ TEST_CASE("swapped pairs: the ground truth against one shape swapped for an abse
         CHECK(toy::hallucinations(sc, p.rejected) == 1);
         CHECK(std::count_if(p.rejected.begin(), p.rejected.end(), [&](int t) { return p.hallucinated(t); }) == 1);
     }
+}
+
+TEST_CASE("the headline rule picks the largest rate whose DPO recall stays within one SFT std", "[toy_lvlm][sweep]") {
+    // SFT recall over seeds: mean 0.60, sample std 0.02.
+    const std::vector<double> sft = {0.58, 0.60, 0.62};
+    // DPO's mean recall per rate: 0.60, 0.61, 0.63 (3 points above: outside), 0.595, 0.50.
+    const std::vector<std::vector<double>> dpo = {
+        {0.60, 0.60, 0.60}, {0.60, 0.61, 0.62}, {0.62, 0.63, 0.64}, {0.59, 0.595, 0.60}, {0.50, 0.50, 0.50}};
+    CHECK(toy::headline_index(dpo, sft) == 3);
+    // None within: the smallest rate.
+    CHECK(toy::headline_index({{0.3, 0.3, 0.3}, {0.2, 0.2, 0.2}}, sft) == 0);
+}
+
+TEST_CASE("a metric at equal KL is interpolated linearly in log KL", "[toy_lvlm][sweep]") {
+    // Points (KL, metric) out of order: sorted by KL first.
+    const std::vector<std::pair<double, double>> line = {{1e-1, 30.0}, {1e-3, 10.0}, {1e-2, 20.0}};
+    CHECK(*toy::at_kl(line, 1e-3) == Approx(10.0));
+    CHECK(*toy::at_kl(line, 1e-1) == Approx(30.0));
+    // Half-way in log between 1e-3 and 1e-2 is 10^-2.5.
+    CHECK(*toy::at_kl(line, std::pow(10.0, -2.5)) == Approx(15.0));
+    CHECK(*toy::at_kl(line, std::pow(10.0, -1.25)) == Approx(27.5));
+    CHECK(!toy::at_kl(line, 5e-4));
+    CHECK(!toy::at_kl(line, 0.2));
+    CHECK(!toy::at_kl(line, 0.0));
 }
