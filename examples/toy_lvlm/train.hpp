@@ -40,9 +40,9 @@ struct settings {
     std::uint64_t seed = 1;
     int sft_steps = 3000, sft_batch = 32;
     double sft_lr = 3e-3;
-    int pref_steps = 300, pref_batch = 16;
+    int pref_steps = 500, pref_batch = 16;  // 500 × 16 = 4 epochs over the 2000 preference images (the paper's 4)
     double pref_lr = 1e-4;
-    bool cosine = false;  // true: the preference learning rate decays as lr·½(1 + cos(π·step/steps)), no warm-up
+    bool cosine = true;  // the preference learning rate decays as lr·½(1 + cos(π·step/steps)), no warm-up
     double beta = 0.1;      // the official β (docs/formulas.md#numerics)
     double a = 0.5;         // calibration margin
     int noise_step = 500;   // diffusion step k of the corruption (official: 500)
@@ -50,7 +50,7 @@ struct settings {
     bool detach_weights = false;                     // official: gradients flow through c
     tpo::sequence_form form = tpo::sequence_form::additive;  // official: A = Σ (ℓ + log c)
     double sft_weight = 0;  // > 0 adds the library's `sft` term on the chosen captions (RPO/MPO-style)
-    pair_source pairs = pair_source::swapped;
+    pair_source pairs = pair_source::on_policy;
     int pref_pairs = 2000;  // preference images; on-policy, those where no hallucination is sampled are skipped
     int sample_tries = 8;   // on-policy: captions sampled (temperature 1) per image before it is skipped
     int kl_pairs = 256;     // preference pairs (chosen and rejected) on which the KL is measured
