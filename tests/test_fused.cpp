@@ -198,6 +198,35 @@ TEST_CASE("hidden states in agree with the logits they make, fed to the oracle",
 }
 
 template <class B>
+void fused_head_only() {
+    if constexpr (!tpo::head_backend<B>) {
+        SUCCEED("this backend has no matrix product: the fused path is not available");
+    } else {
+        // A trainer whose hidden states are constants (only the head trains) asks for the head's
+        // gradients alone: the same values as when every gradient is asked for.
+        std::mt19937_64 rng(41);
+        B backend;
+        for (const auto& [name, options] : fused_cases()) {
+            INFO(name);
+            const hidden_data<double> d = random_hidden(rng, 2, 5, 4, 6, 9, true);
+            hidden_gradient_data<double> all(d), head(d);
+            const auto all_views = all.views(d, true);
+            tpo::hidden_gradients<double> head_views = head.views(d, true);
+            head_views.chosen = {};
+            head_views.rejected = {};
+            tpo::evaluate(backend, options, d.batch(), &all_views);
+            tpo::evaluate(backend, options, d.batch(), &head_views);
+            CHECK(head.weight == all.weight);
+            CHECK(head.bias == all.bias);
+        }
+    }
+}
+
+TEST_CASE("hidden states in: the head's gradients alone", "[fused]") {
+    fused_head_only<tested_backend>();
+}
+
+template <class B>
 void fused_precision() {
     if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product");

@@ -47,13 +47,14 @@ inline const char* role_name(loss::tensor_role r, bool hidden = false) {
 }
 
 template <class T>
-void check_hidden(const hidden_view<const T>& h, const char* side, const char* role, index_t hidden) {
+void check_hidden(const hidden_view<const T>& h, const char* side, const char* role, index_t hidden,
+                  const char* head = "lm_head") {
     require<shape_error>(h.data != nullptr, side, " ", role, ": missing (null data pointer)");
     require<shape_error>(h.sequences >= 1, side, " ", role, ": shape ", shape_string(h),
                          " has no sequence (empty batch)");
     require<shape_error>(h.length >= 1, side, " ", role, ": shape ", shape_string(h), ", expected L >= 1");
     require<shape_error>(h.hidden == hidden, side, " ", role, ": shape ", shape_string(h), ", hidden size ", h.hidden,
-                         " differs from the lm_head's H = ", hidden);
+                         " differs from the ", head, "'s H = ", hidden);
 }
 
 template <class T>
@@ -151,14 +152,16 @@ void check_hidden_batch(const objective_options& options, const hidden_preferenc
         } else {
             require<shape_error>(!given_scores, side,
                                  " reference: hidden states on one side and precomputed scores on the other");
-            check_hidden(s.reference, side, "reference hidden states", batch.reference_head.hidden);
+            check_hidden(s.reference, side, "reference hidden states", batch.reference_head.hidden,
+                         "reference lm_head");
             same_rows(s.reference.sequences, s.reference.length, "reference hidden states");
         }
         if (noisy) {
             check_hidden(s.policy_noisy, side, "policy noisy hidden states", H);
             same_rows(s.policy_noisy.sequences, s.policy_noisy.length, "policy noisy hidden states");
             if (s.reference_scores.empty()) {
-                check_hidden(s.reference_noisy, side, "reference noisy hidden states", batch.reference_head.hidden);
+                check_hidden(s.reference_noisy, side, "reference noisy hidden states", batch.reference_head.hidden,
+                             "reference lm_head");
                 same_rows(s.reference_noisy.sequences, s.reference_noisy.length, "reference noisy hidden states");
             }
         }

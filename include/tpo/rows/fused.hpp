@@ -437,8 +437,8 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
 }
 
 /// ∂L/∂h of every row of a hidden-state source (zero for rows that are not scored) from the
-/// coefficients of its scored rows, and the head's share added to `grad_weight` (V×H) and
-/// `grad_bias` (V) when they are not null.
+/// coefficients of its scored rows (not computed when `grad` is empty), and the head's share added
+/// to `grad_weight` (V×H) and `grad_bias` (V) when they are not null.
 template <class B, class T, class I, class G>
 void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
                         typename B::template buffer<row_coefficients>& coefficient_buffer,
@@ -465,8 +465,10 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
         auto factor = backend.template allocate<A>(n);
         backend::for_each_group(backend, n, label_factor_op<A, T, I>{source, plan, settings.transform, coefficients,
                                                                      backend.raw(rank_one_list), backend.raw(factor)});
-        backend.for_each(n * H, label_only_hidden_op<A, T, G, I>{source.head, plan, coefficients,
-                                                                 backend.raw(rank_one_list), backend.raw(factor), grad});
+        if (!grad.empty())
+            backend.for_each(n * H, label_only_hidden_op<A, T, G, I>{source.head, plan, coefficients,
+                                                                     backend.raw(rank_one_list), backend.raw(factor),
+                                                                     grad});
         if (grad_weight || grad_bias) {
             const auto [order, group_start] = label_groups(host_rank_one, host);
             auto order_buffer = backend.upload(order);
@@ -491,7 +493,7 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
     auto second = backend.template allocate<A>(linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
-    auto hidden_grad = backend.template allocate<A>(C * H);
+    auto hidden_grad = backend.template allocate<A>(grad.empty() ? 0 : C * H);
     const double factor = linear ? settings.transform.derivative_at(0.0) : 1.0;
     for (index_t first = 0; first < n; first += C) {
         const index_t m = std::min(C, n - first);
@@ -505,8 +507,11 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
         backend.row_gradient(logits_view<const A>{backend.raw(logits), 1, m, V}, backend.raw(chunk_coefficients), m,
                              logits_view<A>{chunk_grad, 1, m, V});
         if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
-        backend.matmul(false, false, m, H, V, chunk_grad, V, source.head.weight, H, backend.raw(hidden_grad), H, A(0));
-        backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
+        if (!grad.empty()) {
+            backend.matmul(false, false, m, H, V, chunk_grad, V, source.head.weight, H, backend.raw(hidden_grad), H,
+                           A(0));
+            backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
+        }
         if (grad_weight)
             backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H, A(1));
         if (grad_bias) backend.for_each(V, bias_gradient_op<A>{chunk_grad, m, V, grad_bias});
