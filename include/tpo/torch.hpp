@@ -10,6 +10,10 @@
 //   loss.backward();                          // ∂loss/∂logits flow back into the model
 //   metrics.read().reward_accuracy;           // on CUDA the one call that waits for the device
 //
+//   tpo::libtorch::hidden_batch h{.policy_hidden_chosen = hw, ..., .lm_head_weight = head->weight,
+//                                 .lm_head_bias = head->bias, ..., .labels_chosen = yw, .labels_rejected = yl};
+//   auto [loss, metrics] = tpo::libtorch::preference_loss(h, options);   // no (P, L, V) logits
+//
 // Inputs: logits (P, L, V) of float32, float64, bfloat16 or float16 (all of one dtype, on one
 // device), labels (P, L) int64 or int32; optionally the reference as precomputed sequence scores
 // (P) float64 and caller token weights (P, L) float32. Non-contiguous tensors are made contiguous
@@ -30,11 +34,23 @@
 // synchronisation and allocate only through the caching allocator, so they can be captured in a
 // CUDA graph (torch.cuda.graph / at::cuda::CUDAGraph). The CUDA path is compiled where nvcc
 // compiles this header: include it in at least one .cu translation unit of the program (built
-// against a CUDA libtorch); translation units compiled by the host compiler then reach it too.
+// against a CUDA libtorch, and linked with cuBLAS, CUDA::cublas, for the hidden-state kind's
+// products); translation units compiled by the host compiler then reach it too.
 //
-// A new input kind (hidden states and the lm_head weight, say) is a struct like logits_batch
-// with its own detail::kind_traits: its differentiable tensors, checks and run(); the autograd
-// function, device dispatch and metrics are shared.
+// Hidden states in (hidden_batch): the last hidden states (P, L, H) of each side and the lm_head's
+// weight (V, H) and optional bias (V), all of the hidden states' dtype; the logits
+// transform(h·Wᵀ + b) (objective_options' logit_scale, logit_softcap, temperature) are computed
+// chunk by chunk (chunk_tokens rows at a time) and never stored whole. The reference enters as its
+// own hidden states with its own frozen head (reference_lm_head_weight, + bias), or as precomputed
+// scores. Gradients flow into the policy hidden states, the weight and the bias (the reference
+// tensors are constants), computed in the forward like the logits' and held until backward: O(P·L·H
+// + V·H), not O(P·L·V). This kind waits for its results on CUDA too (the fused path reads back which
+// rows are scored and whether the head is finite): its errors are thrown at once and it is not
+// capturable in a CUDA graph.
+//
+// An input kind is a struct (detail::logits_kind, detail::hidden_kind) with its differentiable
+// tensors (at most max_differentiable), its checks and run(); the autograd function, the device
+// dispatch and the metrics are shared, and its CUDA implementation is registered by one line.
 
 #include <torch/torch.h>
 
@@ -81,6 +97,23 @@ struct options {
 struct logits_batch {
     ::torch::Tensor policy_chosen, policy_chosen_noisy, policy_rejected, policy_rejected_noisy;
     ::torch::Tensor reference_chosen, reference_chosen_noisy, reference_rejected, reference_rejected_noisy;
+    ::torch::Tensor reference_chosen_scores, reference_rejected_scores;
+    ::torch::Tensor labels_chosen, labels_rejected;
+    ::torch::Tensor weights_chosen, weights_rejected;
+};
+
+/// The tensors of one preference batch as the last hidden states and the lm_head, whose logits
+/// transform(h·Wᵀ + b) tpo computes chunk by chunk and never stores whole: policy hidden states
+/// (P, L, H) per side (the noisy ones with self-calibrated weights only), the head's weight (V, H)
+/// and optional bias (V). The reference enters as its own hidden states (P, L, H_ref) with its own
+/// head (reference_lm_head_weight (V, H_ref), optional bias), or as precomputed sequence scores;
+/// labels and caller weights as in logits_batch.
+struct hidden_batch {
+    ::torch::Tensor policy_hidden_chosen, policy_hidden_chosen_noisy, policy_hidden_rejected, policy_hidden_rejected_noisy;
+    ::torch::Tensor lm_head_weight, lm_head_bias;
+    ::torch::Tensor reference_hidden_chosen, reference_hidden_chosen_noisy, reference_hidden_rejected,
+        reference_hidden_rejected_noisy;
+    ::torch::Tensor reference_lm_head_weight, reference_lm_head_bias;
     ::torch::Tensor reference_chosen_scores, reference_rejected_scores;
     ::torch::Tensor labels_chosen, labels_rejected;
     ::torch::Tensor weights_chosen, weights_rejected;
@@ -244,7 +277,7 @@ inline ::torch::Tensor checked(const ::torch::Tensor& t, const tensor_check& c, 
     TORCH_CHECK(t.dim() == c.rank, "tpo::libtorch: ", c.name, " has shape ", t.sizes(), ", expected ", c.rank,
                 " dimensions");
     TORCH_CHECK(t.device() == device, "tpo::libtorch: ", c.name, " is on ", t.device(), ", expected ", device,
-                " (where policy_chosen is)");
+                " (where the chosen policy tensor is)");
     return t.contiguous();
 }
 
@@ -308,24 +341,55 @@ void keep_on_device(objective<B>& obj, const ::torch::Device& device, outcome& o
     out.loss = m.batch_field(offsetof(loss::batch_result, loss), 0);
 }
 
-/// Forward (and backward into `grads` when asked) of one batch on one backend.
+/// Forward (and backward into `grads` when asked) of one batch on one backend, waiting for the
+/// results: errors are thrown here, and the loss is put on the inputs' device.
+template <class B, class Batch, class Gradients>
+void evaluate_now(B& backend, const options& opt, const Batch& batch, const Gradients* grads,
+                  const ::torch::Device& device, outcome& out) {
+    objective<B> obj(backend, opt.objective);
+    out.metrics->host = obj.forward(batch);
+    out.metrics->on_host = true;
+    if (grads) obj.backward(batch, *grads);
+    out.loss = ::torch::tensor(out.metrics->host.loss, ::torch::TensorOptions().dtype(::torch::kDouble).device(device));
+}
+
+/// The same, or (deferred) without waiting: the results stay on the device (keep_on_device).
 template <class B, class T, class I, class G>
 void evaluate_on(B& backend, const options& opt, const preference_batch<T, I>& batch,
                  const preference_gradients<G>* grads, bool deferred, const ::torch::Device& device, outcome& out) {
-    objective<B> obj(backend, opt.objective);
     if (!deferred) {
-        out.metrics->host = obj.forward(batch);
-        out.metrics->on_host = true;
-        if (grads) obj.backward(batch, *grads);
-        out.loss = ::torch::tensor(out.metrics->host.loss, ::torch::kDouble);
+        evaluate_now(backend, opt, batch, grads, device, out);
         return;
     }
+    objective<B> obj(backend, opt.objective);
     obj.launch_forward(batch);
     if (grads) {
         obj.backward(batch, *grads);
         out.metrics->report_overflow = &loss::report_gradient_overflow<T, G>;
     }
     keep_on_device(obj, device, out);
+}
+
+inline ::torch::Tensor checked(const ::torch::Tensor& t, const tensor_check& c, const ::torch::Device& device,
+                              ::torch::ScalarType want, const char* want_name = nullptr) {
+    ::torch::Tensor x = checked(t, c, device);
+    TORCH_CHECK(!x.defined() || x.scalar_type() == want, "tpo::libtorch: ", c.name, " has dtype ", x.scalar_type(),
+                ", expected ", want_name ? want_name : "", want_name ? "'s " : "", want);
+    return x;
+}
+
+/// What every kind takes beside the models' outputs: reference scores, labels, caller weights.
+template <class Batch>
+void check_extras(const Batch& b, Batch& in, const ::torch::Device& device) {
+    in.reference_chosen_scores =
+        checked(b.reference_chosen_scores, {"reference_chosen_scores", 1}, device, ::torch::kDouble);
+    in.reference_rejected_scores =
+        checked(b.reference_rejected_scores, {"reference_rejected_scores", 1}, device, ::torch::kDouble);
+    in.labels_chosen = checked(b.labels_chosen, {"labels_chosen", 2, true}, device);
+    in.labels_rejected = checked(b.labels_rejected, {"labels_rejected", 2, true}, device,
+                                 in.labels_chosen.scalar_type(), "labels_chosen");
+    in.weights_chosen = checked(b.weights_chosen, {"weights_chosen", 2}, device, ::torch::kFloat);
+    in.weights_rejected = checked(b.weights_rejected, {"weights_rejected", 2}, device, ::torch::kFloat);
 }
 
 /// The logits kind: its differentiable inputs are the four policy tensors.
@@ -341,10 +405,7 @@ struct logits_kind {
         device = b.policy_chosen.device();
         dtype = b.policy_chosen.scalar_type();
         auto logits = [&](const ::torch::Tensor& t, const char* name, bool required = false) {
-            ::torch::Tensor c = checked(t, {name, 3, required}, device);
-            TORCH_CHECK(!c.defined() || c.scalar_type() == dtype, "tpo::libtorch: ", name, " has dtype ",
-                        c.scalar_type(), ", expected policy_chosen's ", dtype);
-            return c;
+            return checked(t, {name, 3, required}, device, dtype, "policy_chosen");
         };
         in.policy_chosen = logits(b.policy_chosen, "policy_chosen", true);
         in.policy_chosen_noisy = logits(b.policy_chosen_noisy, "policy_chosen_noisy");
@@ -354,19 +415,7 @@ struct logits_kind {
         in.reference_chosen_noisy = logits(b.reference_chosen_noisy, "reference_chosen_noisy");
         in.reference_rejected = logits(b.reference_rejected, "reference_rejected");
         in.reference_rejected_noisy = logits(b.reference_rejected_noisy, "reference_rejected_noisy");
-        auto typed = [&](const ::torch::Tensor& t, tensor_check c, ::torch::ScalarType want) {
-            ::torch::Tensor x = checked(t, c, device);
-            TORCH_CHECK(!x.defined() || x.scalar_type() == want, "tpo::libtorch: ", c.name, " has dtype ",
-                        x.scalar_type(), ", expected ", want);
-            return x;
-        };
-        in.reference_chosen_scores = typed(b.reference_chosen_scores, {"reference_chosen_scores", 1}, ::torch::kDouble);
-        in.reference_rejected_scores =
-            typed(b.reference_rejected_scores, {"reference_rejected_scores", 1}, ::torch::kDouble);
-        in.labels_chosen = checked(b.labels_chosen, {"labels_chosen", 2, true}, device);
-        in.labels_rejected = typed(b.labels_rejected, {"labels_rejected", 2, true}, in.labels_chosen.scalar_type());
-        in.weights_chosen = typed(b.weights_chosen, {"weights_chosen", 2}, ::torch::kFloat);
-        in.weights_rejected = typed(b.weights_rejected, {"weights_rejected", 2}, ::torch::kFloat);
+        check_extras(b, in, device);
     }
 
     std::array<::torch::Tensor, differentiable> inputs() const {
@@ -417,6 +466,136 @@ struct logits_kind {
     }
 };
 
+/// The hidden-state kind: its differentiable inputs are the four policy hidden-state tensors and
+/// the head's weight and bias. The fused path reads results back as it goes (which rows are
+/// scored, whether the head is finite), so this kind always waits for them: on CUDA its errors
+/// are thrown at once, as with options::synchronous_errors, and it cannot be captured in a graph.
+struct hidden_kind {
+    hidden_batch in;  // contiguous, checked
+    ::torch::ScalarType dtype{};
+    ::torch::Device device{::torch::kCPU};
+
+    static constexpr std::size_t differentiable = 6;
+
+    explicit hidden_kind(const hidden_batch& b) {
+        TORCH_CHECK(b.policy_hidden_chosen.defined(), "tpo::libtorch: policy_hidden_chosen is required");
+        device = b.policy_hidden_chosen.device();
+        dtype = b.policy_hidden_chosen.scalar_type();
+        TORCH_CHECK(dtype == ::torch::kFloat || dtype == ::torch::kDouble || dtype == ::torch::kBFloat16 ||
+                        dtype == ::torch::kHalf,
+                    "tpo::libtorch: policy_hidden_chosen (hidden states) has dtype ", dtype,
+                    ", expected float32, float64, bfloat16 or float16");
+        auto floating = [&](const ::torch::Tensor& t, const char* name, std::int64_t rank, bool required = false) {
+            return checked(t, {name, rank, required}, device, dtype, "policy_hidden_chosen");
+        };
+        // The core checks every shape against the head's (V, H); a bias is a bare pointer there.
+        auto bias = [&](const ::torch::Tensor& t, const char* name, const ::torch::Tensor& weight, const char* of) {
+            ::torch::Tensor x = floating(t, name, 1);
+            if (!x.defined()) return x;
+            TORCH_CHECK(weight.defined(), "tpo::libtorch: ", name, " given without ", of);
+            TORCH_CHECK(x.size(0) == weight.size(0), "tpo::libtorch: ", name, " has shape ", x.sizes(), ", expected [",
+                        weight.size(0), "]: one entry per row of ", of, " ", weight.sizes());
+            return x;
+        };
+        in.policy_hidden_chosen = floating(b.policy_hidden_chosen, "policy_hidden_chosen", 3, true);
+        in.policy_hidden_chosen_noisy = floating(b.policy_hidden_chosen_noisy, "policy_hidden_chosen_noisy", 3);
+        in.policy_hidden_rejected = floating(b.policy_hidden_rejected, "policy_hidden_rejected", 3, true);
+        in.policy_hidden_rejected_noisy =
+            floating(b.policy_hidden_rejected_noisy, "policy_hidden_rejected_noisy", 3);
+        in.lm_head_weight = floating(b.lm_head_weight, "lm_head_weight", 2, true);
+        in.lm_head_bias = bias(b.lm_head_bias, "lm_head_bias", in.lm_head_weight, "lm_head_weight");
+        in.reference_hidden_chosen = floating(b.reference_hidden_chosen, "reference_hidden_chosen", 3);
+        in.reference_hidden_chosen_noisy =
+            floating(b.reference_hidden_chosen_noisy, "reference_hidden_chosen_noisy", 3);
+        in.reference_hidden_rejected = floating(b.reference_hidden_rejected, "reference_hidden_rejected", 3);
+        in.reference_hidden_rejected_noisy =
+            floating(b.reference_hidden_rejected_noisy, "reference_hidden_rejected_noisy", 3);
+        in.reference_lm_head_weight = floating(b.reference_lm_head_weight, "reference_lm_head_weight", 2);
+        in.reference_lm_head_bias = bias(b.reference_lm_head_bias, "reference_lm_head_bias",
+                                         in.reference_lm_head_weight, "reference_lm_head_weight");
+        check_extras(b, in, device);
+        const bool reference_states = in.reference_hidden_chosen.defined() || in.reference_hidden_rejected.defined();
+        const bool reference_scores = in.reference_chosen_scores.defined() || in.reference_rejected_scores.defined();
+        TORCH_CHECK(!reference_states || in.reference_lm_head_weight.defined(),
+                    "tpo::libtorch: reference hidden states given without reference_lm_head_weight (the reference "
+                    "model's lm_head)");
+        TORCH_CHECK(!reference_scores || !in.reference_lm_head_weight.defined(),
+                    "tpo::libtorch: reference_lm_head_weight given with reference scores: give the reference as "
+                    "hidden states and its head, or as scores");
+    }
+
+    std::array<::torch::Tensor, differentiable> inputs() const {
+        return {in.policy_hidden_chosen, in.policy_hidden_chosen_noisy, in.policy_hidden_rejected,
+                in.policy_hidden_rejected_noisy, in.lm_head_weight, in.lm_head_bias};
+    }
+
+    /// Runs the objective on `backend` (always waiting for its results: see above), writing the
+    /// gradients asked for in `grad`.
+    template <class B>
+    void run(B& backend, const options& opt, const std::array<bool, differentiable>& grad, bool /*deferred*/,
+             outcome& out) const {
+        const std::array<::torch::Tensor, differentiable> x = inputs();
+        out.gradients.assign(differentiable, ::torch::Tensor());
+        // The objective writes exactly the gradients it is given a place for. The noisy hidden
+        // states have one only with self-calibrated weights; otherwise the loss does not depend on
+        // them (an undefined gradient, which autograd reads as zero).
+        const bool noisy = opt.objective.weighting == token_weighting::self_calibrated;
+        bool any = false;
+        for (std::size_t k = 0; k < differentiable; ++k)
+            if (grad[k] && x[k].defined() && (noisy || (k != 1 && k != 3))) {
+                out.gradients[k] = ::torch::empty_like(x[k]);
+                any = true;
+            }
+        with_logits_type(dtype, [&]<class T>() {
+            with_label_type(in.labels_chosen.scalar_type(), [&]<class I>() {
+                using E = element_t<T>;
+                auto states = [](const ::torch::Tensor& t) {
+                    if (!t.defined()) return hidden_view<const E>{};
+                    return hidden_view<const E>{reinterpret_cast<const E*>(t.data_ptr<T>()), t.size(0), t.size(1),
+                                                t.size(2)};
+                };
+                auto head = [](const ::torch::Tensor& w, const ::torch::Tensor& b) {
+                    if (!w.defined()) return head_view<const E>{};
+                    return head_view<const E>{reinterpret_cast<const E*>(w.data_ptr<T>()),
+                                              b.defined() ? reinterpret_cast<const E*>(b.data_ptr<T>()) : nullptr,
+                                              w.size(0), w.size(1)};
+                };
+                auto side = [&](const ::torch::Tensor& h, const ::torch::Tensor& hn, const ::torch::Tensor& r,
+                                const ::torch::Tensor& rn, const ::torch::Tensor& y, const ::torch::Tensor& w,
+                                const ::torch::Tensor& scores) {
+                    hidden_side_batch<E, I> s{.policy = states(h), .policy_noisy = states(hn),
+                                              .reference = states(r), .reference_noisy = states(rn),
+                                              .labels = {y.data_ptr<I>(), y.size(0), y.size(1)}};
+                    if (w.defined()) s.weights = {w.data_ptr<float>(), w.size(0), w.size(1)};
+                    if (scores.defined()) s.reference_scores = {scores.data_ptr<double>(), scores.size(0)};
+                    return s;
+                };
+                const hidden_preference_batch<E, I> batch{
+                    head(in.lm_head_weight, in.lm_head_bias),
+                    head(in.reference_lm_head_weight, in.reference_lm_head_bias),
+                    side(in.policy_hidden_chosen, in.policy_hidden_chosen_noisy, in.reference_hidden_chosen,
+                         in.reference_hidden_chosen_noisy, in.labels_chosen, in.weights_chosen,
+                         in.reference_chosen_scores),
+                    side(in.policy_hidden_rejected, in.policy_hidden_rejected_noisy, in.reference_hidden_rejected,
+                         in.reference_hidden_rejected_noisy, in.labels_rejected, in.weights_rejected,
+                         in.reference_rejected_scores)};
+                auto gradient_of = [&](std::size_t k) {
+                    const ::torch::Tensor& g = out.gradients[k];
+                    if (!g.defined()) return hidden_view<E>{};
+                    return hidden_view<E>{reinterpret_cast<E*>(g.data_ptr<T>()), g.size(0), g.size(1), g.size(2)};
+                };
+                auto pointer = [&](std::size_t k) {
+                    const ::torch::Tensor& g = out.gradients[k];
+                    return g.defined() ? reinterpret_cast<E*>(g.data_ptr<T>()) : nullptr;
+                };
+                const hidden_gradients<E> grads{
+                    {gradient_of(0), gradient_of(1)}, {gradient_of(2), gradient_of(3)}, pointer(4), pointer(5)};
+                evaluate_now(backend, opt, batch, any ? &grads : nullptr, device, out);
+            });
+        });
+    }
+};
+
 /// The CPU backend of this build.
 #if defined(TPO_TORCH_CPU_BACKEND)
 using cpu_backend = backend::cpu;
@@ -462,6 +641,7 @@ void run_on_cuda(const Kind& kind, const options& opt, const std::array<bool, Ki
 
 // One line per kind: set when the program starts, by whichever translation unit nvcc compiled.
 inline const bool cuda_logits_registered = (cuda_slot<logits_kind>::get() = &run_on_cuda<logits_kind>, true);
+inline const bool cuda_hidden_registered = (cuda_slot<hidden_kind>::get() = &run_on_cuda<hidden_kind>, true);
 #endif
 
 template <class Kind>
@@ -553,6 +733,17 @@ inline loss_and_metrics preference_loss(const logits_batch& batch, const options
 
 /// The same with plain objective options.
 inline loss_and_metrics preference_loss(const logits_batch& batch, const objective_options& objective) {
+    return preference_loss(batch, options{.objective = objective});
+}
+
+/// The batch loss from hidden states and the lm_head, differentiable in the policy hidden states
+/// and the head's weight and bias, and its metrics.
+inline loss_and_metrics preference_loss(const hidden_batch& batch, const options& opt = {}) {
+    return detail::apply(detail::hidden_kind(batch), opt);
+}
+
+/// The same with plain objective options.
+inline loss_and_metrics preference_loss(const hidden_batch& batch, const objective_options& objective) {
     return preference_loss(batch, options{.objective = objective});
 }
 

@@ -6,9 +6,12 @@
 // the libtorch formula. One translation unit on purpose: libtorch headers are slow to compile.
 #include <tpo/torch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -33,8 +36,9 @@ void expect_close(const torch::Tensor& got, const torch::Tensor& want, double to
 constexpr std::int64_t ignore_index = -100;
 
 // A(y) = Σ_t m_t (ℓ_t + log c_t) with the causal shift; c ≡ 1 when `weighted` is false (DPO).
+// The visual score s = g(z)_y − g(z̃)_y, g the identity, softmax or log_softmax (docs/formulas.md).
 torch::Tensor sequence_scores(const torch::Tensor& z, const torch::Tensor& zn, const torch::Tensor& y, bool chosen,
-                              double a, bool weighted) {
+                              double a, bool weighted, tpo::score_kind score = tpo::score_kind::logit) {
     const std::int64_t L = z.size(1);
     const torch::Tensor zs = z.slice(1, 0, L - 1);
     const torch::Tensor ys = y.slice(1, 1, L);
@@ -42,19 +46,31 @@ torch::Tensor sequence_scores(const torch::Tensor& z, const torch::Tensor& zn, c
     const torch::Tensor index = ys.masked_fill(mask.logical_not(), 0).unsqueeze(-1);
     torch::Tensor term = torch::log_softmax(zs, -1).gather(-1, index).squeeze(-1);
     if (weighted) {
-        const torch::Tensor s = zs.gather(-1, index).squeeze(-1) - zn.slice(1, 0, L - 1).gather(-1, index).squeeze(-1);
+        auto g = [&](const torch::Tensor& x) {
+            switch (score) {
+            case tpo::score_kind::prob: return torch::softmax(x, -1);
+            case tpo::score_kind::logprob: return torch::log_softmax(x, -1);
+            default: return x;
+            }
+        };
+        const torch::Tensor s =
+            g(zs).gather(-1, index).squeeze(-1) - g(zn.slice(1, 0, L - 1)).gather(-1, index).squeeze(-1);
         const torch::Tensor c = chosen ? torch::sigmoid(s) + a : 1 - torch::sigmoid(s) + a;
         term = term + torch::log(c);
     }
     return (term * mask.to(z.scalar_type())).sum(-1);
 }
 
-torch::Tensor torch_loss(const tpo::libtorch::logits_batch& b, double beta, double a, bool weighted) {
+torch::Tensor torch_loss(const tpo::libtorch::logits_batch& b, double beta, double a, bool weighted,
+                         tpo::score_kind score = tpo::score_kind::logit) {
+    auto scores = [&](const torch::Tensor& z, const torch::Tensor& zn, const torch::Tensor& y, bool chosen) {
+        return sequence_scores(z, zn, y, chosen, a, weighted, score);
+    };
     const torch::Tensor h =
-        (sequence_scores(b.policy_chosen, b.policy_chosen_noisy, b.labels_chosen, true, a, weighted) -
-         sequence_scores(b.reference_chosen, b.reference_chosen_noisy, b.labels_chosen, true, a, weighted)) -
-        (sequence_scores(b.policy_rejected, b.policy_rejected_noisy, b.labels_rejected, false, a, weighted) -
-         sequence_scores(b.reference_rejected, b.reference_rejected_noisy, b.labels_rejected, false, a, weighted));
+        (scores(b.policy_chosen, b.policy_chosen_noisy, b.labels_chosen, true) -
+         scores(b.reference_chosen, b.reference_chosen_noisy, b.labels_chosen, true)) -
+        (scores(b.policy_rejected, b.policy_rejected_noisy, b.labels_rejected, false) -
+         scores(b.reference_rejected, b.reference_rejected_noisy, b.labels_rejected, false));
     return -torch::log_sigmoid(beta * h).mean();
 }
 
@@ -307,6 +323,333 @@ void training_agrees() {
     expect(worst <= 1e-10, line);
 }
 
+// Hidden states and the lm_head (tpo::libtorch::hidden_batch): against libtorch autograd of
+// torch::linear(h, W, b), the logit transform in libtorch ops (z = c·tanh(s·u/c)/τ, or s·u/τ; docs/formulas.md#logit-transform),
+// then torch_loss above on those logits.
+torch::Tensor head_logits(const torch::Tensor& h, const torch::Tensor& weight, const torch::Tensor& bias,
+                          const tpo::objective_options& o) {
+    if (!h.defined()) return {};
+    torch::Tensor u = torch::linear(h, weight, bias) * o.logit_scale;
+    if (o.logit_softcap) u = *o.logit_softcap * torch::tanh(u / *o.logit_softcap);
+    return u / o.temperature;
+}
+
+tpo::libtorch::logits_batch as_logits(const tpo::libtorch::hidden_batch& b, const tpo::objective_options& o) {
+    tpo::libtorch::logits_batch z;
+    z.policy_chosen = head_logits(b.policy_hidden_chosen, b.lm_head_weight, b.lm_head_bias, o);
+    z.policy_chosen_noisy = head_logits(b.policy_hidden_chosen_noisy, b.lm_head_weight, b.lm_head_bias, o);
+    z.policy_rejected = head_logits(b.policy_hidden_rejected, b.lm_head_weight, b.lm_head_bias, o);
+    z.policy_rejected_noisy = head_logits(b.policy_hidden_rejected_noisy, b.lm_head_weight, b.lm_head_bias, o);
+    const torch::Tensor& rw = b.reference_lm_head_weight;
+    const torch::Tensor& rb = b.reference_lm_head_bias;
+    z.reference_chosen = head_logits(b.reference_hidden_chosen, rw, rb, o);
+    z.reference_chosen_noisy = head_logits(b.reference_hidden_chosen_noisy, rw, rb, o);
+    z.reference_rejected = head_logits(b.reference_hidden_rejected, rw, rb, o);
+    z.reference_rejected_noisy = head_logits(b.reference_hidden_rejected_noisy, rw, rb, o);
+    z.labels_chosen = b.labels_chosen, z.labels_rejected = b.labels_rejected;
+    return z;
+}
+
+std::vector<torch::Tensor*> policy_leaves(tpo::libtorch::hidden_batch& b) {
+    return {&b.policy_hidden_chosen, &b.policy_hidden_chosen_noisy, &b.policy_hidden_rejected,
+            &b.policy_hidden_rejected_noisy, &b.lm_head_weight, &b.lm_head_bias};
+}
+
+// P = 3 pairs, chosen 7 and rejected 5 positions, H = 12, V = 50; the reference a perturbed copy
+// of the policy with its own head. Scaled so that the logits spread over a few units.
+tpo::libtorch::hidden_batch random_hidden_batch(torch::ScalarType dtype, bool bias, bool grad) {
+    const std::int64_t P = 3, Lw = 7, Ll = 5, H = 12, V = 50;
+    auto draw = [&](torch::IntArrayRef shape, double scale) { return (scale * torch::randn(shape, torch::kDouble)).to(dtype); };
+    auto noisy = [&](const torch::Tensor& h) { return h + draw(h.sizes(), 0.3); };
+    tpo::libtorch::hidden_batch b;
+    b.policy_hidden_chosen = draw({P, Lw, H}, 1), b.policy_hidden_rejected = draw({P, Ll, H}, 1);
+    b.policy_hidden_chosen_noisy = noisy(b.policy_hidden_chosen);
+    b.policy_hidden_rejected_noisy = noisy(b.policy_hidden_rejected);
+    b.lm_head_weight = draw({V, H}, 0.6);
+    b.reference_hidden_chosen = b.policy_hidden_chosen + draw({P, Lw, H}, 0.2);
+    b.reference_hidden_rejected = b.policy_hidden_rejected + draw({P, Ll, H}, 0.2);
+    b.reference_hidden_chosen_noisy = noisy(b.reference_hidden_chosen);
+    b.reference_hidden_rejected_noisy = noisy(b.reference_hidden_rejected);
+    b.reference_lm_head_weight = b.lm_head_weight + draw({V, H}, 0.1);
+    if (bias) b.lm_head_bias = draw({V}, 0.5), b.reference_lm_head_bias = b.lm_head_bias + draw({V}, 0.1);
+    b.labels_chosen = random_labels(P, Lw, V, 2), b.labels_rejected = random_labels(P, Ll, V, 2);
+    for (torch::Tensor* t : policy_leaves(b))
+        if (t->defined()) t->set_requires_grad(grad);
+    return b;
+}
+
+struct hidden_case {
+    bool weighted = true;
+    tpo::score_kind score = tpo::score_kind::logit;
+    bool bias = true;
+    bool transform = false;  // logit_scale 1.7, softcap 3, temperature 0.8
+};
+
+void compare_hidden_with_autograd(torch::ScalarType dtype, double tol, const hidden_case& c) {
+    const char* const score_names[] = {"logit", "prob", "logprob"};  // tpo::score_kind's order
+    const std::string name = std::string("hidden ") + (c.weighted ? "TPO " : "DPO ") +
+                             (c.weighted ? std::string(score_names[static_cast<int>(c.score)]) + " " : "") + (c.bias ? "bias " : "no-bias ") +
+                             (c.transform ? "transform " : "") + dtype_name(dtype);
+    tpo::libtorch::hidden_batch b = random_hidden_batch(dtype, c.bias, true);
+    if (!c.weighted)
+        for (torch::Tensor* t : {&b.policy_hidden_chosen_noisy, &b.policy_hidden_rejected_noisy,
+                                 &b.reference_hidden_chosen_noisy, &b.reference_hidden_rejected_noisy})
+            *t = torch::Tensor();
+    tpo::objective_options options;
+    options.score = c.score;
+    if (!c.weighted) options.weighting = tpo::token_weighting::none;
+    if (c.transform) options.logit_scale = 1.7, options.logit_softcap = 3.0, options.temperature = 0.8;
+
+    const auto [mine, metrics] = tpo::libtorch::preference_loss(b, options);
+    (3 * mine).backward();
+
+    tpo::libtorch::hidden_batch wide = b;
+    const std::vector<torch::Tensor*> leaves = policy_leaves(wide);
+    for (torch::Tensor* t : {&wide.policy_hidden_chosen, &wide.policy_hidden_chosen_noisy, &wide.policy_hidden_rejected,
+                             &wide.policy_hidden_rejected_noisy, &wide.lm_head_weight, &wide.lm_head_bias,
+                             &wide.reference_hidden_chosen, &wide.reference_hidden_chosen_noisy,
+                             &wide.reference_hidden_rejected, &wide.reference_hidden_rejected_noisy,
+                             &wide.reference_lm_head_weight, &wide.reference_lm_head_bias})
+        if (t->defined())
+            *t = t->detach().to(torch::kDouble).requires_grad_(std::find(leaves.begin(), leaves.end(), t) != leaves.end());
+    const torch::Tensor theirs = torch_loss(as_logits(wide, options), options.hyper.beta, options.a, c.weighted, c.score);
+    (3 * theirs).backward();
+
+    expect(mine.scalar_type() == dtype, name + ": loss has the hidden states' dtype");
+    const double rel = std::abs(mine.item<double>() - theirs.item<double>()) / std::abs(theirs.item<double>());
+    char line[240];
+    std::snprintf(line, sizeof line, "%s loss: tpo %.17g, libtorch %.17g, relative %.3g (tol %.0e)", name.c_str(),
+                  mine.item<double>(), theirs.item<double>(), rel, tol);
+    expect(rel <= tol, line);
+    const char* names[] = {"policy_hidden_chosen", "policy_hidden_chosen_noisy", "policy_hidden_rejected",
+                           "policy_hidden_rejected_noisy", "lm_head_weight", "lm_head_bias"};
+    const std::vector<torch::Tensor*> mine_leaves = policy_leaves(b);
+    for (std::size_t k = 0; k < leaves.size(); ++k) {
+        if (!leaves[k]->defined()) {
+            expect(!mine_leaves[k]->defined(), name + ": no " + names[k]);
+            continue;
+        }
+        const torch::Tensor& g = mine_leaves[k]->grad();
+        if (!g.defined()) {
+            expect(false, name + " d/d " + names[k] + ": no gradient");
+            continue;
+        }
+        expect(g.scalar_type() == dtype, name + " d/d " + names[k] + " has the dtype");
+        expect_close(g, leaves[k]->grad(), tol, name + " d/d " + names[k]);
+    }
+    const tpo::objective_result& r = metrics.read();
+    expect(std::abs(r.loss - theirs.item<double>()) <= tol * std::abs(theirs.item<double>()) &&
+               metrics.loss().item<double>() == r.loss,
+           name + ": metrics.read().loss and metrics.loss() are the loss");
+}
+
+// Input forms and autograd behaviour of the hidden-state kind.
+void hidden_behaviour() {
+    const tpo::objective_options options;
+    tpo::libtorch::hidden_batch b = random_hidden_batch(torch::kDouble, true, true);
+    const auto first = tpo::libtorch::preference_loss(b, options);
+    first.loss.backward();
+    const tpo::objective_result& r = first.metrics.read();
+    auto grads_of = [](tpo::libtorch::hidden_batch& x) {
+        std::vector<torch::Tensor> g;
+        for (torch::Tensor* t : policy_leaves(x)) g.push_back(t->grad().defined() ? t->grad().clone() : torch::Tensor());
+        return g;
+    };
+    auto fresh = [](const tpo::libtorch::hidden_batch& x, bool grad) {
+        tpo::libtorch::hidden_batch y = x;
+        for (torch::Tensor* t : policy_leaves(y))
+            if (t->defined()) *t = t->detach().clone().requires_grad_(grad);
+        return y;
+    };
+    auto equal = [](const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& c) {
+        for (std::size_t k = 0; k < a.size(); ++k)
+            if (a[k].defined() != c[k].defined() || (a[k].defined() && !torch::equal(a[k], c[k]))) return false;
+        return true;
+    };
+    const std::vector<torch::Tensor> g = grads_of(b);
+
+    // The reference as the sequence scores reported: same loss and gradients, bit for bit.
+    {
+        tpo::libtorch::hidden_batch s = fresh(b, true);
+        for (torch::Tensor* t : {&s.reference_hidden_chosen, &s.reference_hidden_chosen_noisy, &s.reference_hidden_rejected,
+                                 &s.reference_hidden_rejected_noisy, &s.reference_lm_head_weight, &s.reference_lm_head_bias})
+            *t = torch::Tensor();
+        s.reference_chosen_scores = torch::tensor(r.reference_chosen_scores, torch::kDouble);
+        s.reference_rejected_scores = torch::tensor(r.reference_rejected_scores, torch::kDouble);
+        const auto with_scores = tpo::libtorch::preference_loss(s, options);
+        with_scores.loss.backward();
+        expect(with_scores.loss.item<double>() == first.loss.item<double>() && equal(grads_of(s), g),
+               "hidden, reference as precomputed scores: same loss and gradients, bit for bit");
+    }
+    // Only the head trains (the hidden states are constants): the head's gradients are the same.
+    {
+        tpo::libtorch::hidden_batch h = fresh(b, false);
+        h.lm_head_weight.requires_grad_(true), h.lm_head_bias.requires_grad_(true);
+        const auto head_only = tpo::libtorch::preference_loss(h, options);
+        head_only.loss.backward();
+        expect(!h.policy_hidden_chosen.grad().defined() && torch::equal(h.lm_head_weight.grad(), g[4]) &&
+                   torch::equal(h.lm_head_bias.grad(), g[5]),
+               "hidden, only the head requires grad: its gradients alone, the same bit for bit");
+    }
+    // Non-contiguous hidden states, int32 labels, a few tokens per chunk: the same numbers.
+    {
+        tpo::libtorch::hidden_batch t = fresh(b, true);
+        t.policy_hidden_chosen =
+            b.policy_hidden_chosen.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(true);
+        t.labels_chosen = b.labels_chosen.to(torch::kInt), t.labels_rejected = b.labels_rejected.to(torch::kInt);
+        tpo::objective_options chunked = options;
+        chunked.chunk_tokens = 2;
+        const auto other = tpo::libtorch::preference_loss(t, chunked);
+        other.loss.backward();
+        const std::vector<torch::Tensor> o = grads_of(t);
+        double worst = std::abs(other.loss.item<double>() - first.loss.item<double>()) / std::abs(first.loss.item<double>());
+        for (std::size_t k = 0; k < g.size(); ++k)
+            worst = std::max(worst, ((o[k] - g[k]).abs().max() / g[k].abs().max()).item<double>());
+        char line[200];
+        std::snprintf(line, sizeof line, "hidden, non-contiguous states, int32 labels, 2 tokens per chunk: same loss "
+                      "and gradients (worst relative %.3g, tol 1e-13)", worst);
+        expect(!t.policy_hidden_chosen.is_contiguous() && worst <= 1e-13, line);
+    }
+    // Nothing requires grad: no gradient is computed, the loss has no grad_fn.
+    {
+        tpo::libtorch::hidden_batch n = fresh(b, false);
+        const auto frozen = tpo::libtorch::preference_loss(n, options);
+        expect(!frozen.loss.requires_grad() && frozen.loss.item<double>() == first.loss.item<double>(),
+               "hidden, nothing requires grad: the same loss, which does not require grad");
+    }
+    // Plain DPO with the noisy states given anyway: no gradient flows into them.
+    {
+        tpo::libtorch::hidden_batch n = fresh(b, true);
+        tpo::objective_options dpo;
+        dpo.weighting = tpo::token_weighting::none;
+        tpo::libtorch::preference_loss(n, dpo).loss.backward();
+        expect(n.policy_hidden_chosen.grad().defined() && n.lm_head_weight.grad().defined() &&
+                   !n.policy_hidden_chosen_noisy.grad().defined() && !n.policy_hidden_rejected_noisy.grad().defined(),
+               "hidden, DPO with noisy states given: no gradient flows into them");
+    }
+    // A second backward through a retained graph adds the same gradients again.
+    {
+        tpo::libtorch::hidden_batch d = fresh(b, true);
+        const auto twice = tpo::libtorch::preference_loss(d, options);
+        (2 * twice.loss).backward({}, /*retain_graph=*/true);
+        const torch::Tensor once = d.lm_head_weight.grad().clone();
+        (2 * twice.loss).backward();
+        expect(torch::allclose(d.lm_head_weight.grad(), 2 * once, 0, 0),
+               "hidden, retain_graph: the second backward adds the same gradient");
+    }
+}
+
+// A tiny LVLM trained through its last hidden states and lm_head (tpo's fused path) and through
+// its logits and the libtorch formula: the same parameters after five Adam steps.
+void hidden_training_agrees() {
+    const std::int64_t P = 4, L = 6, V = 40, D = 16, F = 12;
+    torch::manual_seed(11);
+    tiny_lvlm via_tpo(V, D, F), via_torch(V, D, F), reference(V, D, F);
+    via_tpo.to(torch::kDouble), via_torch.to(torch::kDouble), reference.to(torch::kDouble);
+    copy_parameters(via_torch, via_tpo);
+    for (auto& p : reference.parameters()) p.set_requires_grad(false);
+    const torch::Tensor yw = random_labels(P, L, V, 1), yl = random_labels(P, L, V, 1);
+    const torch::Tensor tw = yw.clamp_min(0), tl = yl.clamp_min(0);
+    const torch::Tensor image = torch::rand({P, F}, torch::kDouble);
+    const torch::Tensor noisy_image = image + 0.5 * torch::randn({P, F}, torch::kDouble);
+    auto hidden = [](tiny_lvlm& m, const torch::Tensor& t, const torch::Tensor& i) {
+        return torch::tanh(m.embed(t) + m.vision(i).unsqueeze(1));
+    };
+    torch::optim::Adam opt_tpo(via_tpo.parameters(), torch::optim::AdamOptions(1e-2));
+    torch::optim::Adam opt_torch(via_torch.parameters(), torch::optim::AdamOptions(1e-2));
+    const tpo::objective_options options;
+    double worst_loss = 0;
+    for (int step = 0; step < 5; ++step) {
+        tpo::libtorch::hidden_batch a;
+        {
+            torch::NoGradGuard no_grad;
+            a.reference_hidden_chosen = hidden(reference, tw, image);
+            a.reference_hidden_chosen_noisy = hidden(reference, tw, noisy_image);
+            a.reference_hidden_rejected = hidden(reference, tl, image);
+            a.reference_hidden_rejected_noisy = hidden(reference, tl, noisy_image);
+            a.reference_lm_head_weight = reference.head->weight, a.reference_lm_head_bias = reference.head->bias;
+        }
+        a.policy_hidden_chosen = hidden(via_tpo, tw, image), a.policy_hidden_chosen_noisy = hidden(via_tpo, tw, noisy_image);
+        a.policy_hidden_rejected = hidden(via_tpo, tl, image);
+        a.policy_hidden_rejected_noisy = hidden(via_tpo, tl, noisy_image);
+        a.lm_head_weight = via_tpo.head->weight, a.lm_head_bias = via_tpo.head->bias;
+        a.labels_chosen = yw, a.labels_rejected = yl;
+
+        tpo::libtorch::logits_batch b;
+        {
+            torch::NoGradGuard no_grad;
+            b.reference_chosen = reference.forward(tw, image), b.reference_chosen_noisy = reference.forward(tw, noisy_image);
+            b.reference_rejected = reference.forward(tl, image);
+            b.reference_rejected_noisy = reference.forward(tl, noisy_image);
+        }
+        b.policy_chosen = via_torch.forward(tw, image), b.policy_chosen_noisy = via_torch.forward(tw, noisy_image);
+        b.policy_rejected = via_torch.forward(tl, image), b.policy_rejected_noisy = via_torch.forward(tl, noisy_image);
+        b.labels_chosen = yw, b.labels_rejected = yl;
+
+        opt_tpo.zero_grad(), opt_torch.zero_grad();
+        const torch::Tensor loss_tpo = tpo::libtorch::preference_loss(a, options).loss;
+        const torch::Tensor loss_torch = torch_loss(b, options.hyper.beta, options.a, true);
+        loss_tpo.backward(), loss_torch.backward();
+        opt_tpo.step(), opt_torch.step();
+        worst_loss = std::max(worst_loss, std::abs(loss_tpo.item<double>() - loss_torch.item<double>()) /
+                                              std::abs(loss_torch.item<double>()));
+    }
+    auto pa = via_tpo.parameters(), pb = via_torch.parameters();
+    double worst = 0;
+    for (std::size_t i = 0; i < pa.size(); ++i)
+        worst = std::max(worst, ((pa[i] - pb[i]).abs().max() / pb[i].abs().max()).item<double>());
+    char line[200];
+    std::snprintf(line, sizeof line, "hidden states + lm_head, 5 Adam steps: losses agree (worst relative %.3g), "
+                  "parameters agree (worst relative %.3g; tol 1e-10)", worst_loss, worst);
+    expect(worst_loss <= 1e-12 && worst <= 1e-10, line);
+}
+
+// Bad input of the hidden-state kind: an error naming the tensor and what was expected.
+void hidden_bad_input() {
+    auto expect_error = [](const std::string& what, const std::string& needle, auto&& change) {
+        tpo::libtorch::hidden_batch b = random_hidden_batch(torch::kFloat, true, false);
+        change(b);
+        try {
+            tpo::libtorch::preference_loss(b, tpo::objective_options{});
+            expect(false, "hidden, " + what + ": raises");
+        } catch (const std::exception& e) {
+            const std::string message = e.what();
+            const std::string first_line = message.substr(0, message.find('\n'));
+            expect(message.find(needle) != std::string::npos, "hidden, " + what + ": " + first_line);
+        }
+    };
+    using batch = tpo::libtorch::hidden_batch;
+    expect_error("H of the hidden states differs from the head's", "hidden size 13 differs from the lm_head's H = 12",
+                 [](batch& b) { b.policy_hidden_rejected = torch::randn({3, 5, 13}); });
+    expect_error("H of the reference head differs from its hidden states", "hidden size 12 differs from the reference lm_head's H = 11",
+                 [](batch& b) { b.reference_lm_head_weight = torch::randn({50, 11}); });
+    expect_error("V of the bias differs from the weight's", "lm_head_bias has shape [49], expected [50]",
+                 [](batch& b) { b.lm_head_bias = torch::randn({49}); });
+    expect_error("V of the reference bias differs", "reference_lm_head_bias has shape [51], expected [50]",
+                 [](batch& b) { b.reference_lm_head_bias = torch::randn({51}); });
+    expect_error("V of the reference head differs", "vocabulary differs from the lm_head's V = 50",
+                 [](batch& b) { b.reference_lm_head_weight = torch::randn({49, 12}), b.reference_lm_head_bias = torch::Tensor(); });
+    expect_error("the weight in another dtype", "lm_head_weight has dtype Double, expected policy_hidden_chosen's Float",
+                 [](batch& b) { b.lm_head_weight = b.lm_head_weight.to(torch::kDouble); });
+    expect_error("noisy states in another dtype", "policy_hidden_chosen_noisy has dtype Half",
+                 [](batch& b) { b.policy_hidden_chosen_noisy = b.policy_hidden_chosen_noisy.to(torch::kHalf); });
+    expect_error("integer hidden states", "policy_hidden_chosen (hidden states) has dtype Int",
+                 [](batch& b) { b.policy_hidden_chosen = b.policy_hidden_chosen.to(torch::kInt); });
+    expect_error("the weight on another device", "lm_head_weight is on meta, expected cpu",
+                 [](batch& b) { b.lm_head_weight = torch::empty({50, 12}, torch::TensorOptions().device(torch::kMeta)); });
+    expect_error("the head's weight missing", "lm_head_weight is required", [](batch& b) { b.lm_head_weight = torch::Tensor(); });
+    expect_error("a weight that is not a matrix", "lm_head_weight has shape [600], expected 2 dimensions",
+                 [](batch& b) { b.lm_head_weight = b.lm_head_weight.flatten(); });
+    expect_error("reference states without the reference head", "without reference_lm_head_weight",
+                 [](batch& b) { b.reference_lm_head_weight = torch::Tensor(), b.reference_lm_head_bias = torch::Tensor(); });
+    expect_error("a NaN in the weight", "row 7 of the weight holds a NaN",
+                 [](batch& b) { b.lm_head_weight.index_put_({7, 3}, std::numeric_limits<float>::quiet_NaN()); });
+    expect_error("an infinite hidden state", "chosen policy hidden states at sequence 1, position 4",
+                 [](batch& b) { b.policy_hidden_chosen.index_put_({1, 4, 0}, std::numeric_limits<float>::infinity()); });
+    expect_error("a label out of range", "label 1000",
+                 [](batch& b) { b.labels_chosen.index_put_({0, 3}, 1000); });
+}
+
 }  // namespace
 
 int main() {
@@ -324,6 +667,26 @@ int main() {
     }
     behaviour();
     training_agrees();
+
+    // Hidden states and the lm_head: fp64 at the arithmetic's precision; fp32 where the products
+    // H·Wᵀ and the head's gradient sums accumulate in fp32; 16-bit as the logits (two roundings).
+    for (bool bias : {true, false}) {
+        compare_hidden_with_autograd(torch::kDouble, 1e-12, {.bias = bias});
+        compare_hidden_with_autograd(torch::kDouble, 1e-12, {.weighted = false, .bias = bias});
+    }
+    compare_hidden_with_autograd(torch::kDouble, 1e-12, {.score = tpo::score_kind::prob});
+    compare_hidden_with_autograd(torch::kDouble, 1e-12, {.score = tpo::score_kind::logprob, .bias = false});
+    compare_hidden_with_autograd(torch::kDouble, 1e-12, {.transform = true});
+    compare_hidden_with_autograd(torch::kDouble, 1e-12, {.weighted = false, .transform = true});
+    compare_hidden_with_autograd(torch::kDouble, 1e-12, {.score = tpo::score_kind::prob, .transform = true});
+    compare_hidden_with_autograd(torch::kFloat, 1e-5, {});
+    compare_hidden_with_autograd(torch::kFloat, 1e-5, {.weighted = false, .bias = false});
+    compare_hidden_with_autograd(torch::kFloat, 1e-5, {.score = tpo::score_kind::prob, .transform = true});
+    compare_hidden_with_autograd(torch::kBFloat16, 2 * 0x1p-8, {.transform = true});
+    compare_hidden_with_autograd(torch::kHalf, 2 * 0x1p-11, {});
+    hidden_behaviour();
+    hidden_training_agrees();
+    hidden_bad_input();
 
     // Bad input reaches the caller as an exception naming what was wrong.
     try {
