@@ -131,6 +131,7 @@ struct metrics_state {
     ::torch::Tensor overflow;                 // bytes of loss::gradient_overflow (2P), after a backward
     ::torch::Tensor input_problem;            // 0-dim bool on the device: bad input or overflow
     index_t pair_count = 0, vocab = 0;
+    ::torch::Device device{::torch::kCPU};    // the inputs'; the metric tensors are put there
     /// loss::report_gradient_overflow for the call's logits and gradient types.
     void (*report_overflow)(const std::vector<loss::gradient_overflow>&, index_t, const objective_options&) = nullptr;
 
@@ -161,7 +162,8 @@ struct metrics_state {
     /// The batch_result field at `offset` as a 0-dim float64 tensor where the metrics live; NaN
     /// for a batch with bad input.
     ::torch::Tensor batch_field(std::size_t offset, double host_value) const {
-        if (!batch.defined()) return ::torch::tensor(host_value, ::torch::kDouble);
+        if (!batch.defined())
+            return ::torch::tensor(host_value, ::torch::TensorOptions().dtype(::torch::kDouble).device(device));
         ::torch::Tensor x =
             batch.narrow(0, static_cast<std::int64_t>(offset), sizeof(double)).view(::torch::kDouble).squeeze(0).clone();
         if (input_problem.defined())
@@ -648,6 +650,7 @@ template <class Kind>
 void run(const Kind& kind, const options& opt, const std::array<bool, Kind::differentiable>& grad, outcome& out) {
     out.metrics = std::make_shared<metrics_state>();
     out.metrics->options = opt.objective;
+    out.metrics->device = kind.device;
     if (kind.device.is_cpu()) {
 #if defined(TPO_TORCH_CPU_BACKEND)
         cpu_backend backend(at::get_num_threads());  // libtorch's intra-op thread count

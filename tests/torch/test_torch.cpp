@@ -3,7 +3,9 @@
 // logits, weights σ(s) + a and 1 − σ(s) + a, additive sequence scores, sigmoid DPO loss), in every
 // dtype, then a few
 // optimiser steps of a tiny vision-language model trained once through tpo::torch and once through
-// the libtorch formula. One translation unit on purpose: libtorch headers are slow to compile.
+// the libtorch formula. The same for hidden states and the lm_head in (hidden_batch), against
+// torch::linear and the logit transform in libtorch ops before that formula; and bad input.
+// One translation unit on purpose: libtorch headers are slow to compile.
 #include <tpo/torch.hpp>
 
 #include <algorithm>
@@ -388,8 +390,8 @@ struct hidden_case {
 void compare_hidden_with_autograd(torch::ScalarType dtype, double tol, const hidden_case& c) {
     const char* const score_names[] = {"logit", "prob", "logprob"};  // tpo::score_kind's order
     const std::string name = std::string("hidden ") + (c.weighted ? "TPO " : "DPO ") +
-                             (c.weighted ? std::string(score_names[static_cast<int>(c.score)]) + " " : "") + (c.bias ? "bias " : "no-bias ") +
-                             (c.transform ? "transform " : "") + dtype_name(dtype);
+                             (c.weighted ? std::string(score_names[static_cast<int>(c.score)]) + " " : "") +
+                             (c.bias ? "bias " : "no-bias ") + (c.transform ? "transform " : "") + dtype_name(dtype);
     tpo::libtorch::hidden_batch b = random_hidden_batch(dtype, c.bias, true);
     if (!c.weighted)
         for (torch::Tensor* t : {&b.policy_hidden_chosen_noisy, &b.policy_hidden_rejected_noisy,
@@ -411,8 +413,10 @@ void compare_hidden_with_autograd(torch::ScalarType dtype, double tol, const hid
                              &wide.reference_hidden_rejected, &wide.reference_hidden_rejected_noisy,
                              &wide.reference_lm_head_weight, &wide.reference_lm_head_bias})
         if (t->defined())
-            *t = t->detach().to(torch::kDouble).requires_grad_(std::find(leaves.begin(), leaves.end(), t) != leaves.end());
-    const torch::Tensor theirs = torch_loss(as_logits(wide, options), options.hyper.beta, options.a, c.weighted, c.score);
+            *t = t->detach().to(torch::kDouble).requires_grad_(std::find(leaves.begin(), leaves.end(), t) !=
+                                                                leaves.end());
+    const torch::Tensor theirs =
+        torch_loss(as_logits(wide, options), options.hyper.beta, options.a, c.weighted, c.score);
     (3 * theirs).backward();
 
     expect(mine.scalar_type() == dtype, name + ": loss has the hidden states' dtype");
@@ -452,7 +456,8 @@ void hidden_behaviour() {
     const tpo::objective_result& r = first.metrics.read();
     auto grads_of = [](tpo::libtorch::hidden_batch& x) {
         std::vector<torch::Tensor> g;
-        for (torch::Tensor* t : policy_leaves(x)) g.push_back(t->grad().defined() ? t->grad().clone() : torch::Tensor());
+        for (torch::Tensor* t : policy_leaves(x))
+            g.push_back(t->grad().defined() ? t->grad().clone() : torch::Tensor());
         return g;
     };
     auto fresh = [](const tpo::libtorch::hidden_batch& x, bool grad) {
@@ -471,8 +476,9 @@ void hidden_behaviour() {
     // The reference as the sequence scores reported: same loss and gradients, bit for bit.
     {
         tpo::libtorch::hidden_batch s = fresh(b, true);
-        for (torch::Tensor* t : {&s.reference_hidden_chosen, &s.reference_hidden_chosen_noisy, &s.reference_hidden_rejected,
-                                 &s.reference_hidden_rejected_noisy, &s.reference_lm_head_weight, &s.reference_lm_head_bias})
+        for (torch::Tensor* t : {&s.reference_hidden_chosen, &s.reference_hidden_chosen_noisy,
+                                 &s.reference_hidden_rejected, &s.reference_hidden_rejected_noisy,
+                                 &s.reference_lm_head_weight, &s.reference_lm_head_bias})
             *t = torch::Tensor();
         s.reference_chosen_scores = torch::tensor(r.reference_chosen_scores, torch::kDouble);
         s.reference_rejected_scores = torch::tensor(r.reference_rejected_scores, torch::kDouble);
@@ -502,7 +508,8 @@ void hidden_behaviour() {
         const auto other = tpo::libtorch::preference_loss(t, chunked);
         other.loss.backward();
         const std::vector<torch::Tensor> o = grads_of(t);
-        double worst = std::abs(other.loss.item<double>() - first.loss.item<double>()) / std::abs(first.loss.item<double>());
+        double worst =
+            std::abs(other.loss.item<double>() - first.loss.item<double>()) / std::abs(first.loss.item<double>());
         for (std::size_t k = 0; k < g.size(); ++k)
             worst = std::max(worst, ((o[k] - g[k]).abs().max() / g[k].abs().max()).item<double>());
         char line[200];
@@ -569,7 +576,8 @@ void hidden_training_agrees() {
             a.reference_hidden_rejected_noisy = hidden(reference, tl, noisy_image);
             a.reference_lm_head_weight = reference.head->weight, a.reference_lm_head_bias = reference.head->bias;
         }
-        a.policy_hidden_chosen = hidden(via_tpo, tw, image), a.policy_hidden_chosen_noisy = hidden(via_tpo, tw, noisy_image);
+        a.policy_hidden_chosen = hidden(via_tpo, tw, image);
+        a.policy_hidden_chosen_noisy = hidden(via_tpo, tw, noisy_image);
         a.policy_hidden_rejected = hidden(via_tpo, tl, image);
         a.policy_hidden_rejected_noisy = hidden(via_tpo, tl, noisy_image);
         a.lm_head_weight = via_tpo.head->weight, a.lm_head_bias = via_tpo.head->bias;
@@ -578,7 +586,8 @@ void hidden_training_agrees() {
         tpo::libtorch::logits_batch b;
         {
             torch::NoGradGuard no_grad;
-            b.reference_chosen = reference.forward(tw, image), b.reference_chosen_noisy = reference.forward(tw, noisy_image);
+            b.reference_chosen = reference.forward(tw, image);
+            b.reference_chosen_noisy = reference.forward(tw, noisy_image);
             b.reference_rejected = reference.forward(tl, image);
             b.reference_rejected_noisy = reference.forward(tl, noisy_image);
         }
@@ -621,15 +630,20 @@ void hidden_bad_input() {
     using batch = tpo::libtorch::hidden_batch;
     expect_error("H of the hidden states differs from the head's", "hidden size 13 differs from the lm_head's H = 12",
                  [](batch& b) { b.policy_hidden_rejected = torch::randn({3, 5, 13}); });
-    expect_error("H of the reference head differs from its hidden states", "hidden size 12 differs from the reference lm_head's H = 11",
+    expect_error("H of the reference head differs from its hidden states",
+                 "hidden size 12 differs from the reference lm_head's H = 11",
                  [](batch& b) { b.reference_lm_head_weight = torch::randn({50, 11}); });
     expect_error("V of the bias differs from the weight's", "lm_head_bias has shape [49], expected [50]",
                  [](batch& b) { b.lm_head_bias = torch::randn({49}); });
     expect_error("V of the reference bias differs", "reference_lm_head_bias has shape [51], expected [50]",
                  [](batch& b) { b.reference_lm_head_bias = torch::randn({51}); });
     expect_error("V of the reference head differs", "vocabulary differs from the lm_head's V = 50",
-                 [](batch& b) { b.reference_lm_head_weight = torch::randn({49, 12}), b.reference_lm_head_bias = torch::Tensor(); });
-    expect_error("the weight in another dtype", "lm_head_weight has dtype Double, expected policy_hidden_chosen's Float",
+                 [](batch& b) {
+                     b.reference_lm_head_weight = torch::randn({49, 12});
+                     b.reference_lm_head_bias = torch::Tensor();
+                 });
+    expect_error("the weight in another dtype",
+                 "lm_head_weight has dtype Double, expected policy_hidden_chosen's Float",
                  [](batch& b) { b.lm_head_weight = b.lm_head_weight.to(torch::kDouble); });
     expect_error("noisy states in another dtype", "policy_hidden_chosen_noisy has dtype Half",
                  [](batch& b) { b.policy_hidden_chosen_noisy = b.policy_hidden_chosen_noisy.to(torch::kHalf); });
@@ -637,15 +651,21 @@ void hidden_bad_input() {
                  [](batch& b) { b.policy_hidden_chosen = b.policy_hidden_chosen.to(torch::kInt); });
     expect_error("the weight on another device", "lm_head_weight is on meta, expected cpu",
                  [](batch& b) { b.lm_head_weight = torch::empty({50, 12}, torch::TensorOptions().device(torch::kMeta)); });
-    expect_error("the head's weight missing", "lm_head_weight is required", [](batch& b) { b.lm_head_weight = torch::Tensor(); });
+    expect_error("the head's weight missing", "lm_head_weight is required",
+                 [](batch& b) { b.lm_head_weight = torch::Tensor(); });
     expect_error("a weight that is not a matrix", "lm_head_weight has shape [600], expected 2 dimensions",
                  [](batch& b) { b.lm_head_weight = b.lm_head_weight.flatten(); });
     expect_error("reference states without the reference head", "without reference_lm_head_weight",
-                 [](batch& b) { b.reference_lm_head_weight = torch::Tensor(), b.reference_lm_head_bias = torch::Tensor(); });
+                 [](batch& b) {
+                     b.reference_lm_head_weight = torch::Tensor();
+                     b.reference_lm_head_bias = torch::Tensor();
+                 });
     expect_error("a NaN in the weight", "row 7 of the weight holds a NaN",
                  [](batch& b) { b.lm_head_weight.index_put_({7, 3}, std::numeric_limits<float>::quiet_NaN()); });
     expect_error("an infinite hidden state", "chosen policy hidden states at sequence 1, position 4",
-                 [](batch& b) { b.policy_hidden_chosen.index_put_({1, 4, 0}, std::numeric_limits<float>::infinity()); });
+                 [](batch& b) {
+                     b.policy_hidden_chosen.index_put_({1, 4, 0}, std::numeric_limits<float>::infinity());
+                 });
     expect_error("a label out of range", "label 1000",
                  [](batch& b) { b.labels_chosen.index_put_({0, 3}, 1000); });
 }

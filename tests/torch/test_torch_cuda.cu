@@ -2,7 +2,8 @@
 // scripts/device-check runs it where both are present): the same batch on the GPU and on the
 // CPU agrees; the forward and backward capture in a CUDA graph (no synchronisation, scratch from
 // libtorch's caching allocator) and replay to the same gradients; bad input makes the loss and
-// the gradients NaN at once and read() names it, or, with synchronous_errors, the call throws.
+// the gradients NaN at once and read() names it, or, with synchronous_errors, the call throws;
+// with hidden states and the lm_head in, the GPU agrees with the CPU and bad input throws at once.
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +12,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 
 namespace {
@@ -132,6 +134,71 @@ void bad_input() {
     }
 }
 
+// Hidden states and the lm_head: the same batch on the GPU (cuBLAS products, the row kernels) and
+// on the CPU; the loss stays on the GPU; bad input throws at once (this kind always waits).
+void hidden_agrees_with_cpu(torch::ScalarType dtype, double tol) {
+    const torch::Device gpu(torch::kCUDA, 0);
+    const std::int64_t P = 3, Lw = 9, Ll = 6, H = 64, V = 5003;
+    auto draw = [&](torch::IntArrayRef shape, double scale) { return (scale * torch::randn(shape, torch::kDouble)).to(dtype); };
+    auto labels = [&](std::int64_t L) {
+        torch::Tensor y = torch::randint(V, {P, L}, torch::kLong);
+        y.slice(1, 0, 2).fill_(-100);
+        return y;
+    };
+    tpo::libtorch::hidden_batch source;
+    source.policy_hidden_chosen = draw({P, Lw, H}, 1), source.policy_hidden_chosen_noisy = draw({P, Lw, H}, 1);
+    source.policy_hidden_rejected = draw({P, Ll, H}, 1), source.policy_hidden_rejected_noisy = draw({P, Ll, H}, 1);
+    source.lm_head_weight = draw({V, H}, 0.3), source.lm_head_bias = draw({V}, 0.5);
+    source.reference_hidden_chosen = draw({P, Lw, H}, 1), source.reference_hidden_chosen_noisy = draw({P, Lw, H}, 1);
+    source.reference_hidden_rejected = draw({P, Ll, H}, 1);
+    source.reference_hidden_rejected_noisy = draw({P, Ll, H}, 1);
+    source.reference_lm_head_weight = draw({V, H}, 0.3);
+    source.labels_chosen = labels(Lw), source.labels_rejected = labels(Ll);
+    auto on = [&](const torch::Device& device) {
+        tpo::libtorch::hidden_batch c = source;
+        for (torch::Tensor* t : {&c.policy_hidden_chosen, &c.policy_hidden_chosen_noisy, &c.policy_hidden_rejected,
+                                 &c.policy_hidden_rejected_noisy, &c.lm_head_weight, &c.lm_head_bias,
+                                 &c.reference_hidden_chosen, &c.reference_hidden_chosen_noisy,
+                                 &c.reference_hidden_rejected, &c.reference_hidden_rejected_noisy,
+                                 &c.reference_lm_head_weight, &c.labels_chosen, &c.labels_rejected})
+            *t = t->detach().to(device);
+        for (torch::Tensor* t : {&c.policy_hidden_chosen, &c.policy_hidden_chosen_noisy, &c.policy_hidden_rejected,
+                                 &c.policy_hidden_rejected_noisy, &c.lm_head_weight, &c.lm_head_bias})
+            t->requires_grad_(true);
+        return c;
+    };
+    tpo::libtorch::hidden_batch g = on(gpu), c = on(torch::kCPU);
+    tpo::objective_options options;
+    options.logit_softcap = 4.0;
+    const auto on_gpu = tpo::libtorch::preference_loss(g, options);
+    const auto on_cpu = tpo::libtorch::preference_loss(c, options);
+    (2 * on_gpu.loss).backward();
+    (2 * on_cpu.loss).backward();
+    const std::string name = std::string("hidden ") + c10::toString(dtype);
+    expect(on_gpu.loss.device().is_cuda() && on_gpu.metrics.reward_accuracy().device().is_cuda(),
+           name + ": the loss and the metrics are on the GPU");
+    expect(std::abs(on_gpu.metrics.read().loss - on_cpu.metrics.read().loss) <= tol * std::abs(on_cpu.metrics.read().loss),
+           name + ": loss agrees with the CPU");
+    expect(relative(g.policy_hidden_chosen.grad(), c.policy_hidden_chosen.grad()) <= tol &&
+               relative(g.policy_hidden_rejected_noisy.grad(), c.policy_hidden_rejected_noisy.grad()) <= tol &&
+               relative(g.lm_head_weight.grad(), c.lm_head_weight.grad()) <= tol &&
+               relative(g.lm_head_bias.grad(), c.lm_head_bias.grad()) <= tol,
+           name + ": gradients of the hidden states, the weight and the bias agree with the CPU");
+
+    tpo::libtorch::hidden_batch bad = on(gpu);
+    {
+        torch::NoGradGuard no_grad;
+        bad.lm_head_weight.index_put_({17, 3}, std::numeric_limits<double>::quiet_NaN());
+    }
+    try {
+        tpo::libtorch::preference_loss(bad, options);
+        expect(false, name + ", NaN in the weight: the call throws");
+    } catch (const tpo::value_error& e) {
+        expect(std::string(e.what()).find("row 17 of the weight") != std::string::npos,
+               name + ", NaN in the weight: the call throws: " + e.what());
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -147,6 +214,9 @@ int main() {
     agrees_with_cpu(torch::kHalf, 2 * 0x1p-11);
     captures_in_a_graph();
     bad_input();
+    hidden_agrees_with_cpu(torch::kFloat, 1e-5);
+    hidden_agrees_with_cpu(torch::kDouble, 1e-12);
+    hidden_agrees_with_cpu(torch::kBFloat16, 2 * 0x1p-8);
     std::printf("%s\n", failures == 0 ? "all checks passed" : "SOME CHECKS FAILED");
     return failures == 0 ? 0 : 1;
 }
