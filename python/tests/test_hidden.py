@@ -23,7 +23,7 @@ def hidden_batch(rng, pairs=2, lengths=(5, 4), hidden=6, vocab=9, noisy=True):
 
 
 def transform(u, scale, softcap, temperature):
-    """z and dz/du of SPEC's logit transform softcap·tanh(scale·u/softcap)/temperature."""
+    """z and dz/du of the logit transform softcap·tanh(scale·u/softcap)/temperature (docs/formulas.md)."""
     if softcap is None:
         return scale * u / temperature, np.full_like(u, scale / temperature)
     t = np.tanh(scale * u / softcap)
