@@ -28,6 +28,11 @@
 
 TPO_BEGIN_NAMESPACE
 
+namespace dist {
+template <class B, class C>
+class sharded_objective;
+}
+
 namespace detail {
 
 /// The objective's result from its O(P) buffers read back to the host; a non-finite value throws
@@ -95,6 +100,7 @@ class objective {
 public:
     objective(B& backend, objective_options options) : backend_(backend), options_(std::move(options)) {
         validate(options_);
+        row_align_ = options_.alignment;
     }
 
     const objective_options& options() const { return options_; }
@@ -115,17 +121,9 @@ public:
     /// batch gives, without checking first.
     template <class T, class I, class R>
     void launch_forward(const preference_batch<T, I, R>& batch) {
-        detail::check_batch(options_, batch);
-        if (!options_.transform().identity()) {
-            // Logits inputs under a logit transform: the transformed logits, once, in backend memory;
-            // backward() writes their gradient and chains it through the transform.
-            auto copies = std::make_shared<transformed_logits<T, I, R>>(backend_, batch, options_.transform());
-            transformed_ = copies;
-            launch_untransformed(copies->batch);
-            return;
-        }
-        transformed_.reset();
-        launch_untransformed(batch);
+        prepare_rows(batch);
+        launch_passes(batch.chosen.policy.sequences);
+        deferred_ = true;
     }
 
     /// The last forward's results on the host (waits for the backend); with check_inputs an input
@@ -164,15 +162,7 @@ public:
     objective_result forward(const hidden_preference_batch<T, I, R>& batch)
         requires head_backend<B>
     {
-        detail::check_hidden_batch(options_, batch);
-        hidden_input_ = true;
-        vocab_ = batch.head.vocab;
-        if (options_.check_inputs) {
-            rows::check_head(backend_, batch.head, "lm_head");
-            if (batch.chosen.reference_scores.empty()) rows::check_head(backend_, batch.reference_head, "reference lm_head");
-        }
-        prepare_hidden(chosen_, batch.chosen, batch, "chosen");
-        prepare_hidden(rejected_, batch.rejected, batch, "rejected");
+        prepare_rows(batch);
         launch_passes(batch.chosen.policy.sequences);
         deferred_ = false;
         return read_forward();
@@ -181,6 +171,76 @@ public:
     /// Writes ∂(batch loss)/∂(policy logits) into the given views (dtype G, shapes of the inputs).
     template <class T, class I, class R, class G>
     void backward(const preference_batch<T, I, R>& batch, const preference_gradients<G>& grads) {
+        auto [chosen, rejected] = backward_coefficients<T>(batch, grads);
+        write_gradients(batch, grads, chosen, rejected);
+    }
+
+    /// With hidden states in: ∂(batch loss)/∂(policy hidden states), and ∂/∂W and ∂/∂b of the
+    /// policy's lm_head when `grads` asks for them (accumulated over the clean and the noisy pass of
+    /// both sides in the accumulation type, then written in G).
+    template <class T, class I, class R, class G>
+    void backward(const hidden_preference_batch<T, I, R>& batch, const hidden_gradients<G>& grads)
+        requires head_backend<B>
+    {
+        auto [chosen, rejected] = backward_coefficients<T>(batch, grads);
+        write_gradients(batch, grads, chosen, rejected);
+    }
+
+private:
+    template <class, class>
+    friend class dist::sharded_objective;
+
+    using stats_buffer = typename B::template buffer<row_stats>;
+    using coefficient_buffer = typename B::template buffer<row_coefficients>;
+
+    struct side_coefficients {
+        coefficient_buffer clean, noisy;
+    };
+
+    /// The forward up to the row statistics of both sides (checks, the logit transform's copies,
+    /// the O(S·L·V) row pass); the O(S·L) passes follow in launch_passes().
+    template <class T, class I, class R>
+    void prepare_rows(const preference_batch<T, I, R>& batch) {
+        detail::check_batch(options_, batch);
+        transformed_.reset();
+        const preference_batch<T, I, R>* rows_of = &batch;
+        if (!options_.transform().identity()) {
+            // Logits inputs under a logit transform: the transformed logits, once, in backend memory;
+            // backward() writes their gradient and chains it through the transform.
+            auto copies = std::make_shared<transformed_logits<T, I, R>>(backend_, batch, options_.transform());
+            transformed_ = copies;
+            rows_of = &copies->batch;
+        }
+        hidden_input_ = false;
+        vocab_ = batch.chosen.policy.vocab;
+        prepare(chosen_, rows_of->chosen);
+        prepare(rejected_, rows_of->rejected);
+    }
+
+    /// The same with hidden states in; `first_vocab_row` is the head's first row in the whole
+    /// vocabulary (a shard's offset), for the messages of its checks.
+    template <class T, class I, class R>
+    void prepare_rows(const hidden_preference_batch<T, I, R>& batch, index_t first_vocab_row = 0)
+        requires head_backend<B>
+    {
+        detail::check_hidden_batch(options_, batch);
+        transformed_.reset();
+        hidden_input_ = true;
+        vocab_ = batch.head.vocab;
+        if (options_.check_inputs) {
+            rows::check_head(backend_, batch.head, "lm_head", first_vocab_row);
+            if (batch.chosen.reference_scores.empty())
+                rows::check_head(backend_, batch.reference_head, "reference lm_head", first_vocab_row);
+        }
+        prepare_hidden(chosen_, batch.chosen, batch, "chosen");
+        prepare_hidden(rejected_, batch.rejected, batch, "rejected");
+    }
+
+    /// The backward up to the row coefficients (gradient shapes checked, the coefficient pass and
+    /// its overflow check); the gradients are written by write_gradients().
+    template <class T, class I, class R, class G>
+    std::pair<side_coefficients, side_coefficients> backward_coefficients(const preference_batch<T, I, R>& batch,
+                                                                            const preference_gradients<G>& grads) {
         detail::require<error>(forward_done_ && !hidden_input_, "backward: forward() must run first on the same batch");
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         detail::check_gradient(batch.chosen.policy, grads.chosen.policy, "chosen", "gradient of policy logits");
@@ -193,6 +253,13 @@ public:
         }
         side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
         run_coefficient_pass<T, G>(chosen, rejected);
+        return {std::move(chosen), std::move(rejected)};
+    }
+
+    template <class T, class I, class R, class G>
+    void write_gradients(const preference_batch<T, I, R>& batch, const preference_gradients<G>& grads,
+                         side_coefficients& chosen, side_coefficients& rejected) {
+        const bool noisy = options_.weighting == token_weighting::self_calibrated;
         // Under a logit transform the rows are the transformed copies, and ∂L/∂z is chained to the
         // caller's logits: ∂L/∂u = ∂L/∂z · dz/du, dz/du taken at z.
         const auto* copies = static_cast<const transformed_logits<T, I, R>*>(transformed_.get());
@@ -211,20 +278,23 @@ public:
         }
     }
 
-    /// With hidden states in: ∂(batch loss)/∂(policy hidden states), and ∂/∂W and ∂/∂b of the
-    /// policy's lm_head when `grads` asks for them (accumulated over the clean and the noisy pass of
-    /// both sides in the accumulation type, then written in G).
     template <class T, class I, class R, class G>
-    void backward(const hidden_preference_batch<T, I, R>& batch, const hidden_gradients<G>& grads)
+    std::pair<side_coefficients, side_coefficients> backward_coefficients(const hidden_preference_batch<T, I, R>& batch,
+                                                                            const hidden_gradients<G>& grads) {
+        detail::require<error>(forward_done_ && hidden_input_, "backward: forward() must run first on the same batch");
+        detail::check_hidden_gradients(options_, batch, grads);
+        side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
+        run_coefficient_pass<T, G>(chosen, rejected);
+        return {std::move(chosen), std::move(rejected)};
+    }
+
+    template <class T, class I, class R, class G>
+    void write_gradients(const hidden_preference_batch<T, I, R>& batch, const hidden_gradients<G>& grads,
+                         side_coefficients& chosen, side_coefficients& rejected)
         requires head_backend<B>
     {
         using A = rows::fused_accumulate_t<T>;
-        detail::require<error>(forward_done_ && hidden_input_, "backward: forward() must run first on the same batch");
-        detail::check_hidden_gradients(options_, batch, grads);
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        side_coefficients chosen = coefficients(chosen_), rejected = coefficients(rejected_);
-        run_coefficient_pass<T, G>(chosen, rejected);
-
         const index_t V = batch.head.vocab, H = batch.head.hidden;
         // The head's gradient accumulates in A: in the caller's buffer when G is A, else in scratch.
         constexpr bool in_place = std::is_same_v<G, A>;
@@ -253,7 +323,7 @@ public:
         auto write = [&](const hidden_view<const T>& h, coefficient_buffer& coef, const hidden_view<G>& out,
                          const labels_view<const I>& labels) {
             if (out.empty() && !grad_weight && !grad_bias) return;
-            rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, options_.alignment, coef,
+            rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, row_align_, coef,
                                      fs, out, grad_weight, grad_bias);
         };
         write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels);
@@ -284,30 +354,12 @@ public:
         finite(grads.head_bias, grads.head_bias ? V : 0, "gradient of the lm_head bias");
     }
 
-private:
-    template <class T, class I, class R>
-    void launch_untransformed(const preference_batch<T, I, R>& batch) {
-        hidden_input_ = false;
-        vocab_ = batch.chosen.policy.vocab;
-        prepare(chosen_, batch.chosen);
-        prepare(rejected_, batch.rejected);
-        launch_passes(batch.chosen.policy.sequences);
-        deferred_ = true;
-    }
-
-    using stats_buffer = typename B::template buffer<row_stats>;
-    using coefficient_buffer = typename B::template buffer<row_coefficients>;
-
     struct side_state {
         index_t length = 0;
         index_t scored = 0;
         stats_buffer policy, policy_noisy, reference, reference_noisy;
         const float* weights = nullptr;
         const double* reference_scores = nullptr;  // given A_ref; the reference buffers are then unused
-    };
-
-    struct side_coefficients {
-        coefficient_buffer clean, noisy;
     };
 
     /// The O(S·L) and O(P) passes over the row statistics of both sides, results left in backend
@@ -375,7 +427,7 @@ private:
     void prepare_hidden(side_state& state, const hidden_side_batch<T, I, R>& s,
                         const hidden_preference_batch<T, I, R>& batch, const char* side) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        const row_alignment align = options_.alignment;
+        const row_alignment align = row_align_;
         const rows::fused_settings fs = fused_settings();
         state.length = s.policy.length;
         state.scored = align.scored_rows(s.policy.length);
@@ -411,7 +463,7 @@ private:
     template <class T, class I, class R>
     void prepare(side_state& state, const side_batch<T, I, R>& s) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
-        const row_alignment align = options_.alignment;
+        const row_alignment align = row_align_;
         state.length = s.policy.length;
         state.scored = align.scored_rows(s.policy.length);
         const index_t rows = s.policy.sequences * state.scored;
@@ -445,7 +497,7 @@ private:
     void clean_and_noisy(logits_view<const Z> clean, row_reduction clean_reduction, stats_buffer& clean_out,
                          logits_view<const Z> noisy, stats_buffer& noisy_out, labels_view<const I> labels,
                          index_t rows) {
-        const row_alignment align = options_.alignment;
+        const row_alignment align = row_align_;
         clean_out = backend_.template allocate<row_stats>(rows);
         noisy_out = backend_.template allocate<row_stats>(rows);
         if (rows == 0) return;
@@ -507,6 +559,9 @@ private:
 
     B& backend_;
     objective_options options_;
+    // How the row passes read labels: the options' alignment, unless a sharded objective gives its
+    // rows shard-local labels (dist/sharded.hpp).
+    row_alignment row_align_;
     std::shared_ptr<void> transformed_;
     index_t pairs_ = 0;
     index_t vocab_ = 0;

@@ -356,9 +356,10 @@ inline std::pair<std::vector<index_t>, std::vector<index_t>> label_groups(const 
 
 /// Non-finite values in a head are an input error, reported by the vocabulary entry that holds
 /// one. `what` names the head ("lm_head", "reference lm_head"). The weight is scanned as V rows of
-/// H "logits" by the backend's own finiteness reduction, which reads rows as fast as it can.
+/// H "logits" by the backend's own finiteness reduction, which reads rows as fast as it can. A head
+/// that is a slice of the vocabulary starting at `first_row` names rows and entries in the whole.
 template <class B, class T>
-void check_head(B& backend, const head_view<const T>& head, const char* what) {
+void check_head(B& backend, const head_view<const T>& head, const char* what, index_t first_row = 0) {
     const row_alignment unshifted{false, -1};
     auto labels = backend.template allocate<std::int64_t>(head.vocab);  // 0: every row is read
     auto stats = backend.template allocate<row_stats>(head.vocab);
@@ -366,14 +367,14 @@ void check_head(B& backend, const head_view<const T>& head, const char* what) {
                            labels_view<const std::int64_t>{backend.raw(labels), 1, head.vocab}, unshifted,
                            row_reduction::finiteness, backend.raw(stats));
     const index_t row = fused_detail::first_non_finite(backend.to_host(stats));
-    detail::require<value_error>(row < 0, what, ": row ", row, " of the weight holds a NaN or an infinite value");
+    detail::require<value_error>(row < 0, what, ": row ", first_row + row, " of the weight holds a NaN or an infinite value");
     if (!head.bias) return;
     // The bias as V rows of one entry, so the error can name the entry.
     backend.row_statistics(logits_view<const T>{head.bias, 1, head.vocab, 1},
                            labels_view<const std::int64_t>{backend.raw(labels), 1, head.vocab}, unshifted,
                            row_reduction::finiteness, backend.raw(stats));
     const index_t entry = fused_detail::first_non_finite(backend.to_host(stats));
-    detail::require<value_error>(entry < 0, what, ": entry ", entry, " of the bias holds a NaN or an infinite value");
+    detail::require<value_error>(entry < 0, what, ": entry ", first_row + entry, " of the bias holds a NaN or an infinite value");
 }
 
 /// The statistics of every scored row of a hidden-state source, as row_statistics gives them for

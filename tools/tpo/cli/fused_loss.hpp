@@ -208,15 +208,14 @@ tpo::hidden_side_batch<T, std::int64_t> fused_side_view(const fused_side_files& 
 
 /// The fused run: loads and checks DIR's files, evaluates, prints the JSON and stages the
 /// gradient files, exactly as the logits run does.
-inline int run_fused_loss(const parsed_args& args, const tpo::objective_options& options,
-                          const std::filesystem::path& dir, const std::string& backend, std::ostream& out) {
-    const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
+/// A fused directory's files, loaded and checked against each other.
+inline fused_files load_fused_files(const std::filesystem::path& dir, bool noisy, tpo::row_alignment align) {
     fused_files files{{}, {}, {}, {}, {}, {}};
     auto [head, bias] = load_head(dir, "lm_head");
     files.head = std::move(head);
     files.head_bias = std::move(bias);
-    files.chosen = load_fused_side(dir, "chosen", noisy, files.head, options.alignment);
-    files.rejected = load_fused_side(dir, "rejected", noisy, files.head, options.alignment);
+    files.chosen = load_fused_side(dir, "chosen", noisy, files.head, align);
+    files.rejected = load_fused_side(dir, "rejected", noisy, files.head, align);
     if (files.chosen.reference) {
         auto [reference_head, reference_bias] = load_head(dir, "reference_lm_head");
         require_same(files.head, reference_head, true);
@@ -229,6 +228,13 @@ inline int run_fused_loss(const parsed_args& args, const tpo::objective_options&
                                               io::shape_text(files.rejected.policy.array.shape), ", expected ",
                                               files.chosen.policy.array.shape[0], " sequences to pair with ",
                                               files.chosen.policy.path));
+    return files;
+}
+
+inline int run_fused_loss(const parsed_args& args, const tpo::objective_options& options,
+                          const std::filesystem::path& dir, const std::string& backend, std::ostream& out) {
+    const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
+    const fused_files files = load_fused_files(dir, noisy, options.alignment);
 
     std::optional<output_directory> grad_dir;
     tpo::io::staged_files outputs(tool_temporaries());

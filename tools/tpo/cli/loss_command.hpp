@@ -32,7 +32,7 @@ inline constexpr flag_spec loss_flags[] = {
     {"f-divergence-type", true}, {"f-alpha-divergence-coef", true}, {"discopop-tau", true},
     {"use-weighting", false},    {"ld-alpha", true},
     {"logit-scale", true},       {"logit-softcap", true},   {"temperature", true},
-    {"chunk-tokens", true},
+    {"chunk-tokens", true},      {"vocab-parallel", true},
 };
 
 /// Options shared by `loss` and `score`: token reward settings and label alignment.
@@ -127,6 +127,25 @@ tpo::side_batch<T, std::int64_t> side_view(const side_files& f) {
     return s;
 }
 
+/// Both sides of a logits directory, loaded and checked against each other.
+inline std::pair<side_files, side_files> load_logits_sides(const std::filesystem::path& dir, bool noisy,
+                                                           tpo::row_alignment align) {
+    side_files chosen = load_side(dir, "chosen", noisy, align);
+    side_files rejected = load_side(dir, "rejected", noisy, align);
+    check_same_dtype(chosen.policy, rejected.policy);
+    if (chosen.policy.sequences() != rejected.policy.sequences() || chosen.policy.vocab() != rejected.policy.vocab())
+        throw input_error(tpo::detail::concat(rejected.policy.path, ": shape: ",
+                                              tpo::io::shape_text(rejected.policy.array.shape), ", expected (",
+                                              chosen.policy.sequences(), ", L, ", chosen.policy.vocab(),
+                                              ") to pair with ", chosen.policy.path, " ",
+                                              tpo::io::shape_text(chosen.policy.array.shape)));
+    return {std::move(chosen), std::move(rejected)};
+}
+
+// cli/vocab_parallel.hpp, included below: the run with --vocab-parallel mpi.
+inline int run_loss_vocab_parallel(const parsed_args& args, const tpo::objective_options& options,
+                                   const std::filesystem::path& dir, const std::string& backend, std::ostream& out);
+
 inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
     const parsed_args args(argv, loss_flags, "loss");
     const tpo::objective_options options = read_loss_options(args);
@@ -136,17 +155,15 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
 
     // The backend is checked before any file is read, so a wrong binary fails fast.
     with_backend(backend, [](auto&) {});
+    if (args.has("vocab-parallel")) {
+        args.choice("vocab-parallel", "mpi", {"mpi"});
+        return run_loss_vocab_parallel(args, options, dir, backend, out);
+    }
     if (holds_hidden_states(dir)) return run_fused_loss(args, options, dir, backend, out);
 
-    const side_files chosen = load_side(dir, "chosen", noisy, options.alignment);
-    const side_files rejected = load_side(dir, "rejected", noisy, options.alignment);
-    check_same_dtype(chosen.policy, rejected.policy);
-    if (chosen.policy.sequences() != rejected.policy.sequences() || chosen.policy.vocab() != rejected.policy.vocab())
-        throw input_error(tpo::detail::concat(rejected.policy.path, ": shape: ",
-                                              tpo::io::shape_text(rejected.policy.array.shape), ", expected (",
-                                              chosen.policy.sequences(), ", L, ", chosen.policy.vocab(),
-                                              ") to pair with ", chosen.policy.path, " ",
-                                              tpo::io::shape_text(chosen.policy.array.shape)));
+    const std::pair<side_files, side_files> sides = load_logits_sides(dir, noisy, options.alignment);
+    const side_files& chosen = sides.first;
+    const side_files& rejected = sides.second;
 
     // Declared before the staged set, so that a failed run removes the temporaries first and then
     // the directories it created.
@@ -208,3 +225,5 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
 }
 
 }  // namespace tpo_cli
+
+#include "cli/vocab_parallel.hpp"
