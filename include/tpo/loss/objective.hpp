@@ -31,6 +31,8 @@ TPO_BEGIN_NAMESPACE
 namespace dist {
 template <class B, class C>
 class sharded_objective;
+template <class B, class C>
+class data_parallel_objective;
 }
 
 namespace detail {
@@ -189,6 +191,8 @@ public:
 private:
     template <class, class>
     friend class dist::sharded_objective;
+    template <class, class>
+    friend class dist::data_parallel_objective;
 
     using stats_buffer = typename B::template buffer<row_stats>;
     using coefficient_buffer = typename B::template buffer<row_coefficients>;
@@ -365,26 +369,37 @@ private:
     /// The O(S·L) and O(P) passes over the row statistics of both sides, results left in backend
     /// memory.
     void launch_passes(index_t pairs) {
+        launch_sequence_pass(pairs);
+        launch_batch_passes(pairs, backend_.raw(summaries_), backend_.raw(pair_results_), backend_.raw(batch_result_));
+        forward_done_ = true;
+    }
+
+    /// The per-pair stage: the sequence summaries of `pairs` pairs, and the buffers the batch
+    /// stage writes.
+    void launch_sequence_pass(index_t pairs) {
         forward_done_ = false;
         pairs_ = pairs;
         overflow_ = {};
         summaries_ = backend_.template allocate<loss::sequence_summary>(2 * pairs);
         pair_results_ = backend_.template allocate<loss::pair_result>(pairs);
         batch_result_ = backend_.template allocate<loss::batch_result>(1);
-        scratch_ = backend_.template allocate<double>(2 * pairs);
-        order_scratch_ = backend_.template allocate<index_t>(2 * pairs);
-
         const loss::token_settings ts = loss::token_settings::from(options_);
         backend::for_each_group(backend_, pairs,
                                 loss::sequence_pass{ts, rows(chosen_), rows(rejected_), pairs, backend_.raw(summaries_)});
-        backend_.for_each(1, loss::reward_pass{options_.hyper.beta, pairs, backend_.raw(summaries_),
-                                               backend_.raw(pair_results_), backend_.raw(batch_result_)});
+    }
+
+    /// The batch stage over `pairs` summaries (2·pairs: chosen, then rejected) in backend memory:
+    /// rewards, then one pass per loss term. A data-parallel objective runs it on every rank's
+    /// summaries at once (dist/data_parallel.hpp).
+    void launch_batch_passes(index_t pairs, const loss::sequence_summary* summaries, loss::pair_result* pair_out,
+                             loss::batch_result* batch_out) {
+        scratch_ = backend_.template allocate<double>(2 * pairs);
+        order_scratch_ = backend_.template allocate<index_t>(2 * pairs);
+        backend_.for_each(1, loss::reward_pass{options_.hyper.beta, pairs, summaries, pair_out, batch_out});
         for (const loss_term& term : options_.losses)
-            backend_.for_each(1, loss::loss_term_pass{options_.hyper, term, options_.use_weighting, pairs,
-                                                      backend_.raw(summaries_), backend_.raw(pair_results_),
-                                                      backend_.raw(batch_result_), backend_.raw(scratch_),
+            backend_.for_each(1, loss::loss_term_pass{options_.hyper, term, options_.use_weighting, pairs, summaries,
+                                                      pair_out, batch_out, backend_.raw(scratch_),
                                                       backend_.raw(order_scratch_)});
-        forward_done_ = true;
     }
 
     /// read_results() for forward(): a batch whose results are an error gets no backward.

@@ -7,6 +7,8 @@
 //   reward_pass      one index: rewards, accuracy and margin; clears the loss accumulators
 //   loss_term_pass   one index, once per loss term: that term over the batch (aot sorts the
 //                    batch) → loss and ∂L/∂A per sequence
+//   rank_share_pass  one index per pair: a data-parallel rank's share of a batch that every rank's
+//                    pairs make up (its pairs' ∂L/∂A times R)
 //   coefficient_pass one pair per group of lanes: ∂L/∂A → (alpha, beta) of every scored row
 //                    (docs/math.md)
 //
@@ -416,6 +418,33 @@ struct loss_term_pass {
                 pair_out[a].grad_chosen += g;
                 pair_out[b].grad_rejected -= g;
             }
+        }
+    }
+};
+
+/// One rank's share of a batch that data-parallel ranks evaluate together (dist/data_parallel.hpp,
+/// `docs/distributed.md#data-parallelism`): the batch stage ran on every rank's pairs at once, and
+/// rank r keeps its pairs [first, first + pairs) of that batch with ∂L/∂A and the sft coefficient
+/// times `scale` = R. A data-parallel trainer averages its R ranks' gradients, and each rank's
+/// gradient reaches only its own pairs' logits, so R·∂L/∂(its logits) averages to the gradient of
+/// the whole batch's loss L. One index per pair of this rank.
+struct rank_share_pass {
+    double scale;
+    index_t first;
+    const pair_result* batch_pairs;  // every rank's pairs, in rank order
+    const batch_result* batch;
+    pair_result* pair_out;  // this rank's
+    batch_result* batch_out;
+
+    TPO_HOST_DEVICE void operator()(index_t i) const {
+        pair_result p = batch_pairs[first + i];
+        p.grad_chosen *= scale;
+        p.grad_rejected *= scale;
+        pair_out[i] = p;
+        if (i == 0) {
+            batch_result b = *batch;
+            b.sft_logp_coefficient *= scale;
+            *batch_out = b;
         }
     }
 };
