@@ -5,7 +5,9 @@
 //     through NCCL's agreement (all-reduce and broadcast);
 //   - 2 to 4 ranks as threads on the one GPU, each with its own stream and backend, through a
 //     test communicator that reduces device buffers through the host: NCCL itself refuses two
-//     ranks of one communicator on one device, so its multi-rank collectives need as many GPUs.
+//     ranks of one communicator on one device, so its multi-rank collectives need as many GPUs;
+//   - the data-parallel objective the same way, each rank's pairs on the device against the
+//     single process on all of them.
 // Needs a GPU to run (scripts/device-check); CI compiles and links it.
 
 #include <catch2/catch.hpp>
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include <tpo/backend/thrust.hpp>
+#include <tpo/dist/data_parallel.hpp>
 #include <tpo/dist/nccl.hpp>
 #include <tpo/dist/sharded.hpp>
 #include <tpo/tpo.hpp>
@@ -360,5 +363,99 @@ TEST_CASE("ranks as threads on one GPU: a NaN in one rank's slice is every rank'
         INFO("rank " << r << ": " << got[r].error);
         CHECK(got[r].error.find("rejected policy logits at sequence 0, position 2: the row holds a NaN") !=
               std::string::npos);
+    }
+}
+
+namespace {
+
+/// Pairs [first, first + count) of a batch.
+template <class T>
+tpo_test::batch_data<T> pairs_of(const tpo_test::batch_data<T>& d, index_t first, index_t count) {
+    tpo_test::batch_data<T> out = d;
+    for (auto [to, from] : {std::pair{&out.chosen, &d.chosen}, std::pair{&out.rejected, &d.rejected}}) {
+        const index_t width = from->length * from->vocab;
+        for (int k = 0; k < 4; ++k) {
+            const auto& all = const_cast<tpo_test::side_data<T>*>(from)->tensor(k);
+            to->tensor(k).assign(all.begin() + first * width, all.begin() + (first + count) * width);
+        }
+        to->labels.assign(from->labels.begin() + first * from->length, from->labels.begin() + (first + count) * from->length);
+        to->weights.assign(from->weights.begin() + first * from->length,
+                           from->weights.begin() + (first + count) * from->length);
+        to->pairs = count;
+    }
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("data parallel, 2 to 4 ranks as threads on one GPU: each rank's pairs, the objective of all of them",
+          "[threads]") {
+    const tpo::index_t V = 301;
+    auto all = tpo_test::option_cases();
+    tpo::objective_options o;
+    o.losses = {{tpo::loss_type::sigmoid, 1.0}, {tpo::loss_type::aot, 0.5}, {tpo::loss_type::sft, 0.3}};
+    all.emplace_back("tpo sigmoid + aot + sft", o);
+    for (int ranks = 2; ranks <= 4; ++ranks) {
+        // Rank r holds 1 + r % 2 pairs.
+        std::vector<index_t> first(ranks + 1, 0);
+        for (int r = 0; r < ranks; ++r) first[r + 1] = first[r] + 1 + r % 2;
+        std::mt19937_64 rng(19 + ranks);
+        const auto whole = tpo_test::random_batch<double>(rng, first[ranks], 9, 7, V);
+        for (auto& [name, options] : all) {
+            INFO(ranks << " ranks, " << name);
+            const bool noisy = options.weighting == tpo::token_weighting::self_calibrated;
+            cudaStream_t main_stream;
+            cuda_check(cudaStreamCreate(&main_stream));
+            cuda_backend single_backend(main_stream);
+            const auto want = run_single(single_backend, options, whole);
+            cudaStreamDestroy(main_stream);
+            REQUIRE(want.error.empty());
+            thread_world world(ranks);
+            std::vector<rank_outcome<double>> got(ranks);
+            std::vector<std::thread> threads;
+            for (int r = 0; r < ranks; ++r)
+                threads.emplace_back([&, r] {
+                    cudaStream_t stream;
+                    cudaStreamCreate(&stream);
+                    cuda_backend backend(stream);
+                    thread_communicator comm(world, r, stream);
+                    rank_outcome<double>& out = got[r];
+                    try {
+                        device_batch<double> dev(pairs_of(whole, first[r], first[r + 1] - first[r]), 0, V);
+                        const auto g = dev.grads();
+                        out.result = tpo::dist::data_parallel_evaluate(backend, comm, options, dev.batch(), &g);
+                        out.grads[0] = dev.chosen.host(0);
+                        out.grads[1] = dev.chosen.host(1);
+                        out.grads[2] = dev.rejected.host(0);
+                        out.grads[3] = dev.rejected.host(1);
+                    } catch (const std::exception& e) {
+                        out.error = e.what();
+                    }
+                    cudaStreamDestroy(stream);
+                });
+            for (auto& t : threads) t.join();
+            for (int r = 0; r < ranks; ++r) {
+                INFO("rank " << r);
+                REQUIRE(got[r].error.empty());
+                const index_t P = first[r + 1] - first[r];
+                tpo_test::check_close({got[r].result.loss, got[r].result.reward_accuracy, got[r].result.reward_margin},
+                                      {want.result.loss, want.result.reward_accuracy, want.result.reward_margin}, 1e-12,
+                                      "loss, accuracy, margin: the whole batch's");
+                tpo_test::check_close(got[r].result.losses,
+                                      std::vector<double>(want.result.losses.begin() + first[r],
+                                                          want.result.losses.begin() + first[r] + P),
+                                      1e-12, "losses: this rank's rows");
+                for (int k = 0; k < 4; ++k) {
+                    if (!noisy && (k == 1 || k == 3)) continue;
+                    const index_t width = (k < 2 ? whole.chosen.length : whole.rejected.length) * V;
+                    std::vector<double> a, b;
+                    for (index_t i = 0; i < P * width; ++i) {
+                        a.push_back(got[r].grads[k][i] / ranks);
+                        b.push_back(want.grads[k][first[r] * width + i]);
+                    }
+                    tpo_test::check_close(a, b, 1e-12, "gradient / R: the single process's rows of this rank's pairs");
+                }
+            }
+        }
     }
 }
