@@ -451,7 +451,7 @@ void unanswered_collective() {
             }
             cv.notify_all();
         },
-        std::chrono::seconds(2));
+        std::chrono::seconds(4));
     std::printf("       its message: %s\n", message.c_str());
 }
 
