@@ -3,11 +3,11 @@
 // into collectives per step (counted at the communicator, split into the row exchange, ∂L/∂H and
 // the agreements), the collectives per step, and the peak RSS of every rank.
 //
-//   mpirun -np R tpo_bench_sharded [--shape logits|fused] [--reps N] [--threads T]
-//     logits   TPO (self-calibrated weights, logit score) on (P, L, V) = (2, 512, 32000) float logits
-//     fused    TPO on hidden states (P, L, H, V) = (2, 256, 1024, 32000) float, head + reference head
-//              (a scaled shape of the fused benchmark's (2, 1024, 4096, 152064), which does not fit
-//              the 24 GB machine the measurements were taken on with several ranks)
+//   mpirun -np R tpo_bench_sharded [--shape logits|fused|fused-small|fused-qwen] [--reps N] [--threads T]
+//     logits       TPO (self-calibrated weights, logit score) on (P, L, V) = (2, 512, 32000) float logits
+//     fused        TPO on hidden states (P, L, H, V) = (2, 256, 1024, 32000) float, head + reference head
+//     fused-small  the same on bench/compare_fused's shapes: (2, 256, 512, 32000)
+//     fused-qwen   and (1, 256, 1024, 152064)
 // Each rank generates only its own slice; the data are random (the row exchange does not depend
 // on the values).
 #include <mpi.h>
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -133,11 +134,15 @@ int main(int argc, char** argv) {
         auto gv = [&](int k) { return tpo::logits_view<float>{g[k].data(), P, L, shard.size}; };
         const tpo::preference_gradients<float> grads{{gv(0), gv(1)}, {gv(2), gv(3)}};
         step([&] { tpo::dist::evaluate(backend, comm, options, shard, batch, &grads); });
-    } else {
+    } else if (shape == "fused" || shape == "fused-small" || shape == "fused-qwen") {
         L = 256;
-        H = 1024;
+        H = shape == "fused-small" ? 512 : 1024;
+        if (shape == "fused-qwen") {
+            P = 1;
+            V = 152064;
+        }
         const auto shard = tpo::dist::vocab_shard::even(V, R, rank);
-        const float head_scale = 1.5f / 32.0f;
+        const float head_scale = 1.5f / std::sqrt(static_cast<float>(H));  // logits of unit scale
         const auto w = random(rng, static_cast<std::size_t>(shard.size * H), head_scale);
         const auto w_ref = random(rng, static_cast<std::size_t>(shard.size * H), head_scale);
         const auto b = random(rng, static_cast<std::size_t>(shard.size), 0.5f);
@@ -155,6 +160,10 @@ int main(int argc, char** argv) {
         auto gv = [&](int k) { return tpo::hidden_view<float>{g[k].data(), P, L, H}; };
         const tpo::hidden_gradients<float> grads{{gv(0), gv(1)}, {gv(2), gv(3)}, gw.data(), gb.data()};
         step([&] { tpo::dist::evaluate(backend, comm, options, shard, batch, &grads); });
+    } else {
+        if (rank == 0) std::fprintf(stderr, "tpo_bench_sharded: unknown --shape '%s'\n", shape.c_str());
+        MPI_Finalize();
+        return 2;
     }
     std::sort(times.begin(), times.end());
     std::vector<double> rss(static_cast<std::size_t>(R));
