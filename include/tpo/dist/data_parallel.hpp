@@ -85,22 +85,15 @@ struct unpack_summaries_op {
 };
 
 /// The same error with "data-parallel rank r: " before its message: a rank's own checks name its
-/// local sequence indices.
+/// local sequence indices. The error's type travels as the agreement carries it between ranks.
 inline std::exception_ptr on_rank(std::exception_ptr failure, int rank) {
     if (!failure) return failure;
-    const std::string prefix = detail::concat("data-parallel rank ", rank, ": ");
+    std::string encoded = agreement_detail::encode(failure);
+    encoded.insert(1, detail::concat("data-parallel rank ", rank, ": "));
     try {
-        std::rethrow_exception(failure);
-    } catch (const overflow_error& e) {
-        return std::make_exception_ptr(overflow_error(prefix + e.what()));
-    } catch (const shape_error& e) {
-        return std::make_exception_ptr(shape_error(prefix + e.what()));
-    } catch (const value_error& e) {
-        return std::make_exception_ptr(value_error(prefix + e.what()));
-    } catch (const std::exception& e) {
-        return std::make_exception_ptr(error(prefix + e.what()));
+        agreement_detail::raise(encoded);
     } catch (...) {
-        return failure;
+        return std::current_exception();
     }
 }
 
