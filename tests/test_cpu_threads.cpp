@@ -503,7 +503,7 @@ TEST_CASE("the fused pass over a clean and a noisy tensor equals two separate pa
 }
 
 TEST_CASE("cpu backend: hidden states in give bit-identical results for 1, 2 and 4 threads", "[cpu][fused][threads]") {
-    // Several tiles of the product in every direction (64×256 tiles), float and bf16 operands.
+    // Several chunks, float and bf16 operands; the products' tiling has its own test below.
     using namespace tpo_test::hidden;
     std::mt19937_64 rng(31);
     const hidden_data<double> d = random_hidden(rng, 2, 150, 110, 96, 700);
@@ -534,3 +534,72 @@ TEST_CASE("cpu backend: hidden states in give bit-identical results for 1, 2 and
     check(convert<float>(d));
     check(convert<tpo::bfloat16>(d));
 }
+
+TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across thread counts and exact",
+          "[cpu][fused][threads][matmul]") {
+    // 2×2 tiles of 256×256 and k long enough to be cut into spans (fewer than 16 tiles, k ≥ 4096),
+    // in the three forms the fused head uses: H·Wᵀ (logits), G·W (hidden states' gradient), Gᵀ·H
+    // (head's gradient, accumulated: beta = 1). Compared with a product in double, and between
+    // 1, 2 and 4 threads bit for bit.
+    const index_t m = 300, n = 270, k = 4101;
+    std::mt19937_64 rng(57);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    auto random_matrix = [&](index_t count) {
+        std::vector<double> v(static_cast<std::size_t>(count));
+        for (auto& x : v) x = normal(rng);
+        return v;
+    };
+    const std::vector<double> a = random_matrix(m * k), b = random_matrix(k * n), start = random_matrix(m * n);
+    struct form {
+        bool trans_a, trans_b;
+        double beta;
+    };
+    for (const form f : {form{false, true, 0.0}, form{false, false, 0.0}, form{true, false, 1.0}}) {
+        // A is m×k (k×m stored when transposed), B is k×n (n×k stored when transposed).
+        const index_t lda = f.trans_a ? m : k, ldb = f.trans_b ? k : n;
+        auto a_at = [&](index_t i, index_t p) { return f.trans_a ? a[p * lda + i] : a[i * lda + p]; };
+        auto b_at = [&](index_t p, index_t j) { return f.trans_b ? b[j * ldb + p] : b[p * ldb + j]; };
+        auto run = [&](auto operand, auto acc, int threads) {
+            using T = decltype(operand);
+            using Acc = decltype(acc);
+            std::vector<T> ta(a.size()), tb(b.size());
+            for (std::size_t i = 0; i < a.size(); ++i) ta[i] = tpo::narrow<T>(a[i]);
+            for (std::size_t i = 0; i < b.size(); ++i) tb[i] = tpo::narrow<T>(b[i]);
+            std::vector<Acc> c(start.size());
+            for (std::size_t i = 0; i < c.size(); ++i) c[i] = static_cast<Acc>(start[i]);
+            tpo::backend::cpu(threads).matmul(f.trans_a, f.trans_b, m, n, k, ta.data(), lda, tb.data(), ldb, c.data(),
+                                              n, static_cast<Acc>(f.beta));
+            return c;
+        };
+        auto check = [&](auto operand, auto acc, double tolerance) {
+            using T = decltype(operand);
+            INFO("trans_a " << f.trans_a << ", trans_b " << f.trans_b << ", operand bytes " << sizeof(T));
+            const auto c1 = run(operand, acc, 1);
+            for (int threads : {2, 4}) CHECK(same_bits(run(operand, acc, threads), c1));
+            // Against the product of the operands as the backend saw them, in double: the error
+            // of a float sum of k products is below k·eps·Σ|a·b| (a loose bound, per entry).
+            std::vector<double> rows(static_cast<std::size_t>(m * k)), cols(static_cast<std::size_t>(n * k));
+            for (index_t p = 0; p < k; ++p) {
+                for (index_t i = 0; i < m; ++i) rows[i * k + p] = tpo::widen<double>(tpo::narrow<T>(a_at(i, p)));
+                for (index_t j = 0; j < n; ++j) cols[j * k + p] = tpo::widen<double>(tpo::narrow<T>(b_at(p, j)));
+            }
+            double worst = 0;
+            for (index_t i = 0; i < m; ++i)
+                for (index_t j = 0; j < n; ++j) {
+                    const double* x = rows.data() + i * k;
+                    const double* y = cols.data() + j * k;
+                    double exact = f.beta * start[i * n + j], magnitude = std::abs(exact);
+                    for (index_t p = 0; p < k; ++p) {
+                        exact += x[p] * y[p];
+                        magnitude += std::abs(x[p] * y[p]);
+                    }
+                    worst = std::max(worst, std::abs(static_cast<double>(c1[i * n + j]) - exact) / magnitude);
+                }
+            CHECK(worst < tolerance);
+        };
+        check(float{}, float{}, 1e-5);
+        check(tpo::bfloat16{}, float{}, 1e-5);
+        check(double{}, double{}, 1e-13);
+    }
+}
+

@@ -1,10 +1,13 @@
 #pragma once
 // The CPU backend's matrix product for the fused lm_head: Eigen's, over a fixed tiling.
 //
-// C (m×n) = op(A)·op(B) + beta·C is cut into fixed tiles of C and fixed blocks of k; each tile is
-// one task (threads take tiles) computed by Eigen on that thread alone, and inside a tile the k
-// blocks are added in order. Nothing depends on the thread count, so every result is
-// bit-identical for any number of threads. Operands already in the accumulation type are read in place (Eigen maps with strides);
+// C (m×n) = op(A)·op(B) + beta·C is cut into fixed 256×256 tiles of C. A product with few tiles
+// and a long k (the hidden states' gradient: m = a chunk's rows, n = H, k = V) also cuts k into a
+// few spans, computed into their own partial tiles and added afterwards in span order, so that
+// more threads than tiles have work. Each task (tile, span) is computed by Eigen on one thread
+// alone, and inside a task the k blocks are added in order. The tiling and the spans depend on
+// (m, n, k) only, never on the thread count, so every result is bit-identical for any number of
+// threads. Operands already in the accumulation type are read in place (Eigen maps with strides);
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
 // whole head ever exists.
 
@@ -25,9 +28,27 @@
 TPO_BEGIN_NAMESPACE
 namespace backend::cpu_detail {
 
-inline constexpr index_t tile_rows = 64;
+inline constexpr index_t tile_rows = 256;
 inline constexpr index_t tile_cols = 256;
 inline constexpr index_t tile_depth = 512;  // k block of 16-bit operands
+// A product with fewer tiles than this splits k, into spans of at least split_depth_min.
+inline constexpr index_t split_tasks = 16;
+inline constexpr index_t split_depth_min = 2048;
+
+/// How matmul cuts k: `spans` spans of `depth` (the last may be shorter). One span unless the
+/// product has few tiles and a long k.
+struct k_split {
+    index_t spans = 1;
+    index_t depth = 0;
+};
+
+inline k_split split_of(index_t tiles, index_t k) {
+    if (tiles >= split_tasks || k < 2 * split_depth_min) return {1, k};
+    const index_t wanted = (split_tasks + tiles - 1) / tiles;
+    const index_t spans = std::min(wanted, k / split_depth_min);
+    const index_t depth = (k + spans - 1) / spans;
+    return {(k + depth - 1) / depth, depth};
+}
 
 template <class Acc>
 using matrix_t = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -54,39 +75,80 @@ void with_block(const M* data, index_t ld, bool trans, index_t r0, index_t c0, i
     }
 }
 
+/// C[tile] (+)= op(A)·op(B) over k in [k0, k0 + span), the k blocks added in order.
+template <class Acc, class X, class Y, class Out>
+void tile_product(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
+                  index_t span, const X* a, index_t lda, const Y* b, index_t ldb, Out& out) {
+    const bool widened = !std::is_same_v<X, Acc> || !std::is_same_v<Y, Acc>;
+    const index_t depth = widened ? tile_depth : std::max<index_t>(span, 1);
+    matrix_t<Acc> a_buffer, b_buffer;
+    for (index_t p0 = k0; p0 < k0 + span; p0 += depth) {
+        const index_t d = std::min(depth, k0 + span - p0);
+        with_block<Acc>(a, lda, trans_a, i0, p0, rows, d, a_buffer, [&](const auto& a_block) {
+            with_block<Acc>(b, ldb, trans_b, p0, j0, d, cols, b_buffer,
+                            [&](const auto& b_block) { out.noalias() += a_block * b_block; });
+        });
+    }
+}
+
 /// See the file comment; beta is 0 or 1.
 template <class X, class Y, class Acc>
 void matmul(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
             const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+    using tile_map = Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
     const index_t tiles_m = (m + tile_rows - 1) / tile_rows, tiles_n = (n + tile_cols - 1) / tile_cols;
     const index_t tiles = tiles_m * tiles_n;
-    const bool widened = !std::is_same_v<X, Acc> || !std::is_same_v<Y, Acc>;
-    const index_t depth = widened ? tile_depth : std::max<index_t>(k, 1);
-    [[maybe_unused]] const bool parallel = threads > 1 && tiles > 1;
+    const k_split split = split_of(tiles, k);
+    const index_t tasks = tiles * split.spans;
+    // Span s ≥ 1 of tile t goes to partial[(t·(spans − 1) + s − 1)·tile_rows·tile_cols ...]; span 0
+    // goes straight into C.
+    std::vector<Acc> partial(split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols)
+                                             : 0);
+    auto tile_of = [&](index_t tile, index_t& i0, index_t& j0, index_t& rows, index_t& cols) {
+        i0 = (tile / tiles_n) * tile_rows;
+        j0 = (tile % tiles_n) * tile_cols;
+        rows = std::min(tile_rows, m - i0);
+        cols = std::min(tile_cols, n - j0);
+    };
+    [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
 #if defined(_OPENMP)
 #  pragma omp parallel num_threads(threads) if (parallel)
 #endif
     {
 #if defined(_OPENMP)
         // Eigen would split a product over threads of its own when it runs outside a parallel
-        // region, with a blocking that depends on their number; one thread per tile, always,
-        // keeps every tile's summation order the same for any thread count.
+        // region, with a blocking that depends on their number; one thread per task, always,
+        // keeps every task's summation order the same for any thread count.
         omp_set_num_threads(1);
 #  pragma omp for schedule(dynamic, 1)
 #endif
-        for (index_t tile = 0; tile < tiles; ++tile) {
-            const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
-            const index_t rows = std::min(tile_rows, m - i0), cols = std::min(tile_cols, n - j0);
-            Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>> out(c + i0 * ldc + j0, rows, cols,
-                                                                                   Eigen::OuterStride<>(ldc));
-            if (beta == Acc(0)) out.setZero();
-            matrix_t<Acc> a_buffer, b_buffer;
-            for (index_t p0 = 0; p0 < k; p0 += depth) {
-                const index_t d = std::min(depth, k - p0);
-                with_block<Acc>(a, lda, trans_a, i0, p0, rows, d, a_buffer, [&](const auto& a_block) {
-                    with_block<Acc>(b, ldb, trans_b, p0, j0, d, cols, b_buffer,
-                                    [&](const auto& b_block) { out.noalias() += a_block * b_block; });
-                });
+        for (index_t task = 0; task < tasks; ++task) {
+            const index_t tile = task / split.spans, span = task % split.spans;
+            index_t i0, j0, rows, cols;
+            tile_of(tile, i0, j0, rows, cols);
+            const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
+            if (span == 0) {
+                tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
+                if (beta == Acc(0)) out.setZero();
+                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+            } else {
+                Acc* p = partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
+                tile_map out(p, rows, cols, Eigen::OuterStride<>(cols));
+                out.setZero();
+                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+            }
+        }
+        if (split.spans > 1) {
+#if defined(_OPENMP)
+#  pragma omp for schedule(static)
+#endif
+            for (index_t tile = 0; tile < tiles; ++tile) {
+                index_t i0, j0, rows, cols;
+                tile_of(tile, i0, j0, rows, cols);
+                tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
+                for (index_t span = 1; span < split.spans; ++span)
+                    out += tile_map(partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols,
+                                    rows, cols, Eigen::OuterStride<>(cols));
             }
         }
     }
