@@ -294,23 +294,8 @@ inline int run_fused_loss(const parsed_args& args, const tpo::objective_options&
                             tpo::io::encode_npy<T>(files.head_bias->array.shape, std::span<const T>(grad_bias)));
         }
     };
-    try {
-        if (files.head.array.dtype == tpo::io::npy_dtype::f8)
-            compute(double{});
-        else
-            compute(float{});
-    } catch (const tpo::io::file_error&) {
-        throw;
-    } catch (const input_error&) {
-        throw;
-    } catch (const tpo::error& e) {
-        throw input_error(tpo::detail::concat(dir.string(), ": ", e.what()));
-    }
-    outputs.check_targets();
-    out << json.str();
-    out.flush();
-    outputs.commit();
-    if (grad_dir) grad_dir->keep();
+    with_directory(dir, [&] { with_element(files.head.array.dtype, compute); });
+    publish(outputs, grad_dir, json.str(), out);
     return 0;
 }
 

@@ -24,6 +24,31 @@ public:
     using tpo::error::error;
 };
 
+/// f(), with a library error named by the input directory; the tool's own errors already name
+/// their file and pass through.
+template <class F>
+void with_directory(const std::filesystem::path& dir, F&& f) {
+    try {
+        f();
+    } catch (const tpo::io::file_error&) {
+        throw;
+    } catch (const input_error&) {
+        throw;
+    } catch (const tpo::error& e) {
+        throw input_error(tpo::detail::concat(dir.string(), ": ", e.what()));
+    }
+}
+
+/// compute(double{}) for float64 inputs and compute(float{}) otherwise: the element type the run
+/// computes in and writes its gradients in.
+template <class F>
+void with_element(tpo::io::npy_dtype dtype, F&& compute) {
+    if (dtype == tpo::io::npy_dtype::f8)
+        compute(double{});
+    else
+        compute(float{});
+}
+
 inline std::string index_text(std::span<const std::int64_t> shape, std::uint64_t flat) {
     std::vector<std::int64_t> idx(shape.size());
     for (std::size_t k = shape.size(); k-- > 0;) {

@@ -203,24 +203,9 @@ inline int run_loss(std::span<const std::string> argv, std::ostream& out) {
                             tpo::io::encode_npy<T>(like[k]->array.shape, std::span<const T>(grads[k])));
         }
     };
-    try {
-        if (chosen.policy.array.dtype == tpo::io::npy_dtype::f8)
-            compute(double{});
-        else
-            compute(float{});
-    } catch (const tpo::io::file_error&) {
-        throw;
-    } catch (const tpo::error& e) {
-        // The library's own checks name the side and the tensor; say which directory it was.
-        throw input_error(tpo::detail::concat(dir.string(), ": ", e.what()));
-    }
-    // Standard output before the files: when it cannot be written (a full disk, /dev/full), no
-    // file is placed. A target that is a directory is refused before anything is printed.
-    outputs.check_targets();
-    out << json.str();
-    out.flush();
-    outputs.commit();
-    if (grad_dir) grad_dir->keep();
+    // The library's own checks name the side and the tensor; with_directory adds the directory.
+    with_directory(dir, [&] { with_element(chosen.policy.array.dtype, compute); });
+    publish(outputs, grad_dir, json.str(), out);
     return 0;
 }
 

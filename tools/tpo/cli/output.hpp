@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
+#include <ostream>
 #include <streambuf>
 #include <string>
 #include <system_error>
@@ -130,5 +132,18 @@ private:
     std::filesystem::path path_;
     std::vector<std::filesystem::path> created_;
 };
+
+/// Ends a run that produced `text` for standard output and staged its files in `outputs` (in
+/// `dir` when it has one): standard output first, so that when it cannot be written (a full disk,
+/// /dev/full) no file is placed, and a target that is a directory is refused before anything is
+/// printed; then the files, and the directory is kept.
+inline void publish(tpo::io::staged_files& outputs, std::optional<output_directory>& dir, const std::string& text,
+                    std::ostream& out) {
+    outputs.check_targets();
+    out << text;
+    out.flush();
+    outputs.commit();
+    if (dir) dir->keep();
+}
 
 }  // namespace tpo_cli

@@ -63,10 +63,7 @@ inline int run_score(std::span<const std::string> argv, std::ostream&) {
         outputs.add(d / "weights.npy", tpo::io::encode_npy<T>(shape, std::span<const T>(narrowed(t.weights))));
         outputs.add(d / "mask.npy", tpo::io::encode_npy<std::uint8_t>(shape, std::span<const std::uint8_t>(t.mask)));
     };
-    if (clean.array.dtype == tpo::io::npy_dtype::f8)
-        compute(double{});
-    else
-        compute(float{});
+    with_element(clean.array.dtype, compute);
     outputs.commit();
     dir->keep();
     return 0;

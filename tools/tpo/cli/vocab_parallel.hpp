@@ -147,26 +147,8 @@ inline void finish(tpo::dist::mpi_communicator& comm, const parsed_args& args, c
             grad_dir.emplace(args.required("grad-dir"), "--grad-dir");
             for (const auto& [name, bytes] : files) outputs.add(grad_dir->path() / name, bytes);
         }
-        outputs.check_targets();
-        out << json.str();
-        out.flush();
-        outputs.commit();
-        if (grad_dir) grad_dir->keep();
+        publish(outputs, grad_dir, json.str(), out);
     });
-}
-
-/// A library error, named with the directory as the single-process run names it.
-template <class F>
-void with_directory(const std::filesystem::path& dir, F&& f) {
-    try {
-        f();
-    } catch (const tpo::io::file_error&) {
-        throw;
-    } catch (const input_error&) {
-        throw;
-    } catch (const tpo::error& e) {
-        throw input_error(tpo::detail::concat(dir.string(), ": ", e.what()));
-    }
 }
 
 }  // namespace vocab_parallel
@@ -228,7 +210,7 @@ inline int run_loss_vocab_parallel(const parsed_args& args, const tpo::objective
                 *views[k] = {grads[k].data(), like[k]->sequences(), like[k]->length(), shard.size};
             }
             tpo::objective_result r;
-            vp::with_directory(dir, [&] {
+            with_directory(dir, [&] {
                 with_backend(backend, [&](auto& b) {
                     r = tpo::dist::evaluate(b, comm, options, shard, batch, want_grads ? &g : nullptr);
                 });
@@ -242,10 +224,7 @@ inline int run_loss_vocab_parallel(const parsed_args& args, const tpo::objective
                     files.emplace_back(names[k], tpo::io::encode_npy<T>(like[k]->array.shape, std::span<const T>(full)));
             }
         };
-        if (chosen.policy.array.dtype == tpo::io::npy_dtype::f8)
-            compute(double{});
-        else
-            compute(float{});
+        with_element(chosen.policy.array.dtype, compute);
     } else {
         const tpo::index_t V = fused->head.array.shape[0], H = fused->head.array.shape[1];
         auto compute = [&](auto element) {
@@ -289,7 +268,7 @@ inline int run_loss_vocab_parallel(const parsed_args& args, const tpo::objective
                 }
             }
             tpo::objective_result r;
-            vp::with_directory(dir, [&] {
+            with_directory(dir, [&] {
                 with_backend(backend, [&](auto& b) {
                     if constexpr (tpo::head_backend<std::decay_t<decltype(b)>>)
                         r = tpo::dist::evaluate(b, comm, options, shard, batch, want_grads ? &g : nullptr);
@@ -313,10 +292,7 @@ inline int run_loss_vocab_parallel(const parsed_args& args, const tpo::objective
                 files.emplace_back("grad_lm_head_bias.npy",
                                    tpo::io::encode_npy<T>(fused->head_bias->array.shape, std::span<const T>(full_bias)));
         };
-        if (fused->head.array.dtype == tpo::io::npy_dtype::f8)
-            compute(double{});
-        else
-            compute(float{});
+        with_element(fused->head.array.dtype, compute);
     }
     vp::finish(comm, args, json, files, out);
     return 0;
