@@ -78,6 +78,13 @@ public:
         cpu_detail::matmul(threads_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
+    /// The fused head's chunks hold at least this many rows unless the caller sets a chunk size:
+    /// every chunk's products pack the whole head again and ∂L/∂W reads and writes its V×H
+    /// accumulator once; at V = 152064, where 2^24 values make 110-row chunks, that made the step
+    /// about 1.25× as long as with 510-row chunks (docs/performance.md). 256 rows of float logits
+    /// at V = 152064 are 149 MiB.
+    static constexpr index_t fused_chunk_rows_min() { return 256; }
+
     template <class F>
     void for_each(index_t n, F&& f) const {
         // Small passes (one index per pair) are not worth waking a team for. Indices go to the

@@ -51,10 +51,11 @@ struct fused_settings {
     logit_transform transform{};
     index_t chunk_rows = 0;  // scored rows per chunk; 0: the backend's default
 
-    /// Rows per chunk: as asked, or as many as keep a chunk of logits within `chunk_values`.
-    index_t rows_per_chunk(index_t vocab, index_t chunk_values) const {
+    /// Rows per chunk: as asked, or as many as keep a chunk of logits within `chunk_values`, but
+    /// no fewer than `rows_min`.
+    index_t rows_per_chunk(index_t vocab, index_t chunk_values, index_t rows_min) const {
         if (chunk_rows > 0) return chunk_rows;
-        return std::max<index_t>(1, chunk_values / std::max<index_t>(1, vocab));
+        return std::max<index_t>(std::max<index_t>(1, rows_min), chunk_values / std::max<index_t>(1, vocab));
     }
 };
 
@@ -66,6 +67,23 @@ index_t default_chunk_values(const B& backend) {
         return backend.fused_chunk_values();
     else
         return index_t{1} << 24;
+}
+
+/// The fewest rows per chunk when the caller sets no chunk size: the backend's own
+/// (fused_chunk_rows_min()), or 1. Each chunk's products read the whole head, so a backend whose
+/// products slow down on short chunks asks for more rows at a large V.
+template <class B>
+index_t default_chunk_rows_min(const B& backend) {
+    if constexpr (requires { backend.fused_chunk_rows_min(); })
+        return backend.fused_chunk_rows_min();
+    else
+        return 1;
+}
+
+/// Rows per chunk of `settings` on `backend` at vocabulary V.
+template <class B>
+index_t chunk_rows_of(const B& backend, const fused_settings& settings, index_t vocab) {
+    return settings.rows_per_chunk(vocab, default_chunk_values(backend), default_chunk_rows_min(backend));
 }
 
 namespace fused_detail {
@@ -415,7 +433,7 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
         backend::for_each_group(backend, n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
         return;
     }
-    const index_t C = std::min(n, settings.rows_per_chunk(V, default_chunk_values(backend)));
+    const index_t C = std::min(n, chunk_rows_of(backend, settings, V));
     auto gathered = backend.template allocate<T>(C * H);
     auto logits = backend.template allocate<A>(C * V);
     auto chunk_labels = backend.template allocate<std::int64_t>(C);
@@ -484,7 +502,7 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
 
     const auto n = static_cast<index_t>(host_full.size());
     if (n == 0) return;
-    const index_t C = std::min(n, settings.rows_per_chunk(V, default_chunk_values(backend)));
+    const index_t C = std::min(n, chunk_rows_of(backend, settings, V));
     // A linear transform has a constant derivative, folded into the coefficients (α and β scale
     // with it), and the gradient overwrites the chunk's logits in place; a soft-cap's derivative
     // needs each logit, so the gradient goes into a second chunk.
