@@ -65,8 +65,9 @@ struct objective_options {
     double logit_scale = 1.0;
     std::optional<double> logit_softcap;
     double temperature = 1.0;
-    /// Scored rows per chunk of the fused lm_head path; unset: as many as keep a chunk of logits
-    /// near 2^24 values (64 MiB in float).
+    /// Scored rows per chunk of the fused lm_head path; unset: the backend's default, as many as
+    /// keep a chunk of logits near 2^24 values (64 MiB in float) on the CPU and the host systems,
+    /// 2^27 on CUDA, and on the CPU at least 256 rows.
     std::optional<index_t> chunk_tokens;
 
     logit_transform transform() const { return {logit_scale, logit_softcap.value_or(0.0), temperature}; }
