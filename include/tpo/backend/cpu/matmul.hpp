@@ -56,22 +56,32 @@ template <class Acc>
 using map_t = Eigen::Map<const matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
 /// Calls f with op(M)[rows r0.., cols c0..] (r × c) of a matrix M stored with row stride ld: a
-/// map of M in place when M is stored in Acc (a transposed map for op(M) = Mᵀ, which Eigen's
-/// product reads as it is), a block widened into `buffer` otherwise.
+/// map of M in place when M is stored in Acc, a block widened into `buffer` otherwise. Either way
+/// the block keeps M's layout (for op(M) = Mᵀ, a transposed view, which Eigen's product reads as
+/// it is), so the widening reads and writes memory in order and the compiler vectorises it.
 template <class Acc, class M, class F>
 void with_block(const M* data, index_t ld, bool trans, index_t r0, index_t c0, index_t r, index_t c,
                 matrix_t<Acc>& buffer, F&& f) {
+    // The block as M stores it: c × r from row c0, column r0 for op(M) = Mᵀ.
+    const index_t rows = trans ? c : r, cols = trans ? r : c;
+    const M* first = data + (trans ? c0 * ld + r0 : r0 * ld + c0);
     if constexpr (std::is_same_v<M, Acc>) {
+        const map_t<Acc> block(first, rows, cols, Eigen::OuterStride<>(ld));
         if (trans)
-            f(map_t<Acc>(data + c0 * ld + r0, c, r, Eigen::OuterStride<>(ld)).transpose());
+            f(block.transpose());
         else
-            f(map_t<Acc>(data + r0 * ld + c0, r, c, Eigen::OuterStride<>(ld)));
+            f(block);
     } else {
-        buffer.resize(r, c);
-        for (index_t i = 0; i < r; ++i)
-            for (index_t j = 0; j < c; ++j)
-                buffer(i, j) = widen<Acc>(trans ? data[(c0 + j) * ld + r0 + i] : data[(r0 + i) * ld + c0 + j]);
-        f(buffer);
+        buffer.resize(rows, cols);
+        for (index_t i = 0; i < rows; ++i) {
+            const M* src = first + i * ld;
+            Acc* dst = buffer.data() + i * cols;
+            for (index_t j = 0; j < cols; ++j) dst[j] = widen<Acc>(src[j]);
+        }
+        if (trans)
+            f(buffer.transpose());
+        else
+            f(buffer);
     }
 }
 
