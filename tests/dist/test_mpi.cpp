@@ -27,6 +27,7 @@
 #include "support/agreement.hpp"
 #include "support/batch.hpp"
 #include "support/hidden.hpp"
+#include "support/shards.hpp"
 
 namespace {
 
@@ -34,6 +35,7 @@ using tpo::index_t;
 using tpo_test::batch_data;
 using tpo_test::gradient_data;
 using tpo_test::hidden::hidden_data;
+using namespace tpo_test::shards;
 
 tpo::dist::mpi_communicator& world() {
     static tpo::dist::mpi_communicator comm(MPI_COMM_WORLD);
@@ -41,34 +43,6 @@ tpo::dist::mpi_communicator& world() {
 }
 
 tpo::dist::vocab_shard my_shard(index_t vocab) { return tpo::dist::vocab_shard::even(vocab, world().size(), world().rank()); }
-
-/// Columns [offset, offset + size) of every row of a (rows × vocab) tensor.
-template <class T>
-std::vector<T> columns(const std::vector<T>& full, index_t vocab, index_t offset, index_t size) {
-    std::vector<T> out;
-    if (full.empty()) return out;
-    const index_t rows = static_cast<index_t>(full.size()) / vocab;
-    for (index_t r = 0; r < rows; ++r)
-        out.insert(out.end(), full.begin() + r * vocab + offset, full.begin() + r * vocab + offset + size);
-    return out;
-}
-
-/// Rows [first, first + count) of a (rows × width) tensor.
-template <class T>
-std::vector<T> row_block(const std::vector<T>& full, index_t width, index_t first, index_t count) {
-    if (full.empty()) return {};
-    return std::vector<T>(full.begin() + first * width, full.begin() + (first + count) * width);
-}
-
-template <class T>
-batch_data<T> slice(const batch_data<T>& d, const tpo::dist::vocab_shard& s) {
-    batch_data<T> out = d;
-    for (auto* side : {&out.chosen, &out.rejected}) {
-        for (int k = 0; k < 4; ++k) side->tensor(k) = columns(side->tensor(k), d.chosen.vocab, s.offset, s.size);
-        side->vocab = s.size;
-    }
-    return out;
-}
 
 /// |a − b| ≤ tol·(|b| + max|full|): the error of each entry of a rank's slice, relative to the
 /// entry plus the largest entry of the whole single-process tensor (norm-wise relative, as for any
@@ -152,12 +126,6 @@ void compare_logits(Backend& backend, const tpo::objective_options& options, con
     }
 }
 
-template <class T>
-batch_data<T> make_batch(std::uint64_t seed, index_t pairs, index_t lw, index_t ll, index_t vocab) {
-    std::mt19937_64 rng(seed);
-    return tpo_test::convert<T>(tpo_test::random_batch<double>(rng, pairs, lw, ll, vocab));
-}
-
 }  // namespace
 
 TEST_CASE("sharded logits equal the single process in fp64 (reference backend), every option", "[logits]") {
@@ -191,17 +159,6 @@ TEST_CASE("sharded logits: bf16 gradients of fp32 logits on the CPU backend", "[
 }
 
 namespace {
-
-template <class T>
-hidden_data<T> hidden_slice(const hidden_data<T>& d, const tpo::dist::vocab_shard& s) {
-    hidden_data<T> out = d;
-    out.vocab = s.size;
-    out.weight = row_block(d.weight, d.hidden, s.offset, s.size);
-    out.reference_weight = row_block(d.reference_weight, d.hidden, s.offset, s.size);
-    out.bias = row_block(d.bias, 1, s.offset, s.size);
-    out.reference_bias = row_block(d.reference_bias, 1, s.offset, s.size);
-    return out;
-}
 
 template <class T, class G, class Backend>
 void compare_hidden(Backend& backend, const tpo::objective_options& options, const hidden_data<T>& data, double tol) {
@@ -338,14 +295,6 @@ bool on_every_rank(bool ok) {
     int mine = ok ? 1 : 0, all = 0;
     MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     return all == 1;
-}
-
-/// Entries [first·width, (first + count)·width) of a vector, as doubles times `scale`.
-template <class T>
-std::vector<double> scaled_rows(const std::vector<T>& v, index_t width, index_t first, index_t count, double scale = 1.0) {
-    std::vector<double> out;
-    for (index_t i = first * width; i < (first + count) * width; ++i) out.push_back(scale * tpo::widen<double>(v[i]));
-    return out;
 }
 
 /// The ranks' micro-batches: rank k holds pairs[k] pairs drawn from seed + k, every side of one

@@ -34,6 +34,7 @@
 
 #include "support/batch.hpp"
 #include "support/hidden.hpp"
+#include "support/shards.hpp"
 
 namespace {
 
@@ -41,6 +42,7 @@ using tpo::index_t;
 using tpo_test::batch_data;
 using tpo_test::gradient_data;
 using tpo_test::hidden::hidden_data;
+using namespace tpo_test::shards;
 using communicator = tpo::libtorch::process_group_communicator;
 
 int failures = 0;
@@ -146,43 +148,6 @@ void collectives(communicator& comm, rank_checks& c) {
 
 // ---- the vocabulary split
 
-/// Columns [offset, offset + size) of every row of a (rows × vocab) tensor.
-template <class T>
-std::vector<T> columns(const std::vector<T>& full, index_t vocab, index_t offset, index_t size) {
-    std::vector<T> out;
-    const index_t rows = static_cast<index_t>(full.size()) / vocab;
-    for (index_t row = 0; row < rows; ++row)
-        out.insert(out.end(), full.begin() + row * vocab + offset, full.begin() + row * vocab + offset + size);
-    return out;
-}
-
-/// Rows [first, first + count) of a (rows × width) tensor.
-template <class T>
-std::vector<T> row_block(const std::vector<T>& full, index_t width, index_t first, index_t count) {
-    return std::vector<T>(full.begin() + first * width, full.begin() + (first + count) * width);
-}
-
-template <class T>
-batch_data<T> slice(const batch_data<T>& d, const tpo::dist::vocab_shard& s) {
-    batch_data<T> out = d;
-    for (auto* side : {&out.chosen, &out.rejected}) {
-        for (int k = 0; k < 4; ++k) side->tensor(k) = columns(side->tensor(k), d.chosen.vocab, s.offset, s.size);
-        side->vocab = s.size;
-    }
-    return out;
-}
-
-template <class T>
-hidden_data<T> hidden_slice(const hidden_data<T>& d, const tpo::dist::vocab_shard& s) {
-    hidden_data<T> out = d;
-    out.vocab = s.size;
-    out.weight = row_block(d.weight, d.hidden, s.offset, s.size);
-    out.reference_weight = row_block(d.reference_weight, d.hidden, s.offset, s.size);
-    out.bias = row_block(d.bias, 1, s.offset, s.size);
-    out.reference_bias = row_block(d.reference_bias, 1, s.offset, s.size);
-    return out;
-}
-
 /// |a − b| ≤ tol·max(1, |b|) element-wise, b the single process's value.
 void check_values(rank_checks& c, const std::vector<double>& a, const std::vector<double>& b, double tol,
                   const std::string& what) {
@@ -248,12 +213,6 @@ std::vector<std::pair<std::string, tpo::objective_options>> option_cases() {
     o.score = tpo::score_kind::prob;
     out.emplace_back("tpo prob score", o);
     return out;
-}
-
-template <class T>
-batch_data<T> make_batch(std::uint64_t seed, index_t pairs, index_t lw, index_t ll, index_t vocab) {
-    std::mt19937_64 rng(seed);
-    return tpo_test::convert<T>(tpo_test::random_batch<double>(rng, pairs, lw, ll, vocab));
 }
 
 /// Every rank's slice of a logits batch through dist::evaluate against the single process.
@@ -327,14 +286,6 @@ struct dp_batches {
             }
     }
 };
-
-/// Entries [first·width, (first + count)·width) as doubles times `scale`.
-template <class T>
-std::vector<double> scaled_rows(const std::vector<T>& v, index_t width, index_t first, index_t count, double scale = 1.0) {
-    std::vector<double> out;
-    for (index_t i = first * width; i < (first + count) * width; ++i) out.push_back(scale * tpo::widen<double>(v[i]));
-    return out;
-}
 
 /// Each rank's pairs through dist::data_parallel_evaluate: the loss and metrics are the whole
 /// batch's, the per-pair values the rank's rows of the single process's, and the rank's gradient
