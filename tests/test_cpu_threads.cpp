@@ -614,3 +614,80 @@ TEST_CASE("cpu backend: the fused head's default chunk is 2^24 values, and at le
     CHECK(tpo::rows::chunk_rows_of(backend, settings, 152064) == 7);
     CHECK(tpo::rows::chunk_rows_of(backend, settings, 32000) == 7);
 }
+
+TEST_CASE("cpu backend: the scratch pool reuses blocks that fit and keeps no more than a step had alive",
+          "[cpu][scratch]") {
+    tpo::backend::cpu_detail::scratch_pool pool;
+    constexpr std::size_t mib = std::size_t(1) << 20;
+    void* a = pool.acquire(4 * mib);
+    void* b = pool.acquire(4 * mib);  // 8 MiB alive: the most so far
+    CHECK(pool.kept_bytes() == 0);
+    pool.give_back(a);
+    CHECK(pool.kept_bytes() == 4 * mib);
+    CHECK(pool.acquire(3 * mib) == a);  // 4 MiB fits 3 MiB (at most twice the request)
+    pool.give_back(a);
+    pool.give_back(b);
+    CHECK(pool.kept_bytes() == 8 * mib);
+    // 4 MiB is more than twice 1 MiB, so nothing fits: kept blocks go, oldest first, until
+    // kept + alive + the request is within the 8 MiB high-water mark again (a goes, b stays).
+    void* c = pool.acquire(mib);
+    CHECK(pool.kept_bytes() == 4 * mib);
+    pool.give_back(c);
+    void* d = pool.acquire(6 * mib);  // nothing fits; b goes (1 + 6 ≤ 8), c stays
+    CHECK(pool.kept_bytes() == mib);
+    CHECK(pool.acquire(mib) == c);
+    CHECK(pool.kept_bytes() == 0);
+    pool.give_back(c);
+    pool.give_back(d);
+    CHECK(pool.release() == 7 * mib);
+    CHECK(pool.kept_bytes() == 0);
+}
+
+TEST_CASE("cpu backend: buffers from kept scratch are zeroed, and fused steps that reuse it give the same bits",
+          "[cpu][scratch][fused]") {
+    using tpo::backend::cpu;
+    const cpu backend(2);
+    (void)cpu::release_cached_scratch();
+    constexpr index_t n = (index_t{3} << 20) / 4 + 16;  // floats, in the pool's range
+    const float* first = nullptr;
+    {
+        auto dirty = backend.allocate<float>(n);
+        first = dirty.data();
+        std::fill(dirty.begin(), dirty.end(), 7.0f);
+    }
+    CHECK(cpu::cached_scratch_bytes() >= static_cast<std::size_t>(n) * sizeof(float));
+    {
+        const auto again = backend.allocate<float>(n);
+        CHECK(again.data() == first);
+        CHECK(std::all_of(again.begin(), again.end(), [](float x) { return x == 0.0f; }));
+    }
+
+    // A 16-bit head accumulates ∂L/∂W in a V×H float scratch (here 6 MiB), and each side's rows
+    // make one chunk of float logits of more than 1 MiB: the second and third steps run on the
+    // blocks the first one left, dirty.
+    using namespace tpo_test::hidden;
+    std::mt19937_64 rng(47);
+    const auto data = convert<tpo::bfloat16>(random_hidden(rng, 2, 90, 70, 384, 4096));
+    tpo::objective_options options;
+    options.chunk_tokens = 900;
+    auto step = [&] {
+        hidden_gradient_data<tpo::bfloat16> g(data);
+        auto views = g.views(data, true);
+        const tpo::objective_result r = tpo::evaluate(backend, options, data.batch(), &views);
+        return std::pair{r, g};
+    };
+    (void)cpu::release_cached_scratch();
+    const auto [r1, g1] = step();
+    const std::size_t kept = cpu::cached_scratch_bytes();
+    CHECK(kept > std::size_t{4096} * 384 * sizeof(float));
+    for (int repeat = 0; repeat < 2; ++repeat) {
+        const auto [r, g] = step();
+        CHECK(cpu::cached_scratch_bytes() == kept);
+        CHECK(same_bits(r, r1));
+        for (int k = 0; k < 4; ++k) CHECK(same_bits(g.hidden[k], g1.hidden[k]));
+        CHECK(same_bits(g.weight, g1.weight));
+        CHECK(same_bits(g.bias, g1.bias));
+    }
+    CHECK(cpu::release_cached_scratch() == kept);
+    CHECK(cpu::cached_scratch_bytes() == 0);
+}

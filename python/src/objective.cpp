@@ -448,6 +448,13 @@ void bind_objective(nb::module_& m) {
     m.def("token_scores", &token_scores, nb::arg("clean"), nb::arg("noisy"), nb::arg("labels"), nb::kw_only(),
           nb::arg("side"), nb::arg("score"), nb::arg("a"), nb::arg("shift"), nb::arg("ignore_index"),
           nb::arg("backend"), nb::arg("threads"), nb::arg("stream"));
+    m.def("release_cpu_scratch", []() -> std::size_t {
+#if defined(TPO_PYTHON_WITH_CPU_BACKEND)
+        return tpo::backend::cpu::release_cached_scratch();
+#else
+        return 0;
+#endif
+    });
 }
 
 }  // namespace tpo_python

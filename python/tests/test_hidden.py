@@ -115,3 +115,22 @@ def test_hidden_state_inputs_refuse_bad_heads():
     o.forward_hidden(**states, **labels, **heads)
     with pytest.raises(tpo.ShapeError, match="out\\['lm_head'\\]: shape \\(9, 5\\), expected that of the lm_head"):
         o.backward(out={"lm_head": np.zeros((9, 5))})
+
+
+def test_cpu_scratch_is_kept_between_calls_and_released_on_request():
+    if "cpu" not in tpo.backends:
+        pytest.skip("backend cpu not built")
+    rng = np.random.default_rng(5)
+    # 2 pairs of 40 tokens at V = 4096 in float64: each side's chunk of logits is 2.5 MiB, in the
+    # range the CPU backend keeps.
+    states, labels, heads = hidden_batch(rng, lengths=(40, 40), hidden=8, vocab=4096)
+    objective = tpo.Objective(backend="cpu")
+    tpo.release_cpu_scratch()
+    runs = []
+    for _ in range(2):
+        result = objective.forward_hidden(**states, **labels, **heads)
+        runs.append((result.loss, objective.backward().lm_head.copy()))
+    assert runs[1][0] == runs[0][0]
+    np.testing.assert_array_equal(runs[1][1], runs[0][1])
+    assert tpo.release_cpu_scratch() >= 2 * 40 * 4096 * 8 // 2
+    assert tpo.release_cpu_scratch() == 0

@@ -27,5 +27,16 @@ __version__ = _tpo.version
 #: at build time, "cuda" in a CUDA build.
 backends = tuple(_tpo.backends())
 
-__all__ = ["Objective", "Result", "Gradients", "token_scores", "TokenScores", "corrupt", "Error", "ShapeError",
+
+
+def release_cpu_scratch():
+    """Frees the scratch memory the CPU backend keeps between calls; returns its size in bytes.
+
+    The fused lm_head path's chunks of logits (by default 64 MiB of float, at least 256 rows of V)
+    and a 16-bit head's float gradient accumulator (V×H) are kept for the next call rather than
+    mapped and zeroed again every step; at most what one call had in use at once is kept."""
+    return _tpo.release_cpu_scratch()
+
+
+__all__ = ["release_cpu_scratch", "Objective", "Result", "Gradients", "token_scores", "TokenScores", "corrupt", "Error", "ShapeError",
            "InvalidValueError", "NonFiniteResultError", "backends"]

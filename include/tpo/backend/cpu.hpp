@@ -7,7 +7,8 @@
 // Rows are independent and each row is reduced in a fixed order (cpu/kernels.inl), so every
 // result is bit-identical for any thread count at one level, and the policy and the reference
 // logits go through the same code: identical logits give h = 0 exactly (docs/formulas.md#numerics).
-// Scratch is O(S·L) row statistics; the O(S·L·V) memory is the caller's inputs and gradients.
+// Scratch is O(S·L) row statistics, and for the fused lm_head path its chunks, kept between
+// steps (cpu/scratch.hpp); the O(S·L·V) memory is the caller's inputs and gradients.
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +23,7 @@
 #include "tpo/backend/cpu/matmul.hpp"
 #include "tpo/backend/cpu/kernels.hpp"
 #include "tpo/backend/cpu/level.hpp"
+#include "tpo/backend/cpu/scratch.hpp"
 #include "tpo/core/error.hpp"
 #include "tpo/reward/row_stats.hpp"
 
@@ -35,8 +37,10 @@ namespace backend {
 
 class cpu {
 public:
+    /// Zero-initialised; blocks of 1 MiB or more come from the program's scratch pool
+    /// (cpu/scratch.hpp), so the fused path's chunks are not mapped and faulted in every step.
     template <class T>
-    using buffer = std::vector<T>;
+    using buffer = std::vector<T, cpu_detail::scratch_allocator<T>>;
 
     /// `threads` ≤ 0 takes OpenMP's default (omp_get_max_threads()); without OpenMP, one thread.
     /// The kernels' instruction-set level is default_cpu_level() (the CPU's best, or TPO_CPU_LEVEL).
@@ -62,13 +66,21 @@ public:
     }
     template <class T>
     std::vector<T> to_host(const buffer<T>& b) const {
-        return b;
+        return std::vector<T>(b.begin(), b.end());
     }
 
     template <class T>
     buffer<T> upload(const std::vector<T>& host) const {
-        return host;
+        return buffer<T>(host.begin(), host.end());
     }
+
+    /// Frees the large scratch blocks kept for the next step by every CPU backend object of the
+    /// program (at most the most scratch one step had alive at once); returns their bytes. Blocks
+    /// in use are not touched. For a process that stops evaluating, or must give memory back.
+    static std::size_t release_cached_scratch() noexcept { return cpu_detail::scratch().release(); }
+
+    /// Bytes of the scratch blocks kept for reuse.
+    static std::size_t cached_scratch_bytes() { return cpu_detail::scratch().kept_bytes(); }
 
     /// C (m×n) = op(A)·op(B) + beta·C (beta 0 or 1), A stored m×k (k×m when trans_a) with row
     /// stride lda, B likewise: cpu/matmul.hpp, bit-identical for any thread count.
