@@ -549,17 +549,20 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
         for (auto& x : v) x = normal(rng);
         return v;
     };
-    const std::vector<double> a = random_matrix(m * k), b = random_matrix(k * n), start = random_matrix(m * n);
+    // Rows one value longer than the product reads: odd and even row strides (the AMX path packs
+    // even ones with gathers).
+    const std::vector<double> a = random_matrix((m + 1) * (k + 1)), b = random_matrix((k + 1) * (n + 1)),
+                              start = random_matrix(m * n);
     struct form {
         bool trans_a, trans_b;
         double beta;
     };
     for (const form f : {form{false, true, 0.0}, form{false, false, 0.0}, form{true, false, 1.0}}) {
         // A is m×k (k×m stored when transposed), B is k×n (n×k stored when transposed).
-        const index_t lda = f.trans_a ? m : k, ldb = f.trans_b ? k : n;
+        const index_t lda = (f.trans_a ? m : k) + 1, ldb = (f.trans_b ? k : n) + 1;
         auto a_at = [&](index_t i, index_t p) { return f.trans_a ? a[p * lda + i] : a[i * lda + p]; };
         auto b_at = [&](index_t p, index_t j) { return f.trans_b ? b[j * ldb + p] : b[p * ldb + j]; };
-        auto run = [&](auto operand, auto acc, int threads) {
+        auto run = [&](auto operand, auto acc, int threads, cpu_level level) {
             using T = decltype(operand);
             using Acc = decltype(acc);
             std::vector<T> ta(a.size()), tb(b.size());
@@ -567,15 +570,21 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
             for (std::size_t i = 0; i < b.size(); ++i) tb[i] = tpo::narrow<T>(b[i]);
             std::vector<Acc> c(start.size());
             for (std::size_t i = 0; i < c.size(); ++i) c[i] = static_cast<Acc>(start[i]);
-            tpo::backend::cpu(threads).matmul(f.trans_a, f.trans_b, m, n, k, ta.data(), lda, tb.data(), ldb, c.data(),
-                                              n, static_cast<Acc>(f.beta));
+            tpo::backend::cpu(threads, level)
+                .matmul(f.trans_a, f.trans_b, m, n, k, ta.data(), lda, tb.data(), ldb, c.data(), n,
+                        static_cast<Acc>(f.beta));
             return c;
         };
         auto check = [&](auto operand, auto acc, double tolerance) {
+            // Every level: at avx512 the bf16 H·Wᵀ form runs on the AMX tile unit where the CPU
+            // has one, Eigen's product elsewhere.
+            for (cpu_level level : supported_levels()) {
             using T = decltype(operand);
-            INFO("trans_a " << f.trans_a << ", trans_b " << f.trans_b << ", operand bytes " << sizeof(T));
-            const auto c1 = run(operand, acc, 1);
-            for (int threads : {2, 4}) CHECK(same_bits(run(operand, acc, threads), c1));
+            INFO("trans_a " << f.trans_a << ", trans_b " << f.trans_b << ", operand bytes " << sizeof(T)
+                            << ", level " << tpo::backend::to_string(level)
+                            << ", AMX " << tpo::backend::cpu_detail::amx_bf16_usable());
+            const auto c1 = run(operand, acc, 1, level);
+            for (int threads : {2, 4}) CHECK(same_bits(run(operand, acc, threads, level), c1));
             // Against the product of the operands as the backend saw them, in double: the error
             // of a float sum of k products is below k·eps·Σ|a·b| (a loose bound, per entry).
             std::vector<double> rows(static_cast<std::size_t>(m * k)), cols(static_cast<std::size_t>(n * k));
@@ -596,6 +605,7 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
                     worst = std::max(worst, std::abs(static_cast<double>(c1[i * n + j]) - exact) / magnitude);
                 }
             CHECK(worst < tolerance);
+            }
         };
         check(float{}, float{}, 1e-5);
         check(tpo::bfloat16{}, float{}, 1e-5);

@@ -1,7 +1,8 @@
 #pragma once
 // The CPU backend: the primitives of backend/concept.hpp with the backend's own vector kernels
 // inside a row (cpu/kernels.hpp: SSE2, AVX2 or AVX-512, chosen at run time, cpu/level.hpp) and
-// OpenMP across rows; Eigen for the fused lm_head's matrix products (cpu/matmul.hpp). Needs Eigen
+// OpenMP across rows; Eigen for the fused lm_head's matrix products (cpu/matmul.hpp), and the AMX
+// tile unit for its bf16 logits product where the CPU has one (cpu/amx.hpp). Needs Eigen
 // 3.4 and (for more than one thread) OpenMP.
 //
 // Rows are independent and each row is reduced in a fixed order (cpu/kernels.inl), so every
@@ -87,7 +88,8 @@ public:
     template <class X, class Y, class Acc>
     void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
                 index_t ldb, Acc* c, index_t ldc, Acc beta) const {
-        cpu_detail::matmul(threads_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+        const bool amx = level_ == cpu_level::avx512 && cpu_detail::amx_bf16_usable();
+        cpu_detail::matmul(threads_, amx, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
     /// The fused head's chunks hold at least this many rows unless the caller sets a chunk size:

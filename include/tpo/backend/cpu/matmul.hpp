@@ -9,13 +9,17 @@
 // (m, n, k) only, never on the thread count, so every result is bit-identical for any number of
 // threads. Operands already in the accumulation type are read in place (Eigen maps with strides);
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
-// whole head ever exists.
+// whole head ever exists. The bf16 logits product (H·Wᵀ, both operands bf16, float out) runs on
+// the AMX tile unit instead where the caller allows it and the CPU has it (cpu/amx.hpp), in the
+// same tiles and spans.
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
+
+#include "tpo/backend/cpu/amx.hpp"
 
 #if defined(_OPENMP)
 #  include <omp.h>
@@ -85,10 +89,20 @@ void with_block(const M* data, index_t ld, bool trans, index_t r0, index_t c0, i
     }
 }
 
-/// C[tile] (+)= op(A)·op(B) over k in [k0, k0 + span), the k blocks added in order.
+/// C[tile] (+)= op(A)·op(B) over k in [k0, k0 + span), the k blocks added in order; on the AMX
+/// tile unit when `amx` and the product is bf16 A·Bᵀ into float.
 template <class Acc, class X, class Y, class Out>
-void tile_product(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
+void tile_product(bool amx, bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
                   index_t span, const X* a, index_t lda, const Y* b, index_t ldb, Out& out) {
+    if constexpr (std::is_same_v<X, bfloat16> && std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float>) {
+        if (amx && !trans_a && trans_b) {
+            amx_scratch scratch;
+            for (index_t p0 = k0; p0 < k0 + span; p0 += amx_depth)
+                amx_product_bt(rows, cols, std::min(amx_depth, k0 + span - p0), a + i0 * lda + p0, lda,
+                               b + j0 * ldb + p0, ldb, out.data(), out.outerStride(), scratch);
+            return;
+        }
+    }
     const bool widened = !std::is_same_v<X, Acc> || !std::is_same_v<Y, Acc>;
     const index_t depth = widened ? tile_depth : std::max<index_t>(span, 1);
     matrix_t<Acc> a_buffer, b_buffer;
@@ -101,9 +115,10 @@ void tile_product(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t ro
     }
 }
 
-/// See the file comment; beta is 0 or 1.
+/// See the file comment; beta is 0 or 1; `amx`: the bf16 logits product may use the tile unit
+/// (the caller has checked amx_bf16_usable()).
 template <class X, class Y, class Acc>
-void matmul(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
+void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
             const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
     using tile_map = Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
     const index_t tiles_m = (m + tile_rows - 1) / tile_rows, tiles_n = (n + tile_cols - 1) / tile_cols;
@@ -140,12 +155,12 @@ void matmul(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index
             if (span == 0) {
                 tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
                 if (beta == Acc(0)) out.setZero();
-                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+                tile_product<Acc>(amx, trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
             } else {
                 Acc* p = partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
                 tile_map out(p, rows, cols, Eigen::OuterStride<>(cols));
                 out.setZero();
-                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+                tile_product<Acc>(amx, trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
             }
         }
         if (split.spans > 1) {
