@@ -13,7 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #include "tpo/backend/cpu/level.hpp"
 #include "tpo/core/config.hpp"
@@ -56,10 +56,11 @@ inline bool amx_bf16_usable() {
 inline constexpr index_t amx_block = 256;  // the largest m and n of one call
 inline constexpr index_t amx_depth = 512;  // the largest k of one call
 
-/// Packing space of one thread's calls: A as 256 padded rows, B interleaved.
+/// Packing space of one thread's calls: A as 256 padded rows, B interleaved. Not zeroed: a call
+/// writes every value it reads, the padding included.
 struct amx_scratch {
-    std::vector<std::uint16_t> a = std::vector<std::uint16_t>(static_cast<std::size_t>(amx_block * amx_depth));
-    std::vector<std::uint32_t> b = std::vector<std::uint32_t>(static_cast<std::size_t>(amx_block * amx_depth / 2));
+    std::unique_ptr<std::uint16_t[]> a{new std::uint16_t[static_cast<std::size_t>(amx_block * amx_depth)]};
+    std::unique_ptr<std::uint32_t[]> b{new std::uint32_t[static_cast<std::size_t>(amx_block * amx_depth / 2)]};
 };
 
 #if TPO_CPU_AMX
@@ -76,8 +77,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) inline void amx_product_bt(
     index_t m, index_t n, index_t k, const bfloat16* a, index_t lda, const bfloat16* b, index_t ldb, float* c,
     index_t ldc, amx_scratch& scratch) {
     const index_t kp = (k + 31) / 32 * 32, mp = (m + 31) / 32 * 32, np = (n + 31) / 32 * 32;
-    std::uint16_t* ap = scratch.a.data();
-    std::uint32_t* bp = scratch.b.data();
+    std::uint16_t* ap = scratch.a.get();
+    std::uint32_t* bp = scratch.b.get();
     static_assert(sizeof(bfloat16) == 2);
     for (index_t i = 0; i < mp; ++i) {
         std::uint16_t* dst = ap + i * kp;
