@@ -38,6 +38,7 @@ inline constexpr index_t tile_depth = 512;  // k block of 16-bit operands
 // A product with fewer tiles than this splits k, into spans of at least split_depth_min.
 inline constexpr index_t split_tasks = 16;
 inline constexpr index_t split_depth_min = 2048;
+static_assert(tile_rows <= amx_block && tile_cols <= amx_block, "an AMX call covers a whole tile");
 
 /// How matmul cuts k: `spans` spans of `depth` (the last may be shorter). One span unless the
 /// product has few tiles and a long k.
