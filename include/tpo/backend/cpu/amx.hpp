@@ -6,7 +6,8 @@
 // (m×k) and B (n×k) bf16 stored by rows, the form of the logits H·Wᵀ. A is copied into rows padded
 // to 32 values, B into the tile unit's pair-interleaved layout (16 columns × 2 values of k per
 // 64-byte row); the edges are padded with zeros. The tile unit multiplies bf16 exactly and adds in
-// float, four 16×16 blocks of C at a time, in a fixed order of k, so a block's result depends on
+// float (subnormal inputs and results count as zero, far below any logit that matters), four
+// 16×16 blocks of C at a time, in a fixed order of k, so a block's result depends on
 // nothing but its operands: bit-identical for any thread count, as the rest of cpu/matmul.hpp.
 // Compiled for the tile unit by per-function target attributes, like the level kernels, so
 // translation units built with any flags share one definition.
