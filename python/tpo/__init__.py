@@ -38,5 +38,5 @@ def release_cpu_scratch():
     return _tpo.release_cpu_scratch()
 
 
-__all__ = ["release_cpu_scratch", "Objective", "Result", "Gradients", "token_scores", "TokenScores", "corrupt", "Error", "ShapeError",
-           "InvalidValueError", "NonFiniteResultError", "backends"]
+__all__ = ["Objective", "Result", "Gradients", "token_scores", "TokenScores", "corrupt", "Error", "ShapeError",
+           "InvalidValueError", "NonFiniteResultError", "backends", "release_cpu_scratch"]
