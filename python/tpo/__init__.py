@@ -28,7 +28,6 @@ __version__ = _tpo.version
 backends = tuple(_tpo.backends())
 
 
-
 def release_cpu_scratch():
     """Frees the scratch memory the CPU backend keeps between calls; returns its size in bytes.
 

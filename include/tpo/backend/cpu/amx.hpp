@@ -123,30 +123,34 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) inline void amx_product_bt(
     }
     _tile_loadconfig(&config);
     alignas(64) float edge[4][16 * 16];
-    const int a_stride = static_cast<int>(kp * 2), c_stride = static_cast<int>(ldc * 4);
+    const int a_stride = static_cast<int>(kp * 2);
     for (index_t i = 0; i < mp; i += 32)
         for (index_t j = 0; j < np; j += 32) {
-            // Tiles 0–3: C's 32×32 block as four 16×16; 4, 5: A's rows i.., i+16..; 6, 7: B's
-            // column groups j/16 and j/16 + 1.
+            // Tiles 0–3: C's 32×32 block as four 16×16 parts, read and written in place when the
+            // block lies inside C, else through `edge` (zeros beyond C); 4, 5: A's rows i..,
+            // i+16..; 6, 7: B's column groups j/16 and j/16 + 1.
             const bool inside = i + 32 <= m && j + 32 <= n;
-            float* c00 = c + i * ldc + j;
-            if (inside) {
-                _tile_loadd(0, c00, c_stride);
-                _tile_loadd(1, c00 + 16, c_stride);
-                _tile_loadd(2, c00 + 16 * ldc, c_stride);
-                _tile_loadd(3, c00 + 16 * ldc + 16, c_stride);
-            } else {
+            auto each_edge_value = [&](auto&& f) {
                 for (int q = 0; q < 4; ++q)
                     for (index_t r = 0; r < 16; ++r)
                         for (index_t s = 0; s < 16; ++s) {
                             const index_t row = i + (q / 2) * 16 + r, col = j + (q % 2) * 16 + s;
-                            edge[q][r * 16 + s] = row < m && col < n ? c[row * ldc + col] : 0.0f;
+                            if (row < m && col < n) f(edge[q][r * 16 + s], c[row * ldc + col]);
                         }
-                _tile_loadd(0, edge[0], 64);
-                _tile_loadd(1, edge[1], 64);
-                _tile_loadd(2, edge[2], 64);
-                _tile_loadd(3, edge[3], 64);
+            };
+            float* const c00 = c + i * ldc + j;
+            float* part[4] = {c00, c00 + 16, c00 + 16 * ldc, c00 + 16 * ldc + 16};
+            int stride = static_cast<int>(ldc * 4);
+            if (!inside) {
+                std::memset(edge, 0, sizeof edge);
+                each_edge_value([](float& e, const float& x) { e = x; });
+                for (int q = 0; q < 4; ++q) part[q] = edge[q];
+                stride = 64;
             }
+            _tile_loadd(0, part[0], stride);
+            _tile_loadd(1, part[1], stride);
+            _tile_loadd(2, part[2], stride);
+            _tile_loadd(3, part[3], stride);
             const std::uint16_t* a0 = ap + i * kp;
             const std::uint32_t* b0 = bp + (j / 16) * (kp / 2) * 16;
             const std::uint32_t* b1 = b0 + (kp / 2) * 16;
@@ -160,23 +164,11 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) inline void amx_product_bt(
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(3, 5, 7);
             }
-            if (inside) {
-                _tile_stored(0, c00, c_stride);
-                _tile_stored(1, c00 + 16, c_stride);
-                _tile_stored(2, c00 + 16 * ldc, c_stride);
-                _tile_stored(3, c00 + 16 * ldc + 16, c_stride);
-            } else {
-                _tile_stored(0, edge[0], 64);
-                _tile_stored(1, edge[1], 64);
-                _tile_stored(2, edge[2], 64);
-                _tile_stored(3, edge[3], 64);
-                for (int q = 0; q < 4; ++q)
-                    for (index_t r = 0; r < 16; ++r)
-                        for (index_t s = 0; s < 16; ++s) {
-                            const index_t row = i + (q / 2) * 16 + r, col = j + (q % 2) * 16 + s;
-                            if (row < m && col < n) c[row * ldc + col] = edge[q][r * 16 + s];
-                        }
-            }
+            _tile_stored(0, part[0], stride);
+            _tile_stored(1, part[1], stride);
+            _tile_stored(2, part[2], stride);
+            _tile_stored(3, part[3], stride);
+            if (!inside) each_edge_value([](const float& e, float& x) { x = e; });
         }
     _tile_release();
 }
