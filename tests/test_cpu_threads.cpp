@@ -562,12 +562,14 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
         const index_t lda = (f.trans_a ? m : k) + 1, ldb = (f.trans_b ? k : n) + 1;
         auto a_at = [&](index_t i, index_t p) { return f.trans_a ? a[p * lda + i] : a[i * lda + p]; };
         auto b_at = [&](index_t p, index_t j) { return f.trans_b ? b[j * ldb + p] : b[p * ldb + j]; };
-        auto run = [&](auto operand, auto acc, int threads, cpu_level level) {
-            using T = decltype(operand);
+        auto run = [&](auto a_operand, auto b_operand, auto acc, int threads, cpu_level level) {
+            using TA = decltype(a_operand);
+            using TB = decltype(b_operand);
             using Acc = decltype(acc);
-            std::vector<T> ta(a.size()), tb(b.size());
-            for (std::size_t i = 0; i < a.size(); ++i) ta[i] = tpo::narrow<T>(a[i]);
-            for (std::size_t i = 0; i < b.size(); ++i) tb[i] = tpo::narrow<T>(b[i]);
+            std::vector<TA> ta(a.size());
+            std::vector<TB> tb(b.size());
+            for (std::size_t i = 0; i < a.size(); ++i) ta[i] = tpo::narrow<TA>(a[i]);
+            for (std::size_t i = 0; i < b.size(); ++i) tb[i] = tpo::narrow<TB>(b[i]);
             std::vector<Acc> c(start.size());
             for (std::size_t i = 0; i < c.size(); ++i) c[i] = static_cast<Acc>(start[i]);
             tpo::backend::cpu(threads, level)
@@ -575,22 +577,23 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
                         static_cast<Acc>(f.beta));
             return c;
         };
-        auto check = [&](auto operand, auto acc, double tolerance) {
-            // Every level: at avx512 the bf16 H·Wᵀ form runs on the AMX tile unit where the CPU
-            // has one, Eigen's product elsewhere.
+        auto check = [&](auto a_operand, auto b_operand, auto acc, double tolerance) {
+            // Every level: at avx512 the products with a bf16 B run on the AMX tile unit where the
+            // CPU has one (a float A as two bf16 parts), Eigen's product elsewhere.
             for (cpu_level level : supported_levels()) {
-            using T = decltype(operand);
-            INFO("trans_a " << f.trans_a << ", trans_b " << f.trans_b << ", operand bytes " << sizeof(T)
-                            << ", level " << tpo::backend::to_string(level)
+            using TA = decltype(a_operand);
+            using TB = decltype(b_operand);
+            INFO("trans_a " << f.trans_a << ", trans_b " << f.trans_b << ", operand bytes " << sizeof(TA) << " and "
+                            << sizeof(TB) << ", level " << tpo::backend::to_string(level)
                             << ", AMX " << tpo::backend::cpu_detail::amx_bf16_usable());
-            const auto c1 = run(operand, acc, 1, level);
-            for (int threads : {2, 4}) CHECK(same_bits(run(operand, acc, threads, level), c1));
+            const auto c1 = run(a_operand, b_operand, acc, 1, level);
+            for (int threads : {2, 4}) CHECK(same_bits(run(a_operand, b_operand, acc, threads, level), c1));
             // Against the product of the operands as the backend saw them, in double: the error
             // of a float sum of k products is below k·eps·Σ|a·b| (a loose bound, per entry).
             std::vector<double> rows(static_cast<std::size_t>(m * k)), cols(static_cast<std::size_t>(n * k));
             for (index_t p = 0; p < k; ++p) {
-                for (index_t i = 0; i < m; ++i) rows[i * k + p] = tpo::widen<double>(tpo::narrow<T>(a_at(i, p)));
-                for (index_t j = 0; j < n; ++j) cols[j * k + p] = tpo::widen<double>(tpo::narrow<T>(b_at(p, j)));
+                for (index_t i = 0; i < m; ++i) rows[i * k + p] = tpo::widen<double>(tpo::narrow<TA>(a_at(i, p)));
+                for (index_t j = 0; j < n; ++j) cols[j * k + p] = tpo::widen<double>(tpo::narrow<TB>(b_at(p, j)));
             }
             double worst = 0;
             for (index_t i = 0; i < m; ++i)
@@ -607,9 +610,13 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
             CHECK(worst < tolerance);
             }
         };
-        check(float{}, float{}, 1e-5);
-        check(tpo::bfloat16{}, float{}, 1e-5);
-        check(double{}, double{}, 1e-13);
+        check(float{}, float{}, float{}, 1e-5);
+        check(tpo::bfloat16{}, tpo::bfloat16{}, float{}, 1e-5);
+        // A float A against a bf16 B (∂L/∂u against a bf16 head or states): on the tile unit as
+        // two bf16 parts, 16 significant bits of each value (a single bf16 rounding gives 2e-4
+        // here).
+        check(float{}, tpo::bfloat16{}, float{}, 1e-6);
+        check(double{}, double{}, double{}, 1e-13);
     }
 }
 

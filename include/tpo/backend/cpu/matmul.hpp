@@ -9,9 +9,9 @@
 // (m, n, k) only, never on the thread count, so every result is bit-identical for any number of
 // threads. Operands already in the accumulation type are read in place (Eigen maps with strides);
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
-// whole head ever exists. The bf16 logits product (H·Wᵀ, both operands bf16, float out) runs on
-// the AMX tile unit instead where the caller allows it and the CPU has it (cpu/amx.hpp), in the
-// same tiles and spans.
+// whole head ever exists. The products of a bf16 head (the logits H·Wᵀ, and the backward's
+// ∂L/∂u·W and ∂L/∂uᵀ·H with a float ∂L/∂u; float out) run on the AMX tile unit instead where the
+// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles and spans.
 
 #include <algorithm>
 #include <type_traits>
@@ -90,20 +90,10 @@ void with_block(const M* data, index_t ld, bool trans, index_t r0, index_t c0, i
     }
 }
 
-/// C[tile] (+)= op(A)·op(B) over k in [k0, k0 + span), the k blocks added in order; on the AMX
-/// tile unit when `amx` and the product is bf16 A·Bᵀ into float.
+/// C[tile] (+)= op(A)·op(B) over k in [k0, k0 + span), the k blocks added in order.
 template <class Acc, class X, class Y, class Out>
-void tile_product(bool amx, bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
+void tile_product(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
                   index_t span, const X* a, index_t lda, const Y* b, index_t ldb, Out& out) {
-    if constexpr (std::is_same_v<X, bfloat16> && std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float>) {
-        if (amx && !trans_a && trans_b) {
-            amx_scratch scratch;
-            for (index_t p0 = k0; p0 < k0 + span; p0 += amx_depth)
-                amx_product_bt(rows, cols, std::min(amx_depth, k0 + span - p0), a + i0 * lda + p0, lda,
-                               b + j0 * ldb + p0, ldb, out.data(), out.outerStride(), scratch);
-            return;
-        }
-    }
     const bool widened = !std::is_same_v<X, Acc> || !std::is_same_v<Y, Acc>;
     const index_t depth = widened ? tile_depth : std::max<index_t>(span, 1);
     matrix_t<Acc> a_buffer, b_buffer;
@@ -116,11 +106,99 @@ void tile_product(bool amx, bool trans_a, bool trans_b, index_t i0, index_t j0, 
     }
 }
 
-/// See the file comment; beta is 0 or 1; `amx`: the bf16 logits product may use the tile unit
-/// (the caller has checked amx_bf16_usable()).
+/// The tile unit's form of matmul (cpu/amx.hpp): the same tiles and partial sums, but a task is
+/// a row or a column of tiles and one k span, so that the operand that is dearer to pack is
+/// packed once per 512-deep k block for all the task's tiles: a float A (rounded into two parts)
+/// for a row, else B for a column. The k split counts tasks, not tiles. A tile starts from zeros
+/// in the tile registers unless it adds to C.
+template <class X>
+void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
+                const bfloat16* b, index_t ldb, float* c, index_t ldc, float beta) {
+    constexpr bool by_rows = std::is_same_v<X, float>;
+    const index_t tiles_m = (m + tile_rows - 1) / tile_rows, tiles_n = (n + tile_cols - 1) / tile_cols;
+    const index_t tiles = tiles_m * tiles_n, lines = by_rows ? tiles_m : tiles_n;
+    const k_split split = split_of(lines, k);
+    const index_t tasks = lines * split.spans;
+    std::vector<float> partial(split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols)
+                                               : 0);
+    auto partial_of = [&](index_t tile, index_t span) {
+        return partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
+    };
+    [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
+#if defined(_OPENMP)
+#  pragma omp parallel num_threads(threads) if (parallel)
+#endif
+    {
+        amx_scratch scratch;
+#if defined(_OPENMP)
+#  pragma omp for schedule(dynamic, 1)
+#endif
+        for (index_t task = 0; task < tasks; ++task) {
+            const index_t line = task / split.spans, span = task % split.spans;
+            const index_t k0 = span * split.depth, end = std::min(k0 + split.depth, k);
+            for (index_t p0 = k0; p0 < end; p0 += amx_depth) {
+                const index_t d = std::min(amx_depth, end - p0);
+                const bool fresh = p0 == k0 && (span > 0 || beta == 0.0f);
+                auto pack_a = [&](index_t ti) {
+                    const index_t i0 = ti * tile_rows;
+                    amx_pack_a(std::min(tile_rows, m - i0), d, trans_a ? a + p0 * lda + i0 : a + i0 * lda + p0, lda,
+                               trans_a, scratch);
+                };
+                auto pack_b = [&](index_t tj) {
+                    const index_t j0 = tj * tile_cols;
+                    amx_pack_b(std::min(tile_cols, n - j0), d, trans_b ? b + j0 * ldb + p0 : b + p0 * ldb + j0, ldb,
+                               trans_b, scratch);
+                };
+                auto multiply = [&](index_t ti, index_t tj) {
+                    if (span == 0)
+                        amx_product(c + ti * tile_rows * ldc + tj * tile_cols, ldc, fresh, scratch);
+                    else
+                        amx_product(partial_of(ti * tiles_n + tj, span), std::min(tile_cols, n - tj * tile_cols),
+                                    fresh, scratch);
+                };
+                if (by_rows) {
+                    pack_a(line);
+                    for (index_t tj = 0; tj < tiles_n; ++tj) {
+                        pack_b(tj);
+                        multiply(line, tj);
+                    }
+                } else {
+                    pack_b(line);
+                    for (index_t ti = 0; ti < tiles_m; ++ti) {
+                        pack_a(ti);
+                        multiply(ti, line);
+                    }
+                }
+            }
+        }
+        if (split.spans > 1) {
+            using tile_map = Eigen::Map<matrix_t<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
+#if defined(_OPENMP)
+#  pragma omp for schedule(static)
+#endif
+            for (index_t tile = 0; tile < tiles; ++tile) {
+                const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
+                const index_t rows = std::min(tile_rows, m - i0), cols = std::min(tile_cols, n - j0);
+                tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
+                for (index_t span = 1; span < split.spans; ++span)
+                    out += tile_map(partial_of(tile, span), rows, cols, Eigen::OuterStride<>(cols));
+            }
+        }
+    }
+}
+
+/// See the file comment; beta is 0 or 1; `amx`: products with a bf16 B and a bf16 (by rows) or
+/// float A run on the tile unit (the caller has checked amx_bf16_usable()).
 template <class X, class Y, class Acc>
 void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
             const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+    if constexpr (std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float> &&
+                  (std::is_same_v<X, bfloat16> || std::is_same_v<X, float>)) {
+        if (amx && (std::is_same_v<X, float> || !trans_a)) {
+            matmul_amx(threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+            return;
+        }
+    }
     using tile_map = Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
     const index_t tiles_m = (m + tile_rows - 1) / tile_rows, tiles_n = (n + tile_cols - 1) / tile_cols;
     const index_t tiles = tiles_m * tiles_n;
@@ -156,12 +234,12 @@ void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_
             if (span == 0) {
                 tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
                 if (beta == Acc(0)) out.setZero();
-                tile_product<Acc>(amx, trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
             } else {
                 Acc* p = partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
                 tile_map out(p, rows, cols, Eigen::OuterStride<>(cols));
                 out.setZero();
-                tile_product<Acc>(amx, trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
             }
         }
         if (split.spans > 1) {
