@@ -20,6 +20,7 @@
 #include <Eigen/Core>
 
 #include "tpo/backend/cpu/amx.hpp"
+#include "tpo/backend/cpu/scratch.hpp"
 
 #if defined(_OPENMP)
 #  include <omp.h>
@@ -119,8 +120,8 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     const index_t tiles = tiles_m * tiles_n, lines = by_rows ? tiles_m : tiles_n;
     const k_split split = split_of(lines, k);
     const index_t tasks = lines * split.spans;
-    std::vector<float> partial(split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols)
-                                               : 0);
+    std::vector<float, scratch_allocator<float>> partial(
+        split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols) : 0);
     auto partial_of = [&](index_t tile, index_t span) {
         return partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
     };
@@ -205,9 +206,10 @@ void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_
     const k_split split = split_of(tiles, k);
     const index_t tasks = tiles * split.spans;
     // Span s ≥ 1 of tile t goes to partial[(t·(spans − 1) + s − 1)·tile_rows·tile_cols ...]; span 0
-    // goes straight into C.
-    std::vector<Acc> partial(split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols)
-                                             : 0);
+    // goes straight into C. From the scratch pool: at a large k the partial tiles take megabytes,
+    // fresh pages on every call from the C library.
+    std::vector<Acc, scratch_allocator<Acc>> partial(
+        split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols) : 0);
     auto tile_of = [&](index_t tile, index_t& i0, index_t& j0, index_t& rows, index_t& cols) {
         i0 = (tile / tiles_n) * tile_rows;
         j0 = (tile % tiles_n) * tile_cols;
