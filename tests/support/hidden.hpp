@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <utility>
 #include <vector>
@@ -112,11 +113,15 @@ template <class G>
 struct hidden_gradient_data {
     std::vector<G> hidden[4];
     std::vector<G> weight, bias;
+    // The head's gradients start as NaN: the objective overwrites them, it neither adds to them
+    // nor reads them (its first share of ∂L/∂W is written, not added). The hidden states'
+    // gradients start at zero: a DPO step leaves the noisy ones alone.
     template <class T>
     explicit hidden_gradient_data(const hidden_data<T>& d) {
+        const G nan = tpo::narrow<G>(std::numeric_limits<double>::quiet_NaN());
         for (int k = 0; k < 4; ++k) hidden[k].assign((k < 2 ? d.chosen : d.rejected).policy.size(), G{});
-        weight.assign(d.weight.size(), G{});
-        bias.assign(d.bias.size(), G{});
+        weight.assign(d.weight.size(), nan);
+        bias.assign(d.bias.size(), nan);
     }
     template <class T>
     tpo::hidden_gradients<G> views(const hidden_data<T>& d, bool with_bias) {

@@ -2,6 +2,8 @@
 // The tensor backend concept: the few data-parallel primitives the math needs, nothing more.
 //
 //   allocate<T>(n)       scratch of n zero-initialised T in the backend's memory (O(S·L) at most)
+//   allocate_for_overwrite<T>(n) optional: the same, not necessarily zeroed, for scratch that is
+//                        written in full before it is read (the fused head's chunks)
 //   raw(buffer)          the buffer's raw pointer, as functors see it
 //   to_host(buffer)      a host copy (small results only)
 //   for_each(n, f)       f(i) for i in [0, n), any order, f a host/device functor
@@ -58,8 +60,9 @@ concept fused_row_statistics = requires(B& b, logits_view<const T> first, logits
 
 /// Optional: a backend that also uploads small host vectors and multiplies matrices runs the
 /// objective with hidden states in (rows/fused.hpp). matmul computes C (m×n) = op(A)·op(B) + beta·C
-/// (beta 0 or 1) with A stored m×k (k×m when trans_a) and B stored k×n (n×k when trans_b), row
-/// strides lda, ldb, ldc; inputs of any element type, C in float or double.
+/// (beta 0 or 1; with beta 0, C is written without being read, so it may hold anything) with A
+/// stored m×k (k×m when trans_a) and B stored k×n (n×k when trans_b), row strides lda, ldb, ldc;
+/// inputs of any element type, C in float or double.
 template <class B>
 concept head_backend = tensor_backend<B> && requires(B& b, const std::vector<index_t>& host, index_t n,
                                                      const float* x, float* c) {

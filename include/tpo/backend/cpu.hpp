@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -38,8 +40,9 @@ namespace backend {
 
 class cpu {
 public:
-    /// Zero-initialised; blocks of 1 MiB or more come from the program's scratch pool
-    /// (cpu/scratch.hpp), so the fused path's chunks are not mapped and faulted in every step.
+    /// Blocks of 1 MiB or more come from the program's scratch pool (cpu/scratch.hpp), so the fused
+    /// path's chunks are not mapped and faulted in every step. allocate() zeroes a buffer;
+    /// allocate_for_overwrite() does not.
     template <class T>
     using buffer = std::vector<T, cpu_detail::scratch_allocator<T>>;
 
@@ -57,8 +60,31 @@ public:
     /// The instruction-set level this backend's kernels run at.
     cpu_level level() const { return level_; }
 
+    /// n zero-initialised T; a large buffer is zeroed by all the backend's threads.
     template <class T>
     buffer<T> allocate(index_t n) const {
+        buffer<T> b(static_cast<std::size_t>(n));
+        if constexpr (std::is_trivially_default_constructible_v<T> && std::is_trivially_copyable_v<T>) {
+            // Pieces of at least 1 MiB, whole 64-byte lines, in any order: the result is zeros.
+            constexpr std::size_t piece = std::size_t(1) << 20;
+            const std::size_t bytes = b.size() * sizeof(T), pieces = (bytes + piece - 1) / piece;
+            auto* first = reinterpret_cast<unsigned char*>(b.data());
+            [[maybe_unused]] const bool parallel = threads_ > 1 && pieces > 1;
+#if defined(_OPENMP)
+#  pragma omp parallel for num_threads(threads_) schedule(static) if (parallel)
+#endif
+            for (std::size_t i = 0; i < pieces; ++i)
+                std::memset(first + i * piece, 0, std::min(piece, bytes - i * piece));
+        } else {
+            for (T& x : b) x = T{};
+        }
+        return b;
+    }
+
+    /// n T left as the pool hands them out, for scratch its caller writes in full before it
+    /// reads it (the fused head's chunks).
+    template <class T>
+    buffer<T> allocate_for_overwrite(index_t n) const {
         return buffer<T>(static_cast<std::size_t>(n));
     }
     template <class T>

@@ -301,34 +301,34 @@ private:
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         const index_t V = batch.head.vocab, H = batch.head.hidden;
         // The head's gradient accumulates in A: in the caller's buffer when G is A, else in scratch.
+        // Neither is zeroed first: the first share written overwrites it (rows::head_gradient).
         constexpr bool in_place = std::is_same_v<G, A>;
         typename B::template buffer<A> weight_scratch, bias_scratch;
-        A* grad_weight = nullptr;
-        A* grad_bias = nullptr;
+        rows::head_gradient<A> head;
         if (grads.head_weight) {
             if constexpr (in_place) {
-                grad_weight = grads.head_weight;
-                backend_.for_each(V * H, rows::fused_detail::fill_op<A>{grad_weight});
+                head.weight = grads.head_weight;
             } else {
-                weight_scratch = backend_.template allocate<A>(V * H);
-                grad_weight = backend_.raw(weight_scratch);
+                weight_scratch = rows::fused_detail::overwritten<A>(backend_, V * H);
+                head.weight = backend_.raw(weight_scratch);
             }
         }
         if (grads.head_bias) {
             if constexpr (in_place) {
-                grad_bias = grads.head_bias;
-                backend_.for_each(V, rows::fused_detail::fill_op<A>{grad_bias});
+                head.bias = grads.head_bias;
             } else {
-                bias_scratch = backend_.template allocate<A>(V);
-                grad_bias = backend_.raw(bias_scratch);
+                bias_scratch = rows::fused_detail::overwritten<A>(backend_, V);
+                head.bias = backend_.raw(bias_scratch);
             }
         }
+        A* const grad_weight = head.weight;
+        A* const grad_bias = head.bias;
         const rows::fused_settings fs = fused_settings();
         auto write = [&](const hidden_view<const T>& h, coefficient_buffer& coef, const hidden_view<G>& out,
                          const labels_view<const I>& labels) {
             if (out.empty() && !grad_weight && !grad_bias) return;
             rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, row_align_, coef,
-                                     fs, out, grad_weight, grad_bias);
+                                     fs, out, head);
         };
         write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels);
         write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels);
@@ -336,6 +336,7 @@ private:
             write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, batch.chosen.labels);
             write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, batch.rejected.labels);
         }
+        head.finish(backend_, V, H);
         if constexpr (!in_place) {
             if (grad_weight)
                 backend_.for_each(V * H, rows::fused_detail::narrow_op<A, G>{grad_weight, grads.head_weight});

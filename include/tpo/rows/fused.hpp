@@ -88,6 +88,16 @@ index_t chunk_rows_of(const B& backend, const fused_settings& settings, index_t 
 
 namespace fused_detail {
 
+/// Scratch of n T that its user writes in full before reading (a chunk's gathered states, logits,
+/// gradients): the backend's allocate_for_overwrite(), which need not zero it, where it has one.
+template <class T, class B>
+auto overwritten(B& backend, index_t n) {
+    if constexpr (requires { backend.template allocate_for_overwrite<T>(n); })
+        return backend.template allocate_for_overwrite<T>(n);
+    else
+        return backend.template allocate<T>(n);
+}
+
 /// flag[r] = 1 for a valid scored row; the others get their final (unread) statistics now.
 template <class I>
 struct classify_op {
@@ -434,8 +444,8 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
         return;
     }
     const index_t C = std::min(n, chunk_rows_of(backend, settings, V));
-    auto gathered = backend.template allocate<T>(C * H);
-    auto logits = backend.template allocate<A>(C * V);
+    auto gathered = fused_detail::overwritten<T>(backend, C * H);
+    auto logits = fused_detail::overwritten<A>(backend, C * V);
     auto chunk_labels = backend.template allocate<std::int64_t>(C);
     auto chunk_stats = backend.template allocate<row_stats>(C);
     const row_alignment unshifted{false, align.ignore_index};
@@ -455,16 +465,40 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
     }
 }
 
+/// The head's gradient as the sources' shares are added to it: ∂L/∂W (V×H) and ∂L/∂b (V), either
+/// may be null. Until `started` they may hold anything: the first share overwrites them (so a
+/// V×H accumulator is neither zeroed nor read before the first chunk's product writes it), and
+/// finish() zeroes them if no share came.
+template <class A>
+struct head_gradient {
+    A* weight = nullptr;
+    A* bias = nullptr;
+    bool started = false;
+
+    template <class B>
+    void zero(B& backend, index_t vocab, index_t hidden) {
+        if (weight) backend.for_each(vocab * hidden, fused_detail::fill_op<A>{weight});
+        if (bias) backend.for_each(vocab, fused_detail::fill_op<A>{bias});
+        started = true;
+    }
+    template <class B>
+    void finish(B& backend, index_t vocab, index_t hidden) {
+        if (!started) zero(backend, vocab, hidden);
+    }
+};
+
 /// ∂L/∂h of every row of a hidden-state source (zero for rows that are not scored) from the
 /// coefficients of its scored rows (not computed when `grad` is empty), and the head's share added
-/// to `grad_weight` (V×H) and `grad_bias` (V) when they are not null.
+/// to `head`.
 template <class B, class T, class I, class G>
 void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
                         typename B::template buffer<row_coefficients>& coefficient_buffer,
-                        const fused_settings& settings, hidden_view<G> grad, fused_accumulate_t<T>* grad_weight,
-                        fused_accumulate_t<T>* grad_bias) {
+                        const fused_settings& settings, hidden_view<G> grad,
+                        head_gradient<fused_accumulate_t<T>>& head) {
     using A = fused_accumulate_t<T>;
     using namespace fused_detail;
+    A* const grad_weight = head.weight;
+    A* const grad_bias = head.bias;
     const auto plan = scored_rows<I>::of(labels, align, source.head.vocab);
     const index_t V = source.head.vocab, H = source.head.hidden;
     backend.for_each(grad.size(), fill_op<G>{grad.data});
@@ -489,6 +523,7 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
                                                                      backend.raw(rank_one_list), backend.raw(factor),
                                                                      grad});
         if (grad_weight || grad_bias) {
+            if (!head.started) head.zero(backend, V, H);
             const auto [order, group_start] = label_groups(host_rank_one, host);
             auto order_buffer = backend.upload(order);
             auto start_buffer = backend.upload(group_start);
@@ -507,12 +542,12 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
     // with it), and the gradient overwrites the chunk's logits in place; a soft-cap's derivative
     // needs each logit, so the gradient goes into a second chunk.
     const bool linear = settings.transform.linear();
-    auto gathered = backend.template allocate<T>(C * H);
-    auto logits = backend.template allocate<A>(C * V);
-    auto second = backend.template allocate<A>(linear ? 0 : C * V);
+    auto gathered = fused_detail::overwritten<T>(backend, C * H);
+    auto logits = fused_detail::overwritten<A>(backend, C * V);
+    auto second = fused_detail::overwritten<A>(backend, linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
-    auto hidden_grad = backend.template allocate<A>(grad.empty() ? 0 : C * H);
+    auto hidden_grad = fused_detail::overwritten<A>(backend, grad.empty() ? 0 : C * H);
     const double factor = linear ? settings.transform.derivative_at(0.0) : 1.0;
     for (index_t first = 0; first < n; first += C) {
         const index_t m = std::min(C, n - first);
@@ -531,9 +566,12 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
                            A(0));
             backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
         }
+        if (grad_bias && !head.started) backend.for_each(V, fill_op<A>{grad_bias});
         if (grad_weight)
-            backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H, A(1));
+            backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H,
+                           A(head.started ? 1 : 0));
         if (grad_bias) backend.for_each(V, bias_gradient_op<A>{chunk_grad, m, V, grad_bias});
+        head.started = head.started || grad_weight || grad_bias;
     }
 }
 

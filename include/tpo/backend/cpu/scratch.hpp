@@ -11,13 +11,16 @@
 // call). The pool holds at most the most scratch that was ever alive at once: a request no kept
 // block fits first frees the oldest kept blocks until kept + alive + the request stays within
 // that high-water mark. Between steps the kept blocks stay mapped; release() returns them.
-// Buffers are still zero-initialised as the backend concept promises, whether their block is new
-// or kept.
+// The allocator default-initialises (a trivial element is left as it is): backend::cpu zeroes
+// what allocate() hands out, on all its threads, and allocate_for_overwrite() leaves alone the
+// scratch its caller writes in full before reading.
 
 #include <cstddef>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tpo/core/config.hpp"
@@ -137,6 +140,16 @@ struct scratch_allocator {
         const std::size_t bytes = n * sizeof(T);
         if (bytes < scratch_pool::min_bytes) return static_cast<T*>(::operator new(bytes, scratch_pool::alignment));
         return static_cast<T*>(scratch().acquire(bytes));
+    }
+
+    /// Default-initialisation: a trivial element is not written (std::vector(n) would zero it).
+    template <class U>
+    void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+        ::new (static_cast<void*>(p)) U;
+    }
+    template <class U, class... Args>
+    void construct(U* p, Args&&... args) {
+        ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
     }
 
     void deallocate(T* p, std::size_t n) noexcept {
