@@ -680,13 +680,22 @@ TEST_CASE("cpu backend: buffers from kept scratch are zeroed, and fused steps th
     }
 
     // A 16-bit head accumulates ∂L/∂W in a V×H float scratch (here 6 MiB), and each side's rows
-    // make one chunk of float logits of more than 1 MiB: the second and third steps run on the
-    // blocks the first one left, dirty.
+    // make chunks of 64 rows of float logits (1 MiB): the second and third steps run on the blocks
+    // the first one left, and before each of them those blocks are filled with NaN. The chunks
+    // come from allocate_for_overwrite() and the accumulator is overwritten by the first chunk's
+    // product: a value read before it is written would turn up in the results.
     using namespace tpo_test::hidden;
     std::mt19937_64 rng(47);
     const auto data = convert<tpo::bfloat16>(random_hidden(rng, 2, 90, 70, 384, 4096));
     tpo::objective_options options;
-    options.chunk_tokens = 900;
+    options.chunk_tokens = 64;
+    auto poison_kept_blocks = [&] {
+        std::vector<cpu::buffer<float>> blocks;
+        for (const index_t size : {data.vocab * data.hidden, 64 * data.vocab}) {
+            blocks.push_back(backend.allocate_for_overwrite<float>(size));
+            std::fill(blocks.back().begin(), blocks.back().end(), std::numeric_limits<float>::quiet_NaN());
+        }
+    };
     auto step = [&] {
         hidden_gradient_data<tpo::bfloat16> g(data);
         auto views = g.views(data, true);
@@ -698,6 +707,8 @@ TEST_CASE("cpu backend: buffers from kept scratch are zeroed, and fused steps th
     const std::size_t kept = cpu::cached_scratch_bytes();
     CHECK(kept > std::size_t{4096} * 384 * sizeof(float));
     for (int repeat = 0; repeat < 2; ++repeat) {
+        poison_kept_blocks();
+        CHECK(cpu::cached_scratch_bytes() == kept);
         const auto [r, g] = step();
         CHECK(cpu::cached_scratch_bytes() == kept);
         CHECK(same_bits(r, r1));
