@@ -65,7 +65,7 @@ public:
     buffer<T> allocate(index_t n) const {
         buffer<T> b(static_cast<std::size_t>(n));
         if constexpr (std::is_trivially_default_constructible_v<T> && std::is_trivially_copyable_v<T>) {
-            // Pieces of at least 1 MiB, whole 64-byte lines, in any order: the result is zeros.
+            // Pieces of 1 MiB (the last one shorter), in any order: the result is zeros.
             constexpr std::size_t piece = std::size_t(1) << 20;
             const std::size_t bytes = b.size() * sizeof(T), pieces = (bytes + piece - 1) / piece;
             auto* first = reinterpret_cast<unsigned char*>(b.data());

@@ -11,7 +11,7 @@
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
 // whole head ever exists. The products of a bf16 head (the logits H·Wᵀ, and the backward's
 // ∂L/∂u·W and ∂L/∂uᵀ·H with a float ∂L/∂u; float out) run on the AMX tile unit instead where the
-// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles and spans.
+// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_amx).
 
 #include <algorithm>
 #include <type_traits>
