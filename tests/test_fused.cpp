@@ -226,6 +226,60 @@ TEST_CASE("hidden states in: the head's gradients alone", "[fused]") {
     fused_head_only<tested_backend>();
 }
 
+/// A backend that counts its logits products: op(A)·op(B) with B transposed, the chunks' h·Wᵀ.
+template <class B>
+struct counting_backend : B {
+    using B::B;
+    mutable int logits_products = 0;
+    template <class X, class Y, class Acc>
+    void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
+                index_t ldb, Acc* c, index_t ldc, Acc beta) const {
+        if (!trans_a && trans_b) ++logits_products;
+        B::matmul(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+    }
+};
+
+template <class B>
+void fused_kept_chunk() {
+    if constexpr (!tpo::head_backend<B>) {
+        SUCCEED("this backend has no matrix product: the fused path is not available");
+    } else {
+        // The forward leaves the chosen policy's last chunk of logits in scratch and the backward
+        // starts from it. Given the same values in other buffers, the backward cannot know them
+        // for the forward's and computes that chunk again: one logits product more, the same bits.
+        std::mt19937_64 rng(53);
+        counting_backend<B> backend;
+        for (const auto& [name, base] : fused_cases()) {
+            for (const index_t chunk : {index_t{0}, index_t{3}}) {
+                INFO(name << ", chunk_tokens " << chunk);
+                tpo::objective_options options = base;
+                if (chunk > 0) options.chunk_tokens = chunk;
+                const hidden_data<double> d = random_hidden(rng, 2, 6, 5, 7, 11, true);
+                const hidden_data<double> same = d;  // the same values in other buffers
+                auto step = [&](const hidden_data<double>& backward_data, hidden_gradient_data<double>& g) {
+                    tpo::objective<counting_backend<B>> obj(backend, options);
+                    backend.logits_products = 0;
+                    const tpo::objective_result r = obj.forward(d.batch());
+                    obj.backward(backward_data.batch(), g.views(backward_data, true));
+                    return std::pair{r.loss, backend.logits_products};
+                };
+                hidden_gradient_data<double> kept(d), again(same);
+                const auto [loss_kept, products_kept] = step(d, kept);
+                const auto [loss_again, products_again] = step(same, again);
+                CHECK(loss_kept == loss_again);
+                CHECK(products_kept == products_again - 1);
+                for (int k = 0; k < 4; ++k) CHECK(kept.hidden[k] == again.hidden[k]);
+                CHECK(kept.weight == again.weight);
+                CHECK(kept.bias == again.bias);
+            }
+        }
+    }
+}
+
+TEST_CASE("hidden states in: the backward starts from the forward's last chunk", "[fused]") {
+    fused_kept_chunk<tested_backend>();
+}
+
 template <class B>
 void fused_precision() {
     if constexpr (!tpo::head_backend<B>) {

@@ -207,6 +207,7 @@ private:
     void prepare_rows(const preference_batch<T, I, R>& batch) {
         detail::check_batch(options_, batch);
         transformed_.reset();
+        kept_.reset();
         const preference_batch<T, I, R>* rows_of = &batch;
         if (!options_.transform().identity()) {
             // Logits inputs under a logit transform: the transformed logits, once, in backend memory;
@@ -229,6 +230,7 @@ private:
     {
         detail::check_hidden_batch(options_, batch);
         transformed_.reset();
+        kept_.reset();
         hidden_input_ = true;
         vocab_ = batch.head.vocab;
         if (options_.check_inputs) {
@@ -236,8 +238,12 @@ private:
             if (batch.chosen.reference_scores.empty())
                 rows::check_head(backend_, batch.reference_head, "reference lm_head", first_vocab_row);
         }
-        prepare_hidden(chosen_, batch.chosen, batch, "chosen");
-        prepare_hidden(rejected_, batch.rejected, batch, "rejected");
+        // The chosen policy's pass runs last and keeps its last chunk: the backward starts there.
+        prepare_hidden(rejected_, batch.rejected, batch, "rejected", static_cast<rows::kept_chunk<B, T>*>(nullptr));
+        auto keep = std::make_shared<rows::kept_chunk<B, T>>();
+        prepare_hidden(chosen_, batch.chosen, batch, "chosen", keep.get());
+        kept_ = std::move(keep);
+        kept_type_ = type_tag<rows::kept_chunk<B, T>>();
     }
 
     /// The backward up to the row coefficients (gradient shapes checked, the coefficient pass and
@@ -324,17 +330,23 @@ private:
         A* const grad_weight = head.weight;
         A* const grad_bias = head.bias;
         const rows::fused_settings fs = fused_settings();
+        // What the forward kept of the chosen policy's pass, if this batch's T made it.
+        auto* kept = kept_ && kept_type_ == type_tag<rows::kept_chunk<B, T>>()
+                         ? static_cast<rows::kept_chunk<B, T>*>(kept_.get())
+                         : nullptr;
         auto write = [&](const hidden_view<const T>& h, coefficient_buffer& coef, const hidden_view<G>& out,
-                         const labels_view<const I>& labels) {
+                         const labels_view<const I>& labels, rows::kept_chunk<B, T>* from) {
             if (out.empty() && !grad_weight && !grad_bias) return;
             rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, row_align_, coef,
-                                     fs, out, head);
+                                     fs, out, head, from);
         };
-        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels);
-        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels);
+        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels, kept);
+        kept_.reset();
+        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels, nullptr);
         if (noisy) {
-            write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, batch.chosen.labels);
-            write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, batch.rejected.labels);
+            write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, batch.chosen.labels, nullptr);
+            write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, batch.rejected.labels,
+                  nullptr);
         }
         head.finish(backend_, V, H);
         if constexpr (!in_place) {
@@ -439,9 +451,12 @@ private:
         return {options_.transform(), options_.chunk_tokens.value_or(0)};
     }
 
+    /// The row statistics of one side's hidden states; with `keep`, the policy's pass runs last and
+    /// leaves its last chunk there.
     template <class T, class I, class R>
     void prepare_hidden(side_state& state, const hidden_side_batch<T, I, R>& s,
-                        const hidden_preference_batch<T, I, R>& batch, const char* side) {
+                        const hidden_preference_batch<T, I, R>& batch, const char* side,
+                        rows::kept_chunk<B, T>* keep) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         const row_alignment align = row_align_;
         const rows::fused_settings fs = fused_settings();
@@ -449,29 +464,35 @@ private:
         state.scored = align.scored_rows(s.policy.length);
         const index_t count = s.policy.sequences * state.scored;
         const bool check = options_.check_inputs;
-        auto pass = [&](const auto& source, row_reduction reduction, const char* role) {
+        auto pass = [&](const auto& source, row_reduction reduction, const char* role, auto* kept) {
             stats_buffer out = backend_.template allocate<row_stats>(count);
             const std::string what = detail::concat(side, " ", role);
             if (count > 0)
                 rows::fused_row_statistics(backend_, source, s.labels, align, reduction, fs, check, what.c_str(),
-                                           backend_.raw(out));
+                                           backend_.raw(out), kept);
             return out;
         };
         const row_reduction policy_reduction =
             options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
         const bool reference_rows = s.reference_scores.empty();
         state.reference_scores = s.reference_scores.data;
-        state.policy = pass(rows::hidden_rows<T>{s.policy, batch.head}, policy_reduction, "policy hidden states");
+        constexpr rows::kept_chunk<B, T>* none = nullptr;
+        constexpr rows::kept_chunk<B, R>* none_reference = nullptr;
+        auto policy = [&](rows::kept_chunk<B, T>* kept) {
+            return pass(rows::hidden_rows<T>{s.policy, batch.head}, policy_reduction, "policy hidden states", kept);
+        };
+        if (!keep) state.policy = policy(none);
         state.policy_noisy = noisy ? pass(rows::hidden_rows<T>{s.policy_noisy, batch.head}, noisy_reduction(),
-                                          "policy noisy hidden states")
+                                          "policy noisy hidden states", none)
                                    : stats_buffer{};
         state.reference = reference_rows ? pass(rows::hidden_rows<R>{s.reference, batch.reference_head},
-                                                row_reduction::logsumexp, "reference hidden states")
+                                                row_reduction::logsumexp, "reference hidden states", none_reference)
                                          : stats_buffer{};
         state.reference_noisy = reference_rows && noisy
                                     ? pass(rows::hidden_rows<R>{s.reference_noisy, batch.reference_head},
-                                           noisy_reduction(), "reference noisy hidden states")
+                                           noisy_reduction(), "reference noisy hidden states", none_reference)
                                     : stats_buffer{};
+        if (keep) state.policy = policy(keep);
         state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
     }
 
@@ -579,6 +600,17 @@ private:
     // rows shard-local labels (dist/sharded.hpp).
     row_alignment row_align_;
     std::shared_ptr<void> transformed_;
+    // The chosen policy's last chunk of a hidden-state forward (rows::kept_chunk<B, T>, T named by
+    // kept_type_), held until the backward takes it over or the next forward.
+    std::shared_ptr<void> kept_;
+    const void* kept_type_ = nullptr;
+
+    /// An address that names type K (without RTTI, which a consumer may have turned off).
+    template <class K>
+    static const void* type_tag() {
+        static const char tag = 0;
+        return &tag;
+    }
     index_t pairs_ = 0;
     index_t vocab_ = 0;
     bool forward_done_ = false;

@@ -12,7 +12,9 @@
 // rows under the `logit` score) are rank one: ∂L/∂h = α·z'·W[y], ∂L/∂W[y] += α·z'·h. The other
 // rows are recomputed chunk by chunk, written by the backend's own gradient kernel into a C×V
 // scratch, chained through the transform, and multiplied out: ∂L/∂h_c = G·W,
-// ∂L/∂W += Gᵀ·h_c, ∂L/∂b += Σ_rows G.
+// ∂L/∂W += Gᵀ·h_c, ∂L/∂b += Σ_rows G. The backward takes a tensor's chunks last to first: the
+// forward's last chunk is still in scratch (kept_chunk), so the tensor whose forward ran last
+// starts its backward without computing that chunk again.
 //
 // Everything here is written once over the backend primitives (allocate, upload, to_host,
 // for_each, matmul, row_statistics, row_gradient); the row rules are rows/rules.hpp's.
@@ -405,13 +407,41 @@ void check_head(B& backend, const head_view<const T>& head, const char* what, in
     detail::require<value_error>(entry < 0, what, ": entry ", first_row + entry, " of the bias holds a NaN or an infinite value");
 }
 
+/// A forward pass's last chunk, left in scratch for the backward: its gathered hidden states, its
+/// logits z (after the bias and the transform), and what they were computed from. The backward of
+/// the same rows (fused_row_gradient, which takes chunks last to first) starts from it instead of
+/// computing that chunk again, and takes the scratch over for its other chunks.
+template <class B, class T>
+struct kept_chunk {
+    using A = fused_accumulate_t<T>;
+    typename B::template buffer<T> gathered;
+    typename B::template buffer<A> logits;
+    std::vector<index_t> rows;  // the chunk's rows, as indices into the tensor's scored rows
+    index_t chunk_rows = 0;     // the pass's rows per chunk
+    const T* states = nullptr;
+    const T* weight = nullptr;
+    const T* bias = nullptr;
+    logit_transform transform{};
+
+    /// Whether the backward of `source`, whose last chunk is rows[first..end) of `list` at
+    /// `chunk` rows per chunk, would compute exactly what is kept.
+    bool holds(const hidden_rows<T>& source, const logit_transform& t, index_t chunk, const std::vector<index_t>& list,
+               index_t first) const {
+        return states != nullptr && states == source.states.data && weight == source.head.weight &&
+               bias == source.head.bias && chunk == chunk_rows && t.scale == transform.scale &&
+               t.softcap == transform.softcap && t.temperature == transform.temperature &&
+               std::equal(rows.begin(), rows.end(), list.begin() + first, list.end());
+    }
+};
+
 /// The statistics of every scored row of a hidden-state source, as row_statistics gives them for
 /// the logits transform(h·Wᵀ + b). With `check`, a non-finite hidden state of a valid row is an
-/// error naming `what`, the sequence and the position.
+/// error naming `what`, the sequence and the position. With `keep`, the last chunk of logits (if
+/// any was computed) is left there for the backward.
 template <class B, class T, class I>
 void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
                           row_reduction reduction, const fused_settings& settings, bool check, const char* what,
-                          row_stats* out) {
+                          row_stats* out, kept_chunk<B, T>* keep = nullptr) {
     using A = fused_accumulate_t<T>;
     using namespace fused_detail;
     const auto plan = scored_rows<I>::of(labels, align, source.head.vocab);
@@ -463,6 +493,17 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
                                backend.raw(chunk_stats));
         backend.for_each(m, scatter_stats_op{backend.raw(chunk_stats), rows, out});
     }
+    if (keep) {
+        const index_t last = (n - 1) / C * C;
+        keep->gathered = std::move(gathered);
+        keep->logits = std::move(logits);
+        keep->rows.assign(host_list.begin() + last, host_list.end());
+        keep->chunk_rows = C;
+        keep->states = source.states.data;
+        keep->weight = source.head.weight;
+        keep->bias = source.head.bias;
+        keep->transform = settings.transform;
+    }
 }
 
 /// The head's gradient as the sources' shares are added to it: ∂L/∂W (V×H) and ∂L/∂b (V), either
@@ -494,7 +535,7 @@ template <class B, class T, class I, class G>
 void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
                         typename B::template buffer<row_coefficients>& coefficient_buffer,
                         const fused_settings& settings, hidden_view<G> grad,
-                        head_gradient<fused_accumulate_t<T>>& head) {
+                        head_gradient<fused_accumulate_t<T>>& head, kept_chunk<B, T>* kept = nullptr) {
     using A = fused_accumulate_t<T>;
     using namespace fused_detail;
     A* const grad_weight = head.weight;
@@ -542,21 +583,27 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
     // with it), and the gradient overwrites the chunk's logits in place; a soft-cap's derivative
     // needs each logit, so the gradient goes into a second chunk.
     const bool linear = settings.transform.linear();
-    auto gathered = fused_detail::overwritten<T>(backend, C * H);
-    auto logits = fused_detail::overwritten<A>(backend, C * V);
+    const index_t last = (n - 1) / C * C;
+    const bool reuse = kept && kept->holds(source, settings.transform, C, host_full, last);
+    auto gathered = reuse ? std::move(kept->gathered) : fused_detail::overwritten<T>(backend, C * H);
+    auto logits = reuse ? std::move(kept->logits) : fused_detail::overwritten<A>(backend, C * V);
+    if (kept) *kept = {};
     auto second = fused_detail::overwritten<A>(backend, linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
     auto hidden_grad = fused_detail::overwritten<A>(backend, grad.empty() ? 0 : C * H);
     const double factor = linear ? settings.transform.derivative_at(0.0) : 1.0;
-    for (index_t first = 0; first < n; first += C) {
+    for (index_t first = last; first >= 0; first -= C) {
         const index_t m = std::min(C, n - first);
         const index_t* rows = backend.raw(full_list) + first;
-        backend.for_each(m * H, gather_op<T, I>{source.states, plan, rows, backend.raw(gathered)});
-        backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source.head.weight, H, backend.raw(logits), V,
-                       A(0));
-        if (source.head.bias || !settings.transform.identity())
-            backend.for_each(m * V, epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
+        if (!(reuse && first == last)) {
+            backend.for_each(m * H, gather_op<T, I>{source.states, plan, rows, backend.raw(gathered)});
+            backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source.head.weight, H, backend.raw(logits),
+                           V, A(0));
+            if (source.head.bias || !settings.transform.identity())
+                backend.for_each(m * V,
+                                 epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
+        }
         backend.for_each(m, gather_coefficients_op{coefficients, rows, factor, backend.raw(chunk_coefficients)});
         backend.row_gradient(logits_view<const A>{backend.raw(logits), 1, m, V}, backend.raw(chunk_coefficients), m,
                              logits_view<A>{chunk_grad, 1, m, V});
