@@ -61,6 +61,60 @@ using matrix_t = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMa
 template <class Acc>
 using map_t = Eigen::Map<const matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
+/// One tile of C: its first row and column, and its size.
+struct tile_box {
+    index_t i0, j0, rows, cols;
+};
+
+/// The tiles of C (m×n) and the partial tiles of a k split: span 0 of a tile goes straight into
+/// C, span s ≥ 1 into a partial tile of its own, added to C afterwards in span order.
+template <class Acc>
+struct tile_grid {
+    using tile_map = Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+    index_t m, n, tiles_m, tiles_n, tiles;
+    k_split split{};
+    // From the scratch pool: at a large k the partial tiles take megabytes, which the C library
+    // would hand out as fresh pages on every call.
+    std::vector<Acc, scratch_allocator<Acc>> partials;
+
+    tile_grid(index_t rows, index_t cols)
+        : m(rows), n(cols), tiles_m((rows + tile_rows - 1) / tile_rows), tiles_n((cols + tile_cols - 1) / tile_cols),
+          tiles(tiles_m * tiles_n) {}
+
+    /// Cuts k as split_of() does for `units` parallel units, with room for the spans' partial tiles.
+    void split_k(index_t k, index_t units) {
+        split = split_of(units, k);
+        if (split.spans > 1)
+            partials.resize(static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols));
+    }
+
+    tile_box box(index_t tile) const {
+        const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
+        return {i0, j0, std::min(tile_rows, m - i0), std::min(tile_cols, n - j0)};
+    }
+
+    /// Span `span` (≥ 1) of `tile`, stored with row stride box(tile).cols.
+    Acc* partial(index_t tile, index_t span) {
+        return partials.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
+    }
+
+    /// C += every tile's partial tiles, in span order: a work-sharing loop of the enclosing
+    /// parallel region (and the plain loop outside one).
+    void add_partials(Acc* c, index_t ldc) {
+        if (split.spans <= 1) return;
+#if defined(_OPENMP)
+#  pragma omp for schedule(static)
+#endif
+        for (index_t tile = 0; tile < tiles; ++tile) {
+            const tile_box t = box(tile);
+            tile_map out(c + t.i0 * ldc + t.j0, t.rows, t.cols, Eigen::OuterStride<>(ldc));
+            for (index_t span = 1; span < split.spans; ++span)
+                out += tile_map(partial(tile, span), t.rows, t.cols, Eigen::OuterStride<>(t.cols));
+        }
+    }
+};
+
 /// Calls f with op(M)[rows r0.., cols c0..] (r × c) of a matrix M stored with row stride ld: a
 /// map of M in place when M is stored in Acc, a block widened into `buffer` otherwise. Either way
 /// the block keeps M's layout (for op(M) = Mᵀ, a transposed view, which Eigen's product reads as
@@ -116,15 +170,11 @@ template <class X>
 void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
                 const bfloat16* b, index_t ldb, float* c, index_t ldc, float beta) {
     constexpr bool by_rows = std::is_same_v<X, float>;
-    const index_t tiles_m = (m + tile_rows - 1) / tile_rows, tiles_n = (n + tile_cols - 1) / tile_cols;
-    const index_t tiles = tiles_m * tiles_n, lines = by_rows ? tiles_m : tiles_n;
-    const k_split split = split_of(lines, k);
+    tile_grid<float> grid(m, n);
+    const index_t tiles_m = grid.tiles_m, tiles_n = grid.tiles_n, lines = by_rows ? tiles_m : tiles_n;
+    grid.split_k(k, lines);
+    const k_split split = grid.split;
     const index_t tasks = lines * split.spans;
-    std::vector<float, scratch_allocator<float>> partial(
-        split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols) : 0);
-    auto partial_of = [&](index_t tile, index_t span) {
-        return partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
-    };
     [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
 #if defined(_OPENMP)
 #  pragma omp parallel num_threads(threads) if (parallel)
@@ -151,11 +201,11 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
                                trans_b, scratch);
                 };
                 auto multiply = [&](index_t ti, index_t tj) {
+                    const index_t tile = ti * tiles_n + tj;
                     if (span == 0)
                         amx_product(c + ti * tile_rows * ldc + tj * tile_cols, ldc, fresh, scratch);
                     else
-                        amx_product(partial_of(ti * tiles_n + tj, span), std::min(tile_cols, n - tj * tile_cols),
-                                    fresh, scratch);
+                        amx_product(grid.partial(tile, span), grid.box(tile).cols, fresh, scratch);
                 };
                 if (by_rows) {
                     pack_a(line);
@@ -172,19 +222,7 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
                 }
             }
         }
-        if (split.spans > 1) {
-            using tile_map = Eigen::Map<matrix_t<float>, Eigen::Unaligned, Eigen::OuterStride<>>;
-#if defined(_OPENMP)
-#  pragma omp for schedule(static)
-#endif
-            for (index_t tile = 0; tile < tiles; ++tile) {
-                const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
-                const index_t rows = std::min(tile_rows, m - i0), cols = std::min(tile_cols, n - j0);
-                tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
-                for (index_t span = 1; span < split.spans; ++span)
-                    out += tile_map(partial_of(tile, span), rows, cols, Eigen::OuterStride<>(cols));
-            }
-        }
+        grid.add_partials(c, ldc);
     }
 }
 
@@ -200,22 +238,11 @@ void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_
             return;
         }
     }
-    using tile_map = Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
-    const index_t tiles_m = (m + tile_rows - 1) / tile_rows, tiles_n = (n + tile_cols - 1) / tile_cols;
-    const index_t tiles = tiles_m * tiles_n;
-    const k_split split = split_of(tiles, k);
-    const index_t tasks = tiles * split.spans;
-    // Span s ≥ 1 of tile t goes to partial[(t·(spans − 1) + s − 1)·tile_rows·tile_cols ...]; span 0
-    // goes straight into C. From the scratch pool: at a large k the partial tiles take megabytes,
-    // fresh pages on every call from the C library.
-    std::vector<Acc, scratch_allocator<Acc>> partial(
-        split.spans > 1 ? static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols) : 0);
-    auto tile_of = [&](index_t tile, index_t& i0, index_t& j0, index_t& rows, index_t& cols) {
-        i0 = (tile / tiles_n) * tile_rows;
-        j0 = (tile % tiles_n) * tile_cols;
-        rows = std::min(tile_rows, m - i0);
-        cols = std::min(tile_cols, n - j0);
-    };
+    using tile_map = typename tile_grid<Acc>::tile_map;
+    tile_grid<Acc> grid(m, n);
+    grid.split_k(k, grid.tiles);
+    const k_split split = grid.split;
+    const index_t tasks = grid.tiles * split.spans;
     [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
 #if defined(_OPENMP)
 #  pragma omp parallel num_threads(threads) if (parallel)
@@ -230,33 +257,19 @@ void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_
 #endif
         for (index_t task = 0; task < tasks; ++task) {
             const index_t tile = task / split.spans, span = task % split.spans;
-            index_t i0, j0, rows, cols;
-            tile_of(tile, i0, j0, rows, cols);
+            const tile_box t = grid.box(tile);
             const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
             if (span == 0) {
-                tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
+                tile_map out(c + t.i0 * ldc + t.j0, t.rows, t.cols, Eigen::OuterStride<>(ldc));
                 if (beta == Acc(0)) out.setZero();
-                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+                tile_product<Acc>(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out);
             } else {
-                Acc* p = partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
-                tile_map out(p, rows, cols, Eigen::OuterStride<>(cols));
+                tile_map out(grid.partial(tile, span), t.rows, t.cols, Eigen::OuterStride<>(t.cols));
                 out.setZero();
-                tile_product<Acc>(trans_a, trans_b, i0, j0, rows, cols, k0, depth, a, lda, b, ldb, out);
+                tile_product<Acc>(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out);
             }
         }
-        if (split.spans > 1) {
-#if defined(_OPENMP)
-#  pragma omp for schedule(static)
-#endif
-            for (index_t tile = 0; tile < tiles; ++tile) {
-                index_t i0, j0, rows, cols;
-                tile_of(tile, i0, j0, rows, cols);
-                tile_map out(c + i0 * ldc + j0, rows, cols, Eigen::OuterStride<>(ldc));
-                for (index_t span = 1; span < split.spans; ++span)
-                    out += tile_map(partial.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols,
-                                    rows, cols, Eigen::OuterStride<>(cols));
-            }
-        }
+        grid.add_partials(c, ldc);
     }
 }
 
