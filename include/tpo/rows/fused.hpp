@@ -268,17 +268,19 @@ struct scatter_hidden_op {
     }
 };
 
-/// ∂L/∂b[v] += Σ over the chunk's rows of G[i][v], in row order.
+/// ∂L/∂b[v] += Σ over the chunk's rows of G[i][v], in row order (= when `overwrite`: the first
+/// share, over whatever the buffer held).
 template <class A>
 struct bias_gradient_op {
     const A* g;
     index_t rows;
     index_t vocab;
+    bool overwrite;
     A* out;
     TPO_HOST_DEVICE void operator()(index_t v) const {
         A sum = A(0);
         for (index_t i = 0; i < rows; ++i) sum += g[i * vocab + v];
-        out[v] += sum;
+        out[v] = overwrite ? sum : out[v] + sum;
     }
 };
 
@@ -613,11 +615,10 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
                            A(0));
             backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
         }
-        if (grad_bias && !head.started) backend.for_each(V, fill_op<A>{grad_bias});
         if (grad_weight)
             backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H,
                            A(head.started ? 1 : 0));
-        if (grad_bias) backend.for_each(V, bias_gradient_op<A>{chunk_grad, m, V, grad_bias});
+        if (grad_bias) backend.for_each(V, bias_gradient_op<A>{chunk_grad, m, V, !head.started, grad_bias});
         head.started = head.started || grad_weight || grad_bias;
     }
 }
