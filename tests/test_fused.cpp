@@ -246,7 +246,8 @@ void fused_kept_chunk() {
     } else {
         // The forward leaves the chosen policy's last chunk of logits in scratch and the backward
         // starts from it. Given the same values in other buffers, the backward cannot know them
-        // for the forward's and computes that chunk again: one logits product more, the same bits.
+        // for the forward's and computes that chunk again: one logits product more, the same bits;
+        // so does a backward after release_kept_chunk().
         std::mt19937_64 rng(53);
         counting_backend<B> backend;
         for (const auto& [name, base] : fused_cases()) {
@@ -256,21 +257,27 @@ void fused_kept_chunk() {
                 if (chunk > 0) options.chunk_tokens = chunk;
                 const hidden_data<double> d = random_hidden(rng, 2, 6, 5, 7, 11, true);
                 const hidden_data<double> same = d;  // the same values in other buffers
-                auto step = [&](const hidden_data<double>& backward_data, hidden_gradient_data<double>& g) {
+                auto step = [&](const hidden_data<double>& backward_data, hidden_gradient_data<double>& g,
+                                bool release) {
                     tpo::objective<counting_backend<B>> obj(backend, options);
                     backend.logits_products = 0;
                     const tpo::objective_result r = obj.forward(d.batch());
+                    if (release) obj.release_kept_chunk();
                     obj.backward(backward_data.batch(), g.views(backward_data, true));
                     return std::pair{r.loss, backend.logits_products};
                 };
-                hidden_gradient_data<double> kept(d), again(same);
-                const auto [loss_kept, products_kept] = step(d, kept);
-                const auto [loss_again, products_again] = step(same, again);
+                hidden_gradient_data<double> kept(d), again(same), released(d);
+                const auto [loss_kept, products_kept] = step(d, kept, false);
+                const auto [loss_again, products_again] = step(same, again, false);
+                const auto [loss_released, products_released] = step(d, released, true);
                 CHECK(loss_kept == loss_again);
                 CHECK(products_kept == products_again - 1);
-                for (int k = 0; k < 4; ++k) CHECK(kept.hidden[k] == again.hidden[k]);
-                CHECK(kept.weight == again.weight);
-                CHECK(kept.bias == again.bias);
+                CHECK(products_released == products_again);
+                for (const auto* g : {&again, &released}) {
+                    for (int k = 0; k < 4; ++k) CHECK(kept.hidden[k] == g->hidden[k]);
+                    CHECK(kept.weight == g->weight);
+                    CHECK(kept.bias == g->bias);
+                }
             }
         }
     }

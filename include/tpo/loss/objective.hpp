@@ -159,7 +159,9 @@ public:
 
 public:
     /// The same with hidden states in: the logits transform(h·Wᵀ + b) are computed chunk by chunk
-    /// and never stored whole (rows/fused.hpp).
+    /// and never stored whole (rows/fused.hpp). The chosen policy's last chunk stays in backend
+    /// memory for backward() (which starts from it) until backward(), the next forward() or
+    /// release_kept_chunk().
     template <class T, class I, class R>
     objective_result forward(const hidden_preference_batch<T, I, R>& batch)
         requires head_backend<B>
@@ -169,6 +171,11 @@ public:
         deferred_ = false;
         return read_forward();
     }
+
+    /// Frees the chunk of logits a hidden-state forward() keeps for backward(): for a forward that
+    /// no backward follows (evaluation) on a long-lived objective. A backward() after it still
+    /// works, computing that chunk again.
+    void release_kept_chunk() { kept_.reset(); }
 
     /// Writes ∂(batch loss)/∂(policy logits) into the given views (dtype G, shapes of the inputs).
     template <class T, class I, class R, class G>
