@@ -412,7 +412,8 @@ void check_head(B& backend, const head_view<const T>& head, const char* what, in
 /// A forward pass's last chunk, left in scratch for the backward: its gathered hidden states, its
 /// logits z (after the bias and the transform), and what they were computed from. The backward of
 /// the same rows (fused_row_gradient, which takes chunks last to first) starts from it instead of
-/// computing that chunk again, and takes the scratch over for its other chunks.
+/// computing that chunk again; any backward pass takes the scratch over for its chunks where it is
+/// large enough, so that a chunk that cannot be used costs no new allocation either.
 template <class B, class T>
 struct kept_chunk {
     using A = fused_accumulate_t<T>;
@@ -420,6 +421,8 @@ struct kept_chunk {
     typename B::template buffer<A> logits;
     std::vector<index_t> rows;  // the chunk's rows, as indices into the tensor's scored rows
     index_t chunk_rows = 0;     // the pass's rows per chunk
+    index_t gathered_size = 0;  // the buffers' sizes, in elements
+    index_t logits_size = 0;
     const T* states = nullptr;
     const T* weight = nullptr;
     const T* bias = nullptr;
@@ -501,6 +504,8 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
         keep->logits = std::move(logits);
         keep->rows.assign(host_list.begin() + last, host_list.end());
         keep->chunk_rows = C;
+        keep->gathered_size = C * H;
+        keep->logits_size = C * V;
         keep->states = source.states.data;
         keep->weight = source.head.weight;
         keep->bias = source.head.bias;
@@ -587,8 +592,9 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
     const bool linear = settings.transform.linear();
     const index_t last = (n - 1) / C * C;
     const bool reuse = kept && kept->holds(source, settings.transform, C, host_full, last);
-    auto gathered = reuse ? std::move(kept->gathered) : fused_detail::overwritten<T>(backend, C * H);
-    auto logits = reuse ? std::move(kept->logits) : fused_detail::overwritten<A>(backend, C * V);
+    const bool adopt = kept && kept->gathered_size >= C * H && kept->logits_size >= C * V;
+    auto gathered = adopt ? std::move(kept->gathered) : fused_detail::overwritten<T>(backend, C * H);
+    auto logits = adopt ? std::move(kept->logits) : fused_detail::overwritten<A>(backend, C * V);
     if (kept) *kept = {};
     auto second = fused_detail::overwritten<A>(backend, linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
