@@ -19,8 +19,10 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "tpo/backend/cpu/level.hpp"
+#include "tpo/backend/cpu/scratch.hpp"
 #include "tpo/core/config.hpp"
 #include "tpo/core/element.hpp"
 
@@ -66,8 +68,12 @@ inline constexpr index_t amx_depth = 512;  // the largest k of one call
 /// low bf16 parts), B interleaved, with the shapes they were packed for. Not zeroed: a packing
 /// writes every value the tile unit reads, the padding included.
 struct amx_scratch {
-    std::unique_ptr<std::uint16_t[]> a{new std::uint16_t[static_cast<std::size_t>(2 * amx_block * amx_depth)]};
-    std::unique_ptr<std::uint32_t[]> b{new std::uint32_t[static_cast<std::size_t>(amx_block * amx_depth / 2)]};
+    // 64-byte aligned (scratch_allocator), so that no 64-byte tile row straddles two cache lines,
+    // and kept by the pool between calls.
+    std::vector<std::uint16_t, scratch_allocator<std::uint16_t>> a =
+        std::vector<std::uint16_t, scratch_allocator<std::uint16_t>>(static_cast<std::size_t>(2 * amx_block * amx_depth));
+    std::vector<std::uint32_t, scratch_allocator<std::uint32_t>> b =
+        std::vector<std::uint32_t, scratch_allocator<std::uint32_t>>(static_cast<std::size_t>(amx_block * amx_depth / 2));
     index_t m = 0, n = 0, k = 0;  // op(A) m×k as packed in a, op(B) k×n in b
     bool split = false;           // a holds a float A's two parts
 };
@@ -298,10 +304,10 @@ void amx_pack_a(index_t m, index_t k, const X* a, index_t lda, bool trans_a, amx
     scratch.k = k;
     scratch.split = std::is_same_v<X, float>;
     if constexpr (std::is_same_v<X, float>) {
-        amx_pack_a(m, k, mp, kp, a, lda, trans_a, scratch.a.get(), scratch.a.get() + amx_block * amx_depth);
+        amx_pack_a(m, k, mp, kp, a, lda, trans_a, scratch.a.data(), scratch.a.data() + amx_block * amx_depth);
     } else {
         if (trans_a) throw error("cpu backend: the AMX product reads a bf16 A by rows only");
-        amx_pack_a(m, k, mp, kp, a, lda, scratch.a.get());
+        amx_pack_a(m, k, mp, kp, a, lda, scratch.a.data());
     }
 #else
     (void)m, (void)k, (void)a, (void)lda, (void)trans_a, (void)scratch;
@@ -313,7 +319,7 @@ void amx_pack_a(index_t m, index_t k, const X* a, index_t lda, bool trans_a, amx
 inline void amx_pack_b(index_t n, index_t k, const bfloat16* b, index_t ldb, bool trans_b, amx_scratch& scratch) {
 #if TPO_CPU_AMX
     scratch.n = n;
-    amx_pack_b(n, k, (n + 31) / 32 * 32, (k + 31) / 32 * 32, b, ldb, trans_b, scratch.b.get());
+    amx_pack_b(n, k, (n + 31) / 32 * 32, (k + 31) / 32 * 32, b, ldb, trans_b, scratch.b.data());
 #else
     (void)n, (void)k, (void)b, (void)ldb, (void)trans_b, (void)scratch;
     throw error("cpu backend: the AMX product was called on a build without it");
@@ -324,8 +330,8 @@ inline void amx_pack_b(index_t n, index_t k, const bfloat16* b, index_t ldb, boo
 inline void amx_product(float* c, index_t ldc, bool fresh, const amx_scratch& scratch) {
 #if TPO_CPU_AMX
     const index_t kp = (scratch.k + 31) / 32 * 32;
-    amx_multiply(scratch.m, scratch.n, (scratch.m + 31) / 32 * 32, (scratch.n + 31) / 32 * 32, kp, scratch.a.get(),
-                 scratch.split ? scratch.a.get() + amx_block * amx_depth : nullptr, scratch.b.get(), c, ldc, fresh);
+    amx_multiply(scratch.m, scratch.n, (scratch.m + 31) / 32 * 32, (scratch.n + 31) / 32 * 32, kp, scratch.a.data(),
+                 scratch.split ? scratch.a.data() + amx_block * amx_depth : nullptr, scratch.b.data(), c, ldc, fresh);
 #else
     (void)c, (void)ldc, (void)fresh, (void)scratch;
     throw error("cpu backend: the AMX product was called on a build without it");
