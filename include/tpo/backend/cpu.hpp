@@ -44,7 +44,7 @@ public:
     /// path's chunks are not mapped and faulted in every step. allocate() zeroes a buffer;
     /// allocate_for_overwrite() does not.
     template <class T>
-    using buffer = std::vector<T, cpu_detail::scratch_allocator<T>>;
+    using buffer = cpu_detail::scratch_vector<T>;
 
     /// `threads` ≤ 0 takes OpenMP's default (omp_get_max_threads()); without OpenMP, one thread.
     /// The kernels' instruction-set level is default_cpu_level() (the CPU's best, or TPO_CPU_LEVEL).

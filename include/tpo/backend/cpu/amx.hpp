@@ -17,9 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "tpo/backend/cpu/level.hpp"
 #include "tpo/backend/cpu/scratch.hpp"
@@ -70,10 +68,8 @@ inline constexpr index_t amx_depth = 512;  // the largest k of one call
 struct amx_scratch {
     // 64-byte aligned (scratch_allocator), so that no 64-byte tile row straddles two cache lines,
     // and kept by the pool between calls.
-    std::vector<std::uint16_t, scratch_allocator<std::uint16_t>> a =
-        std::vector<std::uint16_t, scratch_allocator<std::uint16_t>>(static_cast<std::size_t>(2 * amx_block * amx_depth));
-    std::vector<std::uint32_t, scratch_allocator<std::uint32_t>> b =
-        std::vector<std::uint32_t, scratch_allocator<std::uint32_t>>(static_cast<std::size_t>(amx_block * amx_depth / 2));
+    scratch_vector<std::uint16_t> a = scratch_vector<std::uint16_t>(static_cast<std::size_t>(2 * amx_block * amx_depth));
+    scratch_vector<std::uint32_t> b = scratch_vector<std::uint32_t>(static_cast<std::size_t>(amx_block * amx_depth / 2));
     index_t m = 0, n = 0, k = 0;  // op(A) m×k as packed in a, op(B) k×n in b
     bool split = false;           // a holds a float A's two parts
 };

@@ -76,7 +76,7 @@ struct tile_grid {
     k_split split{};
     // From the scratch pool: at a large k the partial tiles take megabytes, which the C library
     // would hand out as fresh pages on every call.
-    std::vector<Acc, scratch_allocator<Acc>> partials;
+    scratch_vector<Acc> partials;
 
     tile_grid(index_t rows, index_t cols)
         : m(rows), n(cols), tiles_m((rows + tile_rows - 1) / tile_rows), tiles_n((cols + tile_cols - 1) / tile_cols),

@@ -160,5 +160,9 @@ struct scratch_allocator {
     friend bool operator==(const scratch_allocator&, const scratch_allocator&) noexcept { return true; }
 };
 
+/// A vector on scratch_allocator: the CPU backend's buffers and its products' scratch.
+template <class T>
+using scratch_vector = std::vector<T, scratch_allocator<T>>;
+
 }  // namespace backend::cpu_detail
 TPO_END_NAMESPACE
