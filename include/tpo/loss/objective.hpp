@@ -246,7 +246,7 @@ private:
                 rows::check_head(backend_, batch.reference_head, "reference lm_head", first_vocab_row);
         }
         // The chosen policy's pass runs last and keeps its last chunk: the backward starts there.
-        prepare_hidden(rejected_, batch.rejected, batch, "rejected", static_cast<rows::kept_chunk<B, T>*>(nullptr));
+        prepare_hidden(rejected_, batch.rejected, batch, "rejected");
         auto keep = std::make_shared<rows::kept_chunk<B, T>>();
         prepare_hidden(chosen_, batch.chosen, batch, "chosen", keep.get());
         kept_ = std::move(keep);
@@ -458,12 +458,12 @@ private:
         return {options_.transform(), options_.chunk_tokens.value_or(0)};
     }
 
-    /// The row statistics of one side's hidden states; with `keep`, the policy's pass runs last and
+    /// The row statistics of one side's hidden states. The policy's pass runs last; with `keep`, it
     /// leaves its last chunk there.
     template <class T, class I, class R>
     void prepare_hidden(side_state& state, const hidden_side_batch<T, I, R>& s,
                         const hidden_preference_batch<T, I, R>& batch, const char* side,
-                        rows::kept_chunk<B, T>* keep) {
+                        rows::kept_chunk<B, T>* keep = nullptr) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         const row_alignment align = row_align_;
         const rows::fused_settings fs = fused_settings();
@@ -485,10 +485,6 @@ private:
         state.reference_scores = s.reference_scores.data;
         constexpr rows::kept_chunk<B, T>* none = nullptr;
         constexpr rows::kept_chunk<B, R>* none_reference = nullptr;
-        auto policy = [&](rows::kept_chunk<B, T>* kept) {
-            return pass(rows::hidden_rows<T>{s.policy, batch.head}, policy_reduction, "policy hidden states", kept);
-        };
-        if (!keep) state.policy = policy(none);
         state.policy_noisy = noisy ? pass(rows::hidden_rows<T>{s.policy_noisy, batch.head}, noisy_reduction(),
                                           "policy noisy hidden states", none)
                                    : stats_buffer{};
@@ -499,7 +495,7 @@ private:
                                     ? pass(rows::hidden_rows<R>{s.reference_noisy, batch.reference_head},
                                            noisy_reduction(), "reference noisy hidden states", none_reference)
                                     : stats_buffer{};
-        if (keep) state.policy = policy(keep);
+        state.policy = pass(rows::hidden_rows<T>{s.policy, batch.head}, policy_reduction, "policy hidden states", keep);
         state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
     }
 
