@@ -8,9 +8,13 @@
 // GPU framework's caching allocator does.
 //
 // One pool per program, shared by every backend object (trainers and bindings make a backend per
-// call). The pool holds at most the most scratch that was ever alive at once: a request no kept
-// block fits first frees the oldest kept blocks until kept + alive + the request stays within
-// that high-water mark. Between steps the kept blocks stay mapped; release() returns them.
+// call). The pool holds (kept and alive together) at most twice the most scratch that was ever
+// alive at once: a request no kept block fits first frees the oldest kept blocks until kept +
+// alive + the request stays within that bound. Twice, because a step's buffers do not all live at
+// once (a small buffer dies before a large one is asked for), so a step needs more distinct blocks
+// than its peak; with the peak itself as the bound every step freed and mapped blocks again, and
+// a call of another shape in between (its blocks given back last) made the next step free the
+// largest ones. Between steps the kept blocks stay mapped; release() returns them.
 // The allocator default-initialises (a trivial element is left as it is): backend::cpu zeroes
 // what allocate() hands out, on all its threads, and allocate_for_overwrite() leaves alone the
 // scratch its caller writes in full before reading.
@@ -54,7 +58,7 @@ public:
             kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(best));
             kept_bytes_ -= b.bytes;
         } else {
-            while (!kept_.empty() && kept_bytes_ + alive_bytes_ + bytes > high_water_) {
+            while (!kept_.empty() && kept_bytes_ + alive_bytes_ + bytes > 2 * high_water_) {
                 ::operator delete(kept_.front().data, alignment);
                 kept_bytes_ -= kept_.front().bytes;
                 kept_.erase(kept_.begin());
