@@ -23,6 +23,7 @@
 #include "tpo/backend/cpu/scratch.hpp"
 #include "tpo/core/config.hpp"
 #include "tpo/core/element.hpp"
+#include "tpo/core/views.hpp"
 
 #if TPO_CPU_DISPATCH && defined(__linux__)
 #  define TPO_CPU_AMX 1
