@@ -114,8 +114,7 @@ public:
     template <class X, class Y, class Acc>
     void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
                 index_t ldb, Acc* c, index_t ldc, Acc beta) const {
-        const bool amx = level_ == cpu_level::avx512 && cpu_detail::amx_bf16_usable();
-        cpu_detail::matmul(threads_, amx, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+        cpu_detail::matmul(threads_, level_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
     /// The fused head's chunks hold at least this many rows unless the caller sets a chunk size:

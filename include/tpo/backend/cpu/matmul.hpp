@@ -11,7 +11,9 @@
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
 // whole head ever exists. The products of a bf16 head (the logits H·Wᵀ, and the backward's
 // ∂L/∂u·W and ∂L/∂uᵀ·H with a float ∂L/∂u; float out) run on the AMX tile unit instead where the
-// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_amx).
+// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_amx); float
+// products at the avx512 level run in 512-bit registers of our own (cpu/tiles_f32.hpp,
+// matmul_f32), in the same tiles and spans.
 
 #include <algorithm>
 #include <type_traits>
@@ -20,7 +22,9 @@
 #include <Eigen/Core>
 
 #include "tpo/backend/cpu/amx.hpp"
+#include "tpo/backend/cpu/level.hpp"
 #include "tpo/backend/cpu/scratch.hpp"
+#include "tpo/backend/cpu/tiles_f32.hpp"
 
 #if defined(_OPENMP)
 #  include <omp.h>
@@ -40,6 +44,7 @@ inline constexpr index_t tile_depth = 512;  // k block of 16-bit operands
 inline constexpr index_t split_tasks = 16;
 inline constexpr index_t split_depth_min = 2048;
 static_assert(tile_rows <= amx_block && tile_cols <= amx_block, "an AMX call covers a whole tile");
+static_assert(tile_rows <= f32_block && tile_cols <= f32_block, "f32_tile covers a whole tile");
 
 /// How matmul cuts k: `spans` spans of `depth` (the last may be shorter). One span unless the
 /// product has few tiles and a long k.
@@ -226,18 +231,61 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     }
 }
 
-/// See the file comment; beta is 0 or 1; `amx`: products with a bf16 B and a bf16 (by rows) or
-/// float A run on the tile unit (the caller has checked amx_bf16_usable()).
+#if TPO_CPU_TILES_F32
+/// The float form at the avx512 level (cpu/tiles_f32.hpp): the same tiles, spans and partial
+/// tiles as Eigen's form below, each task one f32_tile.
+inline void matmul_f32(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const float* a,
+                       index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
+    tile_grid<float> grid(m, n);
+    grid.split_k(k, grid.tiles);
+    const k_split split = grid.split;
+    const index_t tasks = grid.tiles * split.spans;
+    [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
+#  if defined(_OPENMP)
+#    pragma omp parallel num_threads(threads) if (parallel)
+#  endif
+    {
+        f32_scratch scratch;
+#  if defined(_OPENMP)
+#    pragma omp for schedule(dynamic, 1)
+#  endif
+        for (index_t task = 0; task < tasks; ++task) {
+            const index_t tile = task / split.spans, span = task % split.spans;
+            const tile_box t = grid.box(tile);
+            const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
+            if (span == 0)
+                f32_tile(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb,
+                         c + t.i0 * ldc + t.j0, ldc, beta == 0.0f, scratch);
+            else
+                f32_tile(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb,
+                         grid.partial(tile, span), t.cols, true, scratch);
+        }
+        grid.add_partials(c, ldc);
+    }
+}
+#endif
+
+/// See the file comment; beta is 0 or 1. At the avx512 level, products with a bf16 B and a bf16
+/// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it, and float
+/// products in 512-bit registers (matmul_f32) whatever the translation unit's flags.
 template <class X, class Y, class Acc>
-void matmul(int threads, bool amx, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
-            const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+void matmul(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
+            index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
     if constexpr (std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float> &&
                   (std::is_same_v<X, bfloat16> || std::is_same_v<X, float>)) {
-        if (amx && (std::is_same_v<X, float> || !trans_a)) {
+        if (level == cpu_level::avx512 && (std::is_same_v<X, float> || !trans_a) && amx_bf16_usable()) {
             matmul_amx(threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
             return;
         }
     }
+#if TPO_CPU_TILES_F32
+    if constexpr (std::is_same_v<X, float> && std::is_same_v<Y, float> && std::is_same_v<Acc, float>) {
+        if (level == cpu_level::avx512) {
+            matmul_f32(threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+            return;
+        }
+    }
+#endif
     using tile_map = typename tile_grid<Acc>::tile_map;
     tile_grid<Acc> grid(m, n);
     grid.split_k(k, grid.tiles);
