@@ -76,14 +76,7 @@ struct amx_scratch {
 };
 
 #if TPO_CPU_AMX
-// As in cpu/kernels.hpp: vector arguments between these functions are their own business, and GCC
-// 12's AVX-512 intrinsics use deliberately undefined operands it then warns about (GCC bug 105593).
-#  if defined(__GNUC__) && !defined(__clang__)
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wpsabi"
-#    pragma GCC diagnostic ignored "-Wuninitialized"
-#    pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#  endif
+TPO_CPU_INTRINSICS_BEGIN
 #  define TPO_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 struct alignas(64) amx_config {
@@ -280,9 +273,7 @@ TPO_AMX_TARGET inline void amx_multiply(index_t m, index_t n, index_t mp, index_
     _tile_release();
 }
 #  undef TPO_AMX_TARGET
-#  if defined(__GNUC__) && !defined(__clang__)
-#    pragma GCC diagnostic pop
-#  endif
+TPO_CPU_INTRINSICS_END
 #endif
 
 // A product block on the tile unit: amx_pack_a and amx_pack_b put op(A) (m×k) and op(B) (k×n),

@@ -28,15 +28,7 @@
 #  include <immintrin.h>
 #endif
 
-// Vector arguments and returns between functions of one level are the level's own business; GCC
-// would warn that their ABI differs from the translation unit's. GCC 12's AVX-512 intrinsics use
-// deliberately undefined operands it then warns about (GCC bug 105593).
-#if defined(__GNUC__) && !defined(__clang__)
-#  pragma GCC diagnostic push
-#  pragma GCC diagnostic ignored "-Wpsabi"
-#  pragma GCC diagnostic ignored "-Wuninitialized"
-#  pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+TPO_CPU_INTRINSICS_BEGIN
 
 TPO_BEGIN_NAMESPACE
 namespace backend::cpu_detail::TPO_CPU_TU_NAMESPACE {
@@ -163,6 +155,4 @@ namespace kernels = TPO_CPU_TU_NAMESPACE;
 }  // namespace backend::cpu_detail
 TPO_END_NAMESPACE
 
-#if defined(__GNUC__) && !defined(__clang__)
-#  pragma GCC diagnostic pop
-#endif
+TPO_CPU_INTRINSICS_END

@@ -34,6 +34,22 @@
 #  define TPO_CPU_DISPATCH 0
 #endif
 
+// Around the code built for other instruction sets (cpu/kernels.hpp, cpu/amx.hpp,
+// cpu/tiles_f32.hpp): vector arguments and returns between functions of one level are that
+// level's own business, and GCC would warn that their ABI differs from the translation unit's;
+// GCC 12's AVX-512 intrinsics use deliberately undefined operands it then warns about (GCC bug
+// 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#  define TPO_CPU_INTRINSICS_BEGIN                                                                              \
+      _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wpsabi\"")                           \
+          _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")                                               \
+              _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#  define TPO_CPU_INTRINSICS_END _Pragma("GCC diagnostic pop")
+#else
+#  define TPO_CPU_INTRINSICS_BEGIN
+#  define TPO_CPU_INTRINSICS_END
+#endif
+
 // The translation unit's instruction-set macros, as a namespace name for its kernels (see above).
 #if defined(__AVX512F__)
 #  define TPO_CPU_TU_A 1

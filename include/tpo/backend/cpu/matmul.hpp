@@ -118,6 +118,43 @@ struct tile_grid {
                 out += tile_map(partial(tile, span), t.rows, t.cols, Eigen::OuterStride<>(t.cols));
         }
     }
+
+    /// C (+)= op(A)·op(B) task by task: cuts k for the tiles, then on `threads` threads calls
+    /// f(tile_box, k0, depth, out, ld, fresh, scratch) for every (tile, span), where out is the
+    /// tile in C (span 0, fresh when `overwrite`) or its partial tile (row stride box.cols, always
+    /// fresh: written without being read), and scratch is the calling thread's own Scratch; then
+    /// adds the partial tiles.
+    template <class Scratch, class F>
+    void for_each_task(int threads, index_t k, Acc* c, index_t ldc, bool overwrite, F&& f) {
+        split_k(k, tiles);
+        const index_t tasks = tiles * split.spans;
+        [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
+#if defined(_OPENMP)
+#  pragma omp parallel num_threads(threads) if (parallel)
+#endif
+        {
+#if defined(_OPENMP)
+            // Eigen would split a product over threads of its own when it runs outside a parallel
+            // region, with a blocking that depends on their number; one thread per task, always,
+            // keeps every task's summation order the same for any thread count.
+            omp_set_num_threads(1);
+#endif
+            Scratch scratch;
+#if defined(_OPENMP)
+#  pragma omp for schedule(dynamic, 1)
+#endif
+            for (index_t task = 0; task < tasks; ++task) {
+                const index_t tile = task / split.spans, span = task % split.spans;
+                const tile_box t = box(tile);
+                const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
+                if (span == 0)
+                    f(t, k0, depth, c + t.i0 * ldc + t.j0, ldc, overwrite, scratch);
+                else
+                    f(t, k0, depth, partial(tile, span), t.cols, true, scratch);
+            }
+            add_partials(c, ldc);
+        }
+    }
 };
 
 /// Calls f with op(M)[rows r0.., cols c0..] (r × c) of a matrix M stored with row stride ld: a
@@ -236,32 +273,12 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
 /// tiles as Eigen's form below, each task one f32_tile.
 inline void matmul_f32(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const float* a,
                        index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
-    tile_grid<float> grid(m, n);
-    grid.split_k(k, grid.tiles);
-    const k_split split = grid.split;
-    const index_t tasks = grid.tiles * split.spans;
-    [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
-#  if defined(_OPENMP)
-#    pragma omp parallel num_threads(threads) if (parallel)
-#  endif
-    {
-        f32_scratch scratch;
-#  if defined(_OPENMP)
-#    pragma omp for schedule(dynamic, 1)
-#  endif
-        for (index_t task = 0; task < tasks; ++task) {
-            const index_t tile = task / split.spans, span = task % split.spans;
-            const tile_box t = grid.box(tile);
-            const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
-            if (span == 0)
-                f32_tile(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb,
-                         c + t.i0 * ldc + t.j0, ldc, beta == 0.0f, scratch);
-            else
-                f32_tile(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb,
-                         grid.partial(tile, span), t.cols, true, scratch);
-        }
-        grid.add_partials(c, ldc);
-    }
+    tile_grid<float>(m, n).for_each_task<f32_scratch>(
+        threads, k, c, ldc, beta == 0.0f,
+        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, f32_scratch& scratch) {
+            f32_tile(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out, ld, fresh,
+                     scratch);
+        });
 }
 #endif
 
@@ -286,39 +303,14 @@ void matmul(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m,
         }
     }
 #endif
-    using tile_map = typename tile_grid<Acc>::tile_map;
-    tile_grid<Acc> grid(m, n);
-    grid.split_k(k, grid.tiles);
-    const k_split split = grid.split;
-    const index_t tasks = grid.tiles * split.spans;
-    [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
-#if defined(_OPENMP)
-#  pragma omp parallel num_threads(threads) if (parallel)
-#endif
-    {
-#if defined(_OPENMP)
-        // Eigen would split a product over threads of its own when it runs outside a parallel
-        // region, with a blocking that depends on their number; one thread per task, always,
-        // keeps every task's summation order the same for any thread count.
-        omp_set_num_threads(1);
-#  pragma omp for schedule(dynamic, 1)
-#endif
-        for (index_t task = 0; task < tasks; ++task) {
-            const index_t tile = task / split.spans, span = task % split.spans;
-            const tile_box t = grid.box(tile);
-            const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
-            if (span == 0) {
-                tile_map out(c + t.i0 * ldc + t.j0, t.rows, t.cols, Eigen::OuterStride<>(ldc));
-                if (beta == Acc(0)) out.setZero();
-                tile_product<Acc>(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out);
-            } else {
-                tile_map out(grid.partial(tile, span), t.rows, t.cols, Eigen::OuterStride<>(t.cols));
-                out.setZero();
-                tile_product<Acc>(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out);
-            }
-        }
-        grid.add_partials(c, ldc);
-    }
+    struct no_scratch {};
+    tile_grid<Acc>(m, n).template for_each_task<no_scratch>(
+        threads, k, c, ldc, beta == Acc(0),
+        [&](const tile_box& t, index_t k0, index_t depth, Acc* out, index_t ld, bool fresh, no_scratch&) {
+            typename tile_grid<Acc>::tile_map tile(out, t.rows, t.cols, Eigen::OuterStride<>(ld));
+            if (fresh) tile.setZero();
+            tile_product<Acc>(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, tile);
+        });
 }
 
 }  // namespace backend::cpu_detail

@@ -45,14 +45,7 @@ struct f32_scratch {
 };
 
 #if TPO_CPU_TILES_F32
-// As in cpu/amx.hpp: GCC 12's AVX-512 intrinsics use deliberately undefined operands it then
-// warns about (GCC bug 105593).
-#  if defined(__GNUC__) && !defined(__clang__)
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wpsabi"
-#    pragma GCC diagnostic ignored "-Wuninitialized"
-#    pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#  endif
+TPO_CPU_INTRINSICS_BEGIN
 #  define TPO_F32_TARGET __attribute__((target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")))
 // The register block's loops over its 8 rows must be unrolled, or the 16 accumulators live in
 // memory: GCC unrolls them at -O3 on its own, not at -O2.
@@ -173,9 +166,7 @@ TPO_F32_TARGET inline void f32_tile(bool trans_a, bool trans_b, index_t i0, inde
 
 #  undef TPO_F32_UNROLL
 #  undef TPO_F32_TARGET
-#  if defined(__GNUC__) && !defined(__clang__)
-#    pragma GCC diagnostic pop
-#  endif
+TPO_CPU_INTRINSICS_END
 #endif  // TPO_CPU_TILES_F32
 
 }  // namespace backend::cpu_detail
