@@ -9,6 +9,7 @@
 // per translation unit by its flags. Header-only: everything is inline or a template.
 
 #include <algorithm>
+#include <climits>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -19,6 +20,7 @@
 
 #include "tpo/backend/cpu/level.hpp"
 #include "tpo/backend/cpu/simd.hpp"
+#include "tpo/backend/cpu/tiles_f32.hpp"
 #include "tpo/math/online_logsumexp.hpp"
 #include "tpo/math/philox.hpp"
 #include "tpo/reward/row_stats.hpp"
@@ -29,6 +31,16 @@
 #endif
 
 TPO_CPU_INTRINSICS_BEGIN
+
+// A loop over a register block's rows must be unrolled, or its accumulators live in memory: GCC
+// unrolls such loops at -O3 on its own, not at -O2.
+#if defined(__clang__)
+#  define TPO_CPU_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#  define TPO_CPU_UNROLL _Pragma("GCC unroll 8")
+#else
+#  define TPO_CPU_UNROLL
+#endif
 
 TPO_BEGIN_NAMESPACE
 namespace backend::cpu_detail::TPO_CPU_TU_NAMESPACE {
@@ -137,6 +149,19 @@ void for_range(cpu_level level, index_t begin, index_t end, F& f) {
     baseline::for_range(begin, end, f);
 }
 
+inline void f32_tile(cpu_level level, bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols,
+                     index_t k0, index_t span, const float* a, index_t lda, const float* b, index_t ldb, float* c,
+                     index_t ldc, bool fresh, f32_scratch& scratch) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512)
+        return avx512::f32_tile(trans_a, trans_b, i0, j0, rows, cols, k0, span, a, lda, b, ldb, c, ldc, fresh, scratch);
+    if (level == cpu_level::avx2)
+        return avx2::f32_tile(trans_a, trans_b, i0, j0, rows, cols, k0, span, a, lda, b, ldb, c, ldc, fresh, scratch);
+#endif
+    (void)level;
+    baseline::f32_tile(trans_a, trans_b, i0, j0, rows, cols, k0, span, a, lda, b, ldb, c, ldc, fresh, scratch);
+}
+
 inline void philox_normals(cpu_level level, const math::philox_stream& rng, std::uint64_t first, index_t count,
                            float* out) {
 #if TPO_CPU_DISPATCH
@@ -155,4 +180,5 @@ namespace kernels = TPO_CPU_TU_NAMESPACE;
 }  // namespace backend::cpu_detail
 TPO_END_NAMESPACE
 
+#undef TPO_CPU_UNROLL
 TPO_CPU_INTRINSICS_END

@@ -618,3 +618,145 @@ inline void exp_array(const float* x, index_t n, float* y, bool shift = false, f
         for (index_t k = 0; k < O::width && i + k < n; ++k) y[i + k] = out[k];
     }
 }
+
+// --- The fused head's float products (cpu/tiles_f32.hpp): one tile of C (+)= op(A)·op(B).
+
+/// C's register block at this level: two vectors of columns per row, and as many rows as leave
+/// registers for two vectors of B and a broadcast (16 accumulators of 32 registers with AVX-512,
+/// 12 of 16 with AVX2).
+inline constexpr index_t tile_block_rows = f32::width >= 16 ? 8 : 6;
+inline constexpr index_t tile_block_cols = 2 * f32::width;
+
+/// C (rows × cols of one register block, row stride ldc) (+)= A·B over kc values of k. A is a
+/// [k][tile_block_rows] panel (`Packed`) or tile_block_rows rows read in place with row stride lda;
+/// B is a [k][tile_block_cols] panel. `fresh`: C is written without being read.
+template <bool Packed>
+TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const float* b, float* c, index_t ldc,
+                                 index_t rows, index_t cols, bool fresh) {
+    using O = f32;
+    constexpr int R = static_cast<int>(tile_block_rows);
+    constexpr index_t W = O::width;
+    typename O::vec left[R], right[R];
+    TPO_CPU_UNROLL
+    for (int r = 0; r < R; ++r) left[r] = right[r] = O::set1(0.0f);
+    for (index_t p = 0; p < kc; ++p) {
+        const typename O::vec b0 = O::load(b + p * 2 * W), b1 = O::load(b + p * 2 * W + W);
+        TPO_CPU_UNROLL
+        for (int r = 0; r < R; ++r) {
+            const typename O::vec x = O::set1(Packed ? a[p * R + r] : a[r * lda + p]);
+            left[r] = O::fmadd(x, b0, left[r]);
+            right[r] = O::fmadd(x, b1, right[r]);
+        }
+    }
+    alignas(64) float edge[2 * W];
+    TPO_CPU_UNROLL
+    for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        float* row = c + r * ldc;
+        if (cols == 2 * W) {
+            if (!fresh) {
+                left[r] = O::add(O::loadu(row), left[r]);
+                right[r] = O::add(O::loadu(row + W), right[r]);
+            }
+            O::storeu(row, left[r]);
+            O::storeu(row + W, right[r]);
+        } else {
+            O::store(edge, left[r]);
+            O::store(edge + W, right[r]);
+            for (index_t j = 0; j < cols; ++j) row[j] = fresh ? edge[j] : row[j] + edge[j];
+        }
+    }
+}
+
+/// op(B)[p0.., j0..] (kc × cols) into [⌈cols / tile_block_cols⌉][kc][tile_block_cols] panels,
+/// zeros past cols.
+inline void tile_pack_b(bool trans, const float* b, index_t ldb, index_t p0, index_t j0, index_t kc, index_t cols,
+                        float* panels) {
+    constexpr index_t N = tile_block_cols;
+    for (index_t jp = 0; jp < cols; jp += N) {
+        float* dst = panels + (jp / N) * kc * N;
+        const index_t width = std::min(N, cols - jp);
+        if (!trans) {
+            using O = f32;
+            for (index_t p = 0; p < kc; ++p) {
+                const float* src = b + (p0 + p) * ldb + j0 + jp;
+                float* out = dst + p * N;
+                if (width == N) {
+                    O::store(out, O::loadu(src));
+                    O::store(out + O::width, O::loadu(src + O::width));
+                } else {
+                    for (index_t j = 0; j < width; ++j) out[j] = src[j];
+                    for (index_t j = width; j < N; ++j) out[j] = 0.0f;
+                }
+            }
+            continue;
+        }
+        // Column j of op(B) is row j of the stored B: a full panel gathers a vector of columns at
+        // a time; otherwise eight values of k from each of the panel's rows at a time, so the lines
+        // written stay in L1.
+        if (width == N && ldb <= index_t{INT_MAX} / N) {
+            using O = f32;
+            const float* first = b + (j0 + jp) * ldb + p0;
+            for (index_t p = 0; p < kc; ++p) {
+                O::store(dst + p * N, O::gather(first + p, ldb));
+                O::store(dst + p * N + O::width, O::gather(first + O::width * ldb + p, ldb));
+            }
+            continue;
+        }
+        for (index_t q = 0; q < kc; q += 8) {
+            const index_t end = std::min(kc, q + 8);
+            for (index_t j = 0; j < N; ++j) {
+                if (j < width) {
+                    const float* src = b + (j0 + jp + j) * ldb + p0;
+                    for (index_t p = q; p < end; ++p) dst[p * N + j] = src[p];
+                } else {
+                    for (index_t p = q; p < end; ++p) dst[p * N + j] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/// Rows i0.. (at most tile_block_rows) of op(A) over k in [p0, p0 + kc) into a
+/// [kc][tile_block_rows] panel, zeros past `rows`.
+inline void tile_pack_a(bool trans, const float* a, index_t lda, index_t i0, index_t p0, index_t rows, index_t kc,
+                        float* panel) {
+    constexpr index_t R = tile_block_rows;
+    for (index_t p = 0; p < kc; ++p)
+        for (index_t r = 0; r < R; ++r)
+            panel[p * R + r] = r >= rows ? 0.0f : trans ? a[(p0 + p) * lda + i0 + r] : a[(i0 + r) * lda + p0 + p];
+}
+
+/// C (rows × cols ≤ f32_block × f32_block, row stride ldc: the tile at op(A) row i0, op(B) column
+/// j0) (+)= op(A)·op(B) over k in [k0, k0 + span); `fresh`: C starts from zero instead of its
+/// values. k goes in blocks of f32_depth; for each, B is packed and the row panels pass over it.
+inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
+                     index_t span, const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc,
+                     bool fresh, f32_scratch& scratch) {
+    constexpr index_t R = tile_block_rows, N = tile_block_cols;
+    static_assert(f32_block % N == 0 && f32_scratch::a_rows >= f32_block + R, "a tile's panels fit the scratch");
+    if (span <= 0) {
+        if (fresh)
+            for (index_t i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + cols, 0.0f);
+        return;
+    }
+    const index_t in_place = trans_a ? 0 : rows / R * R;  // rows of A read where they are stored
+    for (index_t p0 = k0; p0 < k0 + span; p0 += f32_depth) {
+        const index_t kc = std::min(f32_depth, k0 + span - p0);
+        tile_pack_b(trans_b, b, ldb, p0, j0, kc, cols, scratch.b.data());
+        for (index_t i = in_place; i < rows; i += R)
+            tile_pack_a(trans_a, a, lda, i0 + i, p0, std::min(R, rows - i), kc, scratch.a.data() + i * kc);
+        const bool first = fresh && p0 == k0;
+        for (index_t jp = 0; jp < cols; jp += N) {
+            const float* panel = scratch.b.data() + (jp / N) * kc * N;
+            const index_t width = std::min(N, cols - jp);
+            for (index_t i = 0; i < rows; i += R) {
+                float* out = c + i * ldc + jp;
+                if (i < in_place)
+                    tile_block<false>(kc, a + (i0 + i) * lda + p0, lda, panel, out, ldc, R, width, first);
+                else
+                    tile_block<true>(kc, scratch.a.data() + i * kc, 0, panel, out, ldc, rows - i, width, first);
+            }
+        }
+    }
+}

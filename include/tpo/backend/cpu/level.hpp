@@ -34,9 +34,9 @@
 #  define TPO_CPU_DISPATCH 0
 #endif
 
-// Around the code built for other instruction sets (cpu/kernels.hpp, cpu/amx.hpp,
-// cpu/tiles_f32.hpp): vector arguments and returns between functions of one level are that
-// level's own business, and GCC would warn that their ABI differs from the translation unit's;
+// Around the code built for other instruction sets (cpu/kernels.hpp, cpu/amx.hpp): vector
+// arguments and returns between functions of one level are that level's own business, and GCC
+// would warn that their ABI differs from the translation unit's;
 // GCC 12's AVX-512 intrinsics use deliberately undefined operands it then warns about (GCC bug
 // 105593).
 #if defined(__GNUC__) && !defined(__clang__)

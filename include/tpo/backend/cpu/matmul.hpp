@@ -12,7 +12,7 @@
 // whole head ever exists. The products of a bf16 head (the logits H·Wᵀ, and the backward's
 // ∂L/∂u·W and ∂L/∂uᵀ·H with a float ∂L/∂u; float out) run on the AMX tile unit instead where the
 // caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_amx); float
-// products at the avx512 level run in 512-bit registers of our own (cpu/tiles_f32.hpp,
+// products at the avx2 and avx512 levels run in register blocks of our own (cpu/tiles_f32.hpp,
 // matmul_f32), in the same tiles and spans.
 
 #include <algorithm>
@@ -22,6 +22,7 @@
 #include <Eigen/Core>
 
 #include "tpo/backend/cpu/amx.hpp"
+#include "tpo/backend/cpu/kernels.hpp"
 #include "tpo/backend/cpu/level.hpp"
 #include "tpo/backend/cpu/scratch.hpp"
 #include "tpo/backend/cpu/tiles_f32.hpp"
@@ -44,7 +45,7 @@ inline constexpr index_t tile_depth = 512;  // k block of 16-bit operands
 inline constexpr index_t split_tasks = 16;
 inline constexpr index_t split_depth_min = 2048;
 static_assert(tile_rows <= amx_block && tile_cols <= amx_block, "an AMX call covers a whole tile");
-static_assert(tile_rows <= f32_block && tile_cols <= f32_block, "f32_tile covers a whole tile");
+static_assert(tile_rows <= f32_block && tile_cols <= f32_block, "an f32_tile covers a whole tile");
 
 /// How matmul cuts k: `spans` spans of `depth` (the last may be shorter). One span unless the
 /// product has few tiles and a long k.
@@ -268,23 +269,22 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     }
 }
 
-#if TPO_CPU_TILES_F32
-/// The float form at the avx512 level (cpu/tiles_f32.hpp): the same tiles, spans and partial
-/// tiles as Eigen's form below, each task one f32_tile.
-inline void matmul_f32(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const float* a,
-                       index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
+/// The float form at the avx2 and avx512 levels (cpu/tiles_f32.hpp): the same tiles, spans and
+/// partial tiles as Eigen's form below, each task one f32_tile of the level.
+inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
+                       const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
     tile_grid<float>(m, n).for_each_task<f32_scratch>(
         threads, k, c, ldc, beta == 0.0f,
         [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, f32_scratch& scratch) {
-            f32_tile(trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out, ld, fresh,
-                     scratch);
+            kernels::f32_tile(level, trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out, ld,
+                              fresh, scratch);
         });
 }
-#endif
 
 /// See the file comment; beta is 0 or 1. At the avx512 level, products with a bf16 B and a bf16
-/// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it, and float
-/// products in 512-bit registers (matmul_f32) whatever the translation unit's flags.
+/// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it; at the
+/// avx2 and avx512 levels float products run in the level's registers (matmul_f32) whatever the
+/// translation unit's flags.
 template <class X, class Y, class Acc>
 void matmul(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
             index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
@@ -295,14 +295,12 @@ void matmul(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m,
             return;
         }
     }
-#if TPO_CPU_TILES_F32
     if constexpr (std::is_same_v<X, float> && std::is_same_v<Y, float> && std::is_same_v<Acc, float>) {
-        if (level == cpu_level::avx512) {
-            matmul_f32(threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+        if (level != cpu_level::baseline) {
+            matmul_f32(threads, level, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
             return;
         }
     }
-#endif
     struct no_scratch {};
     tile_grid<Acc>(m, n).template for_each_task<no_scratch>(
         threads, k, c, ldc, beta == Acc(0),

@@ -9,6 +9,12 @@ struct f32 {
     static TPO_FORCE_INLINE void store(float* p, vec v) { _mm256_store_ps(p, v); }
     static TPO_FORCE_INLINE void storeu(float* p, vec v) { _mm256_storeu_ps(p, v); }
     static TPO_FORCE_INLINE vec set1(float a) { return _mm256_set1_ps(a); }
+    /// p[0], p[stride], …, p[7·stride] (stride·7 fits an int).
+    static TPO_FORCE_INLINE vec gather(const float* p, index_t stride) {
+        const __m256i lanes = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm256_set1_epi32(static_cast<int>(stride)));
+        return _mm256_i32gather_ps(p, lanes, 4);
+    }
     static TPO_FORCE_INLINE vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
     static TPO_FORCE_INLINE vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
     static TPO_FORCE_INLINE vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }

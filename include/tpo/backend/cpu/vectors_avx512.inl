@@ -11,6 +11,12 @@ struct f32 {
     static TPO_FORCE_INLINE void store(float* p, vec v) { _mm512_store_ps(p, v); }
     static TPO_FORCE_INLINE void storeu(float* p, vec v) { _mm512_storeu_ps(p, v); }
     static TPO_FORCE_INLINE vec set1(float a) { return _mm512_set1_ps(a); }
+    /// p[0], p[stride], …, p[15·stride] (stride·15 fits an int).
+    static TPO_FORCE_INLINE vec gather(const float* p, index_t stride) {
+        const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32(static_cast<int>(stride)));
+        return _mm512_i32gather_ps(lanes, p, 4);
+    }
     static TPO_FORCE_INLINE vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
     static TPO_FORCE_INLINE vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
     static TPO_FORCE_INLINE vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }

@@ -10,6 +10,8 @@ struct f32 {
     static TPO_FORCE_INLINE void store(float* p, vec v) { *p = v; }
     static TPO_FORCE_INLINE void storeu(float* p, vec v) { *p = v; }
     static TPO_FORCE_INLINE vec set1(float a) { return a; }
+    /// p[0] (one lane).
+    static TPO_FORCE_INLINE vec gather(const float* p, index_t) { return p[0]; }
     static TPO_FORCE_INLINE vec add(vec a, vec b) { return a + b; }
     static TPO_FORCE_INLINE vec sub(vec a, vec b) { return a - b; }
     static TPO_FORCE_INLINE vec mul(vec a, vec b) { return a * b; }

@@ -10,6 +10,10 @@ struct f32 {
     static TPO_FORCE_INLINE void store(float* p, vec v) { _mm_store_ps(p, v); }
     static TPO_FORCE_INLINE void storeu(float* p, vec v) { _mm_storeu_ps(p, v); }
     static TPO_FORCE_INLINE vec set1(float a) { return _mm_set1_ps(a); }
+    /// p[0], p[stride], p[2·stride], p[3·stride].
+    static TPO_FORCE_INLINE vec gather(const float* p, index_t stride) {
+        return _mm_set_ps(p[3 * stride], p[2 * stride], p[stride], p[0]);
+    }
     static TPO_FORCE_INLINE vec add(vec a, vec b) { return _mm_add_ps(a, b); }
     static TPO_FORCE_INLINE vec sub(vec a, vec b) { return _mm_sub_ps(a, b); }
     static TPO_FORCE_INLINE vec mul(vec a, vec b) { return _mm_mul_ps(a, b); }
