@@ -3,6 +3,7 @@
 // accumulation would drift), the streaming-store path, the vectorised 16-bit conversions against
 // the scalar ones of core/element.hpp, and each level's exponentials and noise generator.
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -620,6 +621,31 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
     }
 }
 
+
+TEST_CASE("cpu backend: the float tiles give the same bits at the avx2 and avx512 levels", "[cpu][fused][matmul]") {
+    // Each value of C is one chain of fused multiply-adds over k in both register-block shapes
+    // (cpu/tiles_f32.hpp), so the levels agree to the bit; edges in every direction (m, n and k
+    // past whole blocks, k cut into spans).
+    const auto levels = supported_levels();
+    if (std::find(levels.begin(), levels.end(), cpu_level::avx512) == levels.end()) return;
+    const index_t m = 300, n = 270, k = 4101;
+    std::mt19937_64 rng(58);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> a(static_cast<std::size_t>(m * k)), b(static_cast<std::size_t>(k * n));
+    for (auto& x : a) x = normal(rng);
+    for (auto& x : b) x = normal(rng);
+    for (const bool trans_a : {false, true})
+        for (const bool trans_b : {false, true}) {
+            auto run = [&](cpu_level level) {
+                std::vector<float> c(static_cast<std::size_t>(m * n), 0.5f);
+                tpo::backend::cpu(2, level).matmul(trans_a, trans_b, m, n, k, a.data(), trans_a ? m : k, b.data(),
+                                                   trans_b ? k : n, c.data(), n, 1.0f);
+                return c;
+            };
+            INFO("trans_a " << trans_a << ", trans_b " << trans_b);
+            CHECK(same_bits(run(cpu_level::avx2), run(cpu_level::avx512)));
+        }
+}
 
 TEST_CASE("cpu backend: the fused head's default chunk is 2^24 values, and at least 256 rows", "[cpu][fused]") {
     const tpo::backend::cpu backend(1);
