@@ -102,7 +102,7 @@ public:
     }
 
     /// Frees the large scratch blocks kept for the next step by every CPU backend object of the
-    /// program (at most the most scratch one step had alive at once); returns their bytes. Blocks
+    /// program (at most twice the most scratch that was alive at once); returns their bytes. Blocks
     /// in use are not touched. For a process that stops evaluating, or must give memory back.
     static std::size_t release_cached_scratch() noexcept { return cpu_detail::scratch().release(); }
 

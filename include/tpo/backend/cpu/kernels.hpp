@@ -9,8 +9,8 @@
 // per translation unit by its flags. Header-only: everything is inline or a template.
 
 #include <algorithm>
-#include <climits>
 #include <bit>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
