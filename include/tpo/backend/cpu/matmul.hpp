@@ -120,15 +120,10 @@ struct tile_grid {
         }
     }
 
-    /// C (+)= op(A)·op(B) task by task: cuts k for the tiles, then on `threads` threads calls
-    /// f(tile_box, k0, depth, out, ld, fresh, scratch) for every (tile, span), where out is the
-    /// tile in C (span 0, fresh when `overwrite`) or its partial tile (row stride box.cols, always
-    /// fresh: written without being read), and scratch is the calling thread's own Scratch; then
-    /// adds the partial tiles.
+    /// Runs f(task, scratch) for task in [0, tasks) on `threads` threads (a dynamic schedule),
+    /// scratch being the calling thread's own Scratch, then adds the partial tiles.
     template <class Scratch, class F>
-    void for_each_task(int threads, index_t k, Acc* c, index_t ldc, bool overwrite, F&& f) {
-        split_k(k, tiles);
-        const index_t tasks = tiles * split.spans;
+    void run_tasks(int threads, index_t tasks, Acc* c, index_t ldc, F&& f) {
         [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
 #if defined(_OPENMP)
 #  pragma omp parallel num_threads(threads) if (parallel)
@@ -144,17 +139,27 @@ struct tile_grid {
 #if defined(_OPENMP)
 #  pragma omp for schedule(dynamic, 1)
 #endif
-            for (index_t task = 0; task < tasks; ++task) {
-                const index_t tile = task / split.spans, span = task % split.spans;
-                const tile_box t = box(tile);
-                const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
-                if (span == 0)
-                    f(t, k0, depth, c + t.i0 * ldc + t.j0, ldc, overwrite, scratch);
-                else
-                    f(t, k0, depth, partial(tile, span), t.cols, true, scratch);
-            }
+            for (index_t task = 0; task < tasks; ++task) f(task, scratch);
             add_partials(c, ldc);
         }
+    }
+
+    /// C (+)= op(A)·op(B) task by task: cuts k for the tiles, then calls
+    /// f(tile_box, k0, depth, out, ld, fresh, scratch) for every (tile, span) through run_tasks,
+    /// where out is the tile in C (span 0, fresh when `overwrite`) or its partial tile (row stride
+    /// box.cols, always fresh: written without being read).
+    template <class Scratch, class F>
+    void for_each_task(int threads, index_t k, Acc* c, index_t ldc, bool overwrite, F&& f) {
+        split_k(k, tiles);
+        run_tasks<Scratch>(threads, tiles * split.spans, c, ldc, [&](index_t task, Scratch& scratch) {
+            const index_t tile = task / split.spans, span = task % split.spans;
+            const tile_box t = box(tile);
+            const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
+            if (span == 0)
+                f(t, k0, depth, c + t.i0 * ldc + t.j0, ldc, overwrite, scratch);
+            else
+                f(t, k0, depth, partial(tile, span), t.cols, true, scratch);
+        });
     }
 };
 
@@ -217,56 +222,44 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     const index_t tiles_m = grid.tiles_m, tiles_n = grid.tiles_n, lines = by_rows ? tiles_m : tiles_n;
     grid.split_k(k, lines);
     const k_split split = grid.split;
-    const index_t tasks = lines * split.spans;
-    [[maybe_unused]] const bool parallel = threads > 1 && tasks > 1;
-#if defined(_OPENMP)
-#  pragma omp parallel num_threads(threads) if (parallel)
-#endif
-    {
-        amx_scratch scratch;
-#if defined(_OPENMP)
-#  pragma omp for schedule(dynamic, 1)
-#endif
-        for (index_t task = 0; task < tasks; ++task) {
-            const index_t line = task / split.spans, span = task % split.spans;
-            const index_t k0 = span * split.depth, end = std::min(k0 + split.depth, k);
-            for (index_t p0 = k0; p0 < end; p0 += amx_depth) {
-                const index_t d = std::min(amx_depth, end - p0);
-                const bool fresh = p0 == k0 && (span > 0 || beta == 0.0f);
-                auto pack_a = [&](index_t ti) {
-                    const index_t i0 = ti * tile_rows;
-                    amx_pack_a(std::min(tile_rows, m - i0), d, trans_a ? a + p0 * lda + i0 : a + i0 * lda + p0, lda,
-                               trans_a, scratch);
-                };
-                auto pack_b = [&](index_t tj) {
-                    const index_t j0 = tj * tile_cols;
-                    amx_pack_b(std::min(tile_cols, n - j0), d, trans_b ? b + j0 * ldb + p0 : b + p0 * ldb + j0, ldb,
-                               trans_b, scratch);
-                };
-                auto multiply = [&](index_t ti, index_t tj) {
-                    const index_t tile = ti * tiles_n + tj;
-                    if (span == 0)
-                        amx_product(c + ti * tile_rows * ldc + tj * tile_cols, ldc, fresh, scratch);
-                    else
-                        amx_product(grid.partial(tile, span), grid.box(tile).cols, fresh, scratch);
-                };
-                if (by_rows) {
-                    pack_a(line);
-                    for (index_t tj = 0; tj < tiles_n; ++tj) {
-                        pack_b(tj);
-                        multiply(line, tj);
-                    }
-                } else {
-                    pack_b(line);
-                    for (index_t ti = 0; ti < tiles_m; ++ti) {
-                        pack_a(ti);
-                        multiply(ti, line);
-                    }
+    grid.run_tasks<amx_scratch>(threads, lines * split.spans, c, ldc, [&](index_t task, amx_scratch& scratch) {
+        const index_t line = task / split.spans, span = task % split.spans;
+        const index_t k0 = span * split.depth, end = std::min(k0 + split.depth, k);
+        for (index_t p0 = k0; p0 < end; p0 += amx_depth) {
+            const index_t d = std::min(amx_depth, end - p0);
+            const bool fresh = p0 == k0 && (span > 0 || beta == 0.0f);
+            auto pack_a = [&](index_t ti) {
+                const index_t i0 = ti * tile_rows;
+                amx_pack_a(std::min(tile_rows, m - i0), d, trans_a ? a + p0 * lda + i0 : a + i0 * lda + p0, lda,
+                           trans_a, scratch);
+            };
+            auto pack_b = [&](index_t tj) {
+                const index_t j0 = tj * tile_cols;
+                amx_pack_b(std::min(tile_cols, n - j0), d, trans_b ? b + j0 * ldb + p0 : b + p0 * ldb + j0, ldb,
+                           trans_b, scratch);
+            };
+            auto multiply = [&](index_t ti, index_t tj) {
+                const index_t tile = ti * tiles_n + tj;
+                if (span == 0)
+                    amx_product(c + ti * tile_rows * ldc + tj * tile_cols, ldc, fresh, scratch);
+                else
+                    amx_product(grid.partial(tile, span), grid.box(tile).cols, fresh, scratch);
+            };
+            if (by_rows) {
+                pack_a(line);
+                for (index_t tj = 0; tj < tiles_n; ++tj) {
+                    pack_b(tj);
+                    multiply(line, tj);
+                }
+            } else {
+                pack_b(line);
+                for (index_t ti = 0; ti < tiles_m; ++ti) {
+                    pack_a(ti);
+                    multiply(ti, line);
                 }
             }
         }
-        grid.add_partials(c, ldc);
-    }
+    });
 }
 
 /// The float form at the avx2 and avx512 levels (cpu/tiles_f32.hpp): the same tiles, spans and
