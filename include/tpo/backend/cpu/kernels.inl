@@ -211,12 +211,13 @@ public:
             return;
         } else {
             if constexpr (Reduction == row_reduction::finiteness && sizeof(T) == 2) {
+                prefetch_ahead(row + start, n);
                 non_finite_bits_ |= non_finite_bits(row + start, n);
                 return;
             }
             const A* x = load_block(row + start, n, buffer_);
             if constexpr (Reduction == row_reduction::finiteness)
-                add_probe(x, n);
+                add_probe(x, n, row + start);
             else
                 add_logsumexp(x, n, row + start);
         }
@@ -244,11 +245,13 @@ public:
 
 private:
     // Every reduction runs on locals, stored back once per block.
-    void add_probe(const A* x, index_t n) {
+    // `source`: as for add_logsumexp; the scan, too, runs faster asking for memory ahead.
+    void add_probe(const A* x, index_t n, const T* source) {
         const index_t full = n - n % W;
         P p0 = probe_, p1 = O::set1(A(0));
         index_t i = 0;
         for (; i + 2 * W <= full; i += 2 * W) {
+            prefetch_ahead(source + i, 2 * W);
             const P v0 = O::loadu(x + i), v1 = O::loadu(x + i + W);
             p0 = O::add(p0, O::sub(v0, v0));  // 0 unless v holds a NaN or an Inf
             p1 = O::add(p1, O::sub(v1, v1));

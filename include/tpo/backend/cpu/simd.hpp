@@ -50,14 +50,17 @@ TPO_FORCE_INLINE void narrow_bf16_scalar(const float* src, index_t n, bfloat16* 
 /// made the log-sum-exp pass ~20 % faster (docs/design.md).
 inline constexpr std::size_t prefetch_distance_bytes = 16 * 1024;
 
-/// Asks for the cache lines of [address, address + bytes) into L1. A prefetch never faults, so
-/// addresses past the end of the tensor are harmless; they are integers here so that no pointer
-/// past the allocation is ever formed.
+/// Asks for the cache lines of [address, address + bytes) into L2 (the T1 hint). Into L1 (T0), each
+/// prefetch holds one of the core's few line-fill buffers until its line arrives, which caps the
+/// lines in flight at one core; the L2's miss queue is several times longer, and the load that
+/// follows 16 KiB later moves the line to L1 at L2 latency (docs/design.md). A prefetch never
+/// faults, so addresses past the end of the tensor are harmless; they are integers here so that no
+/// pointer past the allocation is ever formed.
 TPO_FORCE_INLINE void prefetch_lines(std::uintptr_t address, std::size_t bytes) {
 #if defined(__SSE2__) || defined(_M_X64)
-    for (std::size_t k = 0; k < bytes; k += 64) _mm_prefetch(reinterpret_cast<const char*>(address + k), _MM_HINT_T0);
+    for (std::size_t k = 0; k < bytes; k += 64) _mm_prefetch(reinterpret_cast<const char*>(address + k), _MM_HINT_T1);
 #elif defined(__GNUC__)
-    for (std::size_t k = 0; k < bytes; k += 64) __builtin_prefetch(reinterpret_cast<const char*>(address + k), 0, 3);
+    for (std::size_t k = 0; k < bytes; k += 64) __builtin_prefetch(reinterpret_cast<const char*>(address + k), 0, 2);
 #else
     (void)address;
     (void)bytes;
