@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
         const tpo_bench::shape dims{std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4])};
         const std::string dtype = argv[5];
         const int threads = std::atoi(argv[6]);
-        const std::string checks = argc == 8 ? argv[7] : "checked";
+        const std::string checks = argc >= 8 ? argv[7] : "checked";
         if (checks != "checked" && checks != "lean") {
             std::fprintf(stderr, "tpo_driver: '%s', expected checked or lean\n", checks.c_str());
             return 2;
