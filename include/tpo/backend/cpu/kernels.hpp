@@ -74,7 +74,10 @@ namespace avx2 {
                                  apply_to = function)
 #  else
 #    pragma GCC push_options
-#    pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl")
+// prefer-vector-width=512: under -march= of an AVX-512 server core GCC's tuning prefers 256-bit
+// vectors, so the loops it vectorises itself here (16-bit widening, narrowing and NaN/Inf bits)
+// would run at half the width they get in a translation unit built with default flags.
+#    pragma GCC target("avx2,fma,avx512f,avx512dq,avx512bw,avx512vl,prefer-vector-width=512")
 #  endif
 namespace avx512 {
 #  include "tpo/backend/cpu/vectors_avx512.inl"
