@@ -262,6 +262,7 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     });
 }
 
+#if TPO_CPU_DISPATCH
 /// The float form at the avx2 and avx512 levels (cpu/tiles_f32.hpp): the same tiles, spans and
 /// partial tiles as Eigen's form below, each task one f32_tile of the level.
 inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
@@ -273,6 +274,7 @@ inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b,
                               fresh, scratch);
         });
 }
+#endif
 
 /// See the file comment; beta is 0 or 1. At the avx512 level, products with a bf16 B and a bf16
 /// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it; at the
@@ -288,12 +290,14 @@ void matmul(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m,
             return;
         }
     }
+#if TPO_CPU_DISPATCH
     if constexpr (std::is_same_v<X, float> && std::is_same_v<Y, float> && std::is_same_v<Acc, float>) {
         if (level != cpu_level::baseline) {
             matmul_f32(threads, level, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
             return;
         }
     }
+#endif
     struct no_scratch {};
     tile_grid<Acc>(m, n).template for_each_task<no_scratch>(
         threads, k, c, ldc, beta == Acc(0),
