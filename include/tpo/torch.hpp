@@ -652,9 +652,11 @@ void run(const Kind& kind, const options& opt, const std::array<bool, Kind::diff
     out.metrics->options = opt.objective;
     out.metrics->device = kind.device;
     if (kind.device.is_cpu()) {
-#if defined(TPO_TORCH_CPU_BACKEND)
+#if defined(TPO_TORCH_CPU_BACKEND) && defined(_OPENMP)
         cpu_backend backend(at::get_num_threads());  // libtorch's intra-op thread count
 #else
+        // Without OpenMP in this unit (nvcc's host pass, unless told otherwise) the CPU backend runs
+        // one thread; asking it for libtorch's count would be an error.
         cpu_backend backend;
 #endif
         kind.run(backend, opt, grad, false, out);
