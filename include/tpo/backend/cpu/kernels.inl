@@ -629,6 +629,11 @@ inline void exp_array(const float* x, index_t n, float* y, bool shift = false, f
 /// 12 of 16 with AVX2).
 inline constexpr index_t tile_block_rows = f32::width >= 16 ? 8 : 6;
 inline constexpr index_t tile_block_cols = 2 * f32::width;
+/// k block: with AVX-512 the B panel (512 × 32 floats) outgrows L1, and the kernel asks for its
+/// lines a few iterations ahead; 512 deep halves the times C's block is read and written per tile
+/// against 256, which AVX2 keeps (docs/design.md).
+inline constexpr index_t tile_depth_f32 = f32::width >= 16 ? f32_depth : f32_depth / 2;
+inline constexpr bool tile_wide = f32::width >= 16;  // 32 registers: outlined block, prefetched operands
 
 /// C (rows × cols of one register block, row stride ldc) (+)= A·B over kc values of k. A is a
 /// [k][tile_block_rows] panel (`Packed`) or tile_block_rows rows read in place with row stride lda;
@@ -639,10 +644,35 @@ TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const 
     using O = f32;
     constexpr int R = static_cast<int>(tile_block_rows);
     constexpr index_t W = O::width;
+    // The accumulators start from C, so that each value of C is one chain of fused multiply-adds
+    // over the whole k span, whatever the k block (the levels' blocks differ, their bits do not).
     typename O::vec left[R], right[R];
+    alignas(64) float edge[2 * W];
     TPO_CPU_UNROLL
-    for (int r = 0; r < R; ++r) left[r] = right[r] = O::set1(0.0f);
+    for (int r = 0; r < R; ++r) {
+        left[r] = right[r] = O::set1(0.0f);
+        if (fresh || r >= rows) continue;
+        const float* row = c + r * ldc;
+        if (cols == 2 * W) {
+            left[r] = O::loadu(row);
+            right[r] = O::loadu(row + W);
+        } else {
+            for (index_t j = 0; j < 2 * W; ++j) edge[j] = j < cols ? row[j] : 0.0f;
+            left[r] = O::load(edge);
+            right[r] = O::load(edge + W);
+        }
+    }
+    const auto address = [](const float* x) { return reinterpret_cast<std::uintptr_t>(x); };
     for (index_t p = 0; p < kc; ++p) {
+        if constexpr (tile_wide) {
+            // Eight iterations ahead for B; A's rows in turn, two lines ahead of where they are read.
+            prefetch_line_l1(address(b) + static_cast<std::uintptr_t>((p + 8) * 2 * W) * sizeof(float));
+            prefetch_line_l1(address(b) + static_cast<std::uintptr_t>((p + 8) * 2 * W + W) * sizeof(float));
+            if constexpr (Packed)
+                prefetch_line_l1(address(a) + static_cast<std::uintptr_t>((p + 16) * R) * sizeof(float));
+            else if (const index_t r = p & 7; r < R)
+                prefetch_line_l1(address(a) + static_cast<std::uintptr_t>(r * lda + p + 32) * sizeof(float));
+        }
         const typename O::vec b0 = O::load(b + p * 2 * W), b1 = O::load(b + p * 2 * W + W);
         TPO_CPU_UNROLL
         for (int r = 0; r < R; ++r) {
@@ -651,24 +681,31 @@ TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const 
             right[r] = O::fmadd(x, b1, right[r]);
         }
     }
-    alignas(64) float edge[2 * W];
     TPO_CPU_UNROLL
     for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
         float* row = c + r * ldc;
         if (cols == 2 * W) {
-            if (!fresh) {
-                left[r] = O::add(O::loadu(row), left[r]);
-                right[r] = O::add(O::loadu(row + W), right[r]);
-            }
             O::storeu(row, left[r]);
             O::storeu(row + W, right[r]);
         } else {
             O::store(edge, left[r]);
             O::store(edge + W, right[r]);
-            for (index_t j = 0; j < cols; ++j) row[j] = fresh ? edge[j] : row[j] + edge[j];
+            for (index_t j = 0; j < cols; ++j) row[j] = edge[j];
         }
     }
+}
+
+/// tile_block where the level has 32 vector registers, as a call of its own: inlined into f32_tile,
+/// GCC kept one of the sixteen accumulators on the stack, so that every k step waited on a store
+/// and a reload (the products ran 0.7–0.8× as fast).
+template <bool Packed>
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+void tile_block_call(index_t kc, const float* a, index_t lda, const float* b, float* c, index_t ldc, index_t rows,
+                     index_t cols, bool fresh) {
+    tile_block<Packed>(kc, a, lda, b, c, ldc, rows, cols, fresh);
 }
 
 /// op(B)[p0.., j0..] (kc × cols) into [⌈cols / tile_block_cols⌉][kc][tile_block_cols] panels,
@@ -732,7 +769,7 @@ inline void tile_pack_a(bool trans, const float* a, index_t lda, index_t i0, ind
 
 /// C (rows × cols ≤ f32_block × f32_block, row stride ldc: the tile at op(A) row i0, op(B) column
 /// j0) (+)= op(A)·op(B) over k in [k0, k0 + span); `fresh`: C starts from zero instead of its
-/// values. k goes in blocks of f32_depth; for each, B is packed and the row panels pass over it.
+/// values. k goes in blocks of tile_depth_f32; for each, B is packed and the row panels pass over it.
 inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
                      index_t span, const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc,
                      bool fresh, f32_scratch& scratch) {
@@ -744,10 +781,22 @@ inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t
         return;
     }
     const index_t in_place = trans_a ? 0 : rows / R * R;  // rows of A read where they are stored
-    for (index_t p0 = k0; p0 < k0 + span; p0 += f32_depth) {
-        const index_t kc = std::min(f32_depth, k0 + span - p0);
+    for (index_t p0 = k0; p0 < k0 + span; p0 += tile_depth_f32) {
+        const index_t kc = std::min(tile_depth_f32, k0 + span - p0);
         tile_pack_b(trans_b, b, ldb, p0, j0, kc, cols, scratch.b.data());
-        for (index_t i = in_place; i < rows; i += R)
+        index_t packed = in_place;
+        if (trans_a && R == 8) {
+            // op(A)'s rows are columns of the stored A: read each stored row once, in order, and deal
+            // its values out to the row panels, instead of 8 values of every stored row per panel.
+            float* panels = scratch.a.data();
+            packed = rows / R * R;
+            for (index_t p = 0; p < kc; ++p) {
+                const float* src = a + (p0 + p) * lda + i0;
+                for (index_t i = 0; i < packed; i += R)
+                    std::memcpy(panels + i * kc + p * R, src + i, R * sizeof(float));
+            }
+        }
+        for (index_t i = packed; i < rows; i += R)
             tile_pack_a(trans_a, a, lda, i0 + i, p0, std::min(R, rows - i), kc, scratch.a.data() + i * kc);
         const bool first = fresh && p0 == k0;
         for (index_t jp = 0; jp < cols; jp += N) {
@@ -755,10 +804,19 @@ inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t
             const index_t width = std::min(N, cols - jp);
             for (index_t i = 0; i < rows; i += R) {
                 float* out = c + i * ldc + jp;
-                if (i < in_place)
-                    tile_block<false>(kc, a + (i0 + i) * lda + p0, lda, panel, out, ldc, R, width, first);
-                else
-                    tile_block<true>(kc, scratch.a.data() + i * kc, 0, panel, out, ldc, rows - i, width, first);
+                const bool packed_rows = i >= in_place;
+                const float* rows_of_a = packed_rows ? scratch.a.data() + i * kc : a + (i0 + i) * lda + p0;
+                if constexpr (tile_wide) {
+                    if (packed_rows)
+                        tile_block_call<true>(kc, rows_of_a, 0, panel, out, ldc, rows - i, width, first);
+                    else
+                        tile_block_call<false>(kc, rows_of_a, lda, panel, out, ldc, R, width, first);
+                } else {
+                    if (packed_rows)
+                        tile_block<true>(kc, rows_of_a, 0, panel, out, ldc, rows - i, width, first);
+                    else
+                        tile_block<false>(kc, rows_of_a, lda, panel, out, ldc, R, width, first);
+                }
             }
         }
     }
