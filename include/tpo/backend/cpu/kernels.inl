@@ -629,10 +629,6 @@ inline void exp_array(const float* x, index_t n, float* y, bool shift = false, f
 /// 12 of 16 with AVX2).
 inline constexpr index_t tile_block_rows = f32::width >= 16 ? 8 : 6;
 inline constexpr index_t tile_block_cols = 2 * f32::width;
-/// k block: with AVX-512 the B panel (512 × 32 floats) outgrows L1, and the kernel asks for its
-/// lines a few iterations ahead; 512 deep halves the times C's block is read and written per tile
-/// against 256, which AVX2 keeps (docs/design.md).
-inline constexpr index_t tile_depth_f32 = f32::width >= 16 ? f32_depth : f32_depth / 2;
 inline constexpr bool tile_wide = f32::width >= 16;  // 32 registers: outlined block, prefetched operands
 
 /// C (rows × cols of one register block, row stride ldc) (+)= A·B over kc values of k. A is a
@@ -644,24 +640,9 @@ TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const 
     using O = f32;
     constexpr int R = static_cast<int>(tile_block_rows);
     constexpr index_t W = O::width;
-    // The accumulators start from C, so that each value of C is one chain of fused multiply-adds
-    // over the whole k span, whatever the k block (the levels' blocks differ, their bits do not).
     typename O::vec left[R], right[R];
-    alignas(64) float edge[2 * W];
     TPO_CPU_UNROLL
-    for (int r = 0; r < R; ++r) {
-        left[r] = right[r] = O::set1(0.0f);
-        if (fresh || r >= rows) continue;
-        const float* row = c + r * ldc;
-        if (cols == 2 * W) {
-            left[r] = O::loadu(row);
-            right[r] = O::loadu(row + W);
-        } else {
-            for (index_t j = 0; j < 2 * W; ++j) edge[j] = j < cols ? row[j] : 0.0f;
-            left[r] = O::load(edge);
-            right[r] = O::load(edge + W);
-        }
-    }
+    for (int r = 0; r < R; ++r) left[r] = right[r] = O::set1(0.0f);
     const auto address = [](const float* x) { return reinterpret_cast<std::uintptr_t>(x); };
     for (index_t p = 0; p < kc; ++p) {
         if constexpr (tile_wide) {
@@ -681,17 +662,22 @@ TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const 
             right[r] = O::fmadd(x, b1, right[r]);
         }
     }
+    alignas(64) float edge[2 * W];
     TPO_CPU_UNROLL
     for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
         float* row = c + r * ldc;
         if (cols == 2 * W) {
+            if (!fresh) {
+                left[r] = O::add(O::loadu(row), left[r]);
+                right[r] = O::add(O::loadu(row + W), right[r]);
+            }
             O::storeu(row, left[r]);
             O::storeu(row + W, right[r]);
         } else {
             O::store(edge, left[r]);
             O::store(edge + W, right[r]);
-            for (index_t j = 0; j < cols; ++j) row[j] = edge[j];
+            for (index_t j = 0; j < cols; ++j) row[j] = fresh ? edge[j] : row[j] + edge[j];
         }
     }
 }
@@ -769,7 +755,7 @@ inline void tile_pack_a(bool trans, const float* a, index_t lda, index_t i0, ind
 
 /// C (rows × cols ≤ f32_block × f32_block, row stride ldc: the tile at op(A) row i0, op(B) column
 /// j0) (+)= op(A)·op(B) over k in [k0, k0 + span); `fresh`: C starts from zero instead of its
-/// values. k goes in blocks of tile_depth_f32; for each, B is packed and the row panels pass over it.
+/// values. k goes in blocks of f32_depth; for each, B is packed and the row panels pass over it.
 inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
                      index_t span, const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc,
                      bool fresh, f32_scratch& scratch) {
@@ -781,8 +767,8 @@ inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t
         return;
     }
     const index_t in_place = trans_a ? 0 : rows / R * R;  // rows of A read where they are stored
-    for (index_t p0 = k0; p0 < k0 + span; p0 += tile_depth_f32) {
-        const index_t kc = std::min(tile_depth_f32, k0 + span - p0);
+    for (index_t p0 = k0; p0 < k0 + span; p0 += f32_depth) {
+        const index_t kc = std::min(f32_depth, k0 + span - p0);
         tile_pack_b(trans_b, b, ldb, p0, j0, kc, cols, scratch.b.data());
         index_t packed = in_place;
         if (trans_a && R == 8) {

@@ -8,7 +8,7 @@
 //
 // A block of C (8 rows × 32 columns with AVX-512, 6 × 16 with AVX2) lives in registers while k
 // runs: per k, two vectors of B and one broadcast of A per row feed two fused multiply-adds per
-// row. k goes in blocks of 512 (AVX-512) or 256 (AVX2). For each block, B is copied into panels of
+// row. k goes in blocks of 512. For each block, B is copied into panels of
 // the block's columns ([k][columns], zeros past the tile's columns) that the row panels of A pass
 // over; A is read in place where it is stored by rows, and copied into [k][rows] panels where it
 // is stored transposed (the head's gradient, Gᵀ·H) or the panel runs past the tile's rows. With
@@ -24,7 +24,7 @@ TPO_BEGIN_NAMESPACE
 namespace backend::cpu_detail {
 
 inline constexpr index_t f32_block = 256;  // the largest m and n of one tile
-inline constexpr index_t f32_depth = 512;  // the deepest k block (the avx512 level's; avx2 takes 256)
+inline constexpr index_t f32_depth = 512;  // k block
 
 /// One thread's packed operands for one k block: the tile's rows of A (with room for the last
 /// row panel's padding) and its columns of B.
