@@ -153,14 +153,15 @@ void for_range(cpu_level level, index_t begin, index_t end, F& f) {
 }
 
 #if TPO_CPU_DISPATCH
-/// The float tile at `level`, avx2 or avx512: at the baseline level the fused head's float
-/// products are Eigen's (cpu/matmul.hpp), so no baseline tile is compiled.
-inline void f32_tile(cpu_level level, bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols,
-                     index_t k0, index_t span, const float* a, index_t lda, const float* b, index_t ldb, float* c,
-                     index_t ldc, bool fresh, f32_scratch& scratch) {
+/// One line of the float product at `level`, avx2 or avx512 (f32_line): at the baseline level the
+/// fused head's float products are Eigen's (cpu/matmul.hpp), so no baseline form is compiled.
+template <class Out>
+void f32_line(cpu_level level, bool by_rows, bool trans_a, bool trans_b, index_t line, index_t m, index_t n, index_t k0,
+              index_t span, const float* a, index_t lda, const float* b, index_t ldb, bool fresh, const Out& out,
+              f32_scratch& scratch) {
     if (level == cpu_level::avx512)
-        return avx512::f32_tile(trans_a, trans_b, i0, j0, rows, cols, k0, span, a, lda, b, ldb, c, ldc, fresh, scratch);
-    avx2::f32_tile(trans_a, trans_b, i0, j0, rows, cols, k0, span, a, lda, b, ldb, c, ldc, fresh, scratch);
+        return avx512::f32_line(by_rows, trans_a, trans_b, line, m, n, k0, span, a, lda, b, ldb, fresh, out, scratch);
+    avx2::f32_line(by_rows, trans_a, trans_b, line, m, n, k0, span, a, lda, b, ldb, fresh, out, scratch);
 }
 #endif
 

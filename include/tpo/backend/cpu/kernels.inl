@@ -682,7 +682,7 @@ TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const 
     }
 }
 
-/// tile_block where the level has 32 vector registers, as a call of its own: inlined into f32_tile,
+/// tile_block where the level has 32 vector registers, as a call of its own: inlined into its caller,
 /// GCC kept one of the sixteen accumulators on the stack, so that every k step waited on a store
 /// and a reload (the products ran 0.7–0.8× as fast).
 template <bool Packed>
@@ -753,56 +753,96 @@ inline void tile_pack_a(bool trans, const float* a, index_t lda, index_t i0, ind
             panel[p * R + r] = r >= rows ? 0.0f : trans ? a[(p0 + p) * lda + i0 + r] : a[(i0 + r) * lda + p0 + p];
 }
 
-/// C (rows × cols ≤ f32_block × f32_block, row stride ldc: the tile at op(A) row i0, op(B) column
-/// j0) (+)= op(A)·op(B) over k in [k0, k0 + span); `fresh`: C starts from zero instead of its
-/// values. k goes in blocks of f32_depth; for each, B is packed and the row panels pass over it.
-inline void f32_tile(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t rows, index_t cols, index_t k0,
-                     index_t span, const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc,
-                     bool fresh, f32_scratch& scratch) {
-    constexpr index_t R = tile_block_rows, N = tile_block_cols;
-    static_assert(f32_block % N == 0 && f32_scratch::a_rows >= f32_block + R, "a tile's panels fit the scratch");
-    if (span <= 0) {
-        if (fresh)
-            for (index_t i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + cols, 0.0f);
-        return;
+/// Rows [i0, i0 + rows) of op(A) over the k block [p0, p0 + kc) into the scratch's row panels
+/// where A is not read in place (a transposed A, and the rows past the last whole panel).
+inline void f32_pack_a(bool trans_a, const float* a, index_t lda, index_t i0, index_t rows, index_t p0, index_t kc,
+                       f32_scratch& scratch) {
+    constexpr index_t R = tile_block_rows;
+    float* panels = scratch.a.data();
+    index_t packed = trans_a ? 0 : rows / R * R;
+    if (trans_a && R == 8) {
+        // op(A)'s rows are columns of the stored A: read each stored row once, in order, and deal
+        // its values out to the row panels, instead of 8 values of every stored row per panel.
+        packed = rows / R * R;
+        for (index_t p = 0; p < kc; ++p) {
+            const float* src = a + (p0 + p) * lda + i0;
+            for (index_t i = 0; i < packed; i += R) std::memcpy(panels + i * kc + p * R, src + i, R * sizeof(float));
+        }
     }
+    for (index_t i = packed; i < rows; i += R)
+        tile_pack_a(trans_a, a, lda, i0 + i, p0, std::min(R, rows - i), kc, panels + i * kc);
+}
+
+/// One tile of C (rows × cols ≤ f32_block × f32_block, op(A) row i0) (+)= op(A)·op(B) over the k
+/// block [p0, p0 + kc), from B's panels and A's (f32_pack_a) in the scratch; `fresh`: C starts
+/// from zero instead of its values.
+inline void f32_multiply(bool trans_a, const float* a, index_t lda, index_t i0, index_t rows, index_t cols, index_t p0,
+                         index_t kc, f32_target out, bool fresh, f32_scratch& scratch) {
+    constexpr index_t R = tile_block_rows, N = tile_block_cols;
     const index_t in_place = trans_a ? 0 : rows / R * R;  // rows of A read where they are stored
-    for (index_t p0 = k0; p0 < k0 + span; p0 += f32_depth) {
-        const index_t kc = std::min(f32_depth, k0 + span - p0);
-        tile_pack_b(trans_b, b, ldb, p0, j0, kc, cols, scratch.b.data());
-        index_t packed = in_place;
-        if (trans_a && R == 8) {
-            // op(A)'s rows are columns of the stored A: read each stored row once, in order, and deal
-            // its values out to the row panels, instead of 8 values of every stored row per panel.
-            float* panels = scratch.a.data();
-            packed = rows / R * R;
-            for (index_t p = 0; p < kc; ++p) {
-                const float* src = a + (p0 + p) * lda + i0;
-                for (index_t i = 0; i < packed; i += R)
-                    std::memcpy(panels + i * kc + p * R, src + i, R * sizeof(float));
+    for (index_t jp = 0; jp < cols; jp += N) {
+        const float* panel = scratch.b.data() + (jp / N) * kc * N;
+        const index_t width = std::min(N, cols - jp);
+        for (index_t i = 0; i < rows; i += R) {
+            float* c = out.c + i * out.ldc + jp;
+            const bool packed_rows = i >= in_place;
+            const float* rows_of_a = packed_rows ? scratch.a.data() + i * kc : a + (i0 + i) * lda + p0;
+            if constexpr (tile_wide) {
+                if (packed_rows)
+                    tile_block_call<true>(kc, rows_of_a, 0, panel, c, out.ldc, rows - i, width, fresh);
+                else
+                    tile_block_call<false>(kc, rows_of_a, lda, panel, c, out.ldc, R, width, fresh);
+            } else {
+                if (packed_rows)
+                    tile_block<true>(kc, rows_of_a, 0, panel, c, out.ldc, rows - i, width, fresh);
+                else
+                    tile_block<false>(kc, rows_of_a, lda, panel, c, out.ldc, R, width, fresh);
             }
         }
-        for (index_t i = packed; i < rows; i += R)
-            tile_pack_a(trans_a, a, lda, i0 + i, p0, std::min(R, rows - i), kc, scratch.a.data() + i * kc);
+    }
+}
+
+/// One task of the float product C (m×n) (+)= op(A)·op(B): the tiles (f32_block × f32_block) of
+/// one row of tiles (`by_rows`) or one column, over k in [k0, k0 + span). For each k block of
+/// f32_depth the operand the line shares is packed once (A for a row, B for a column) and the
+/// other once per tile. out(ti, tj) says where tile (ti, tj) goes; `fresh`: it starts from zero.
+template <class Out>
+void f32_line(bool by_rows, bool trans_a, bool trans_b, index_t line, index_t m, index_t n, index_t k0, index_t span,
+              const float* a, index_t lda, const float* b, index_t ldb, bool fresh, const Out& out,
+              f32_scratch& scratch) {
+    constexpr index_t T = f32_block;
+    static_assert(f32_block % tile_block_cols == 0 && f32_scratch::a_rows >= f32_block + tile_block_rows,
+                  "a tile's panels fit the scratch");
+    const index_t tiles_m = (m + T - 1) / T, tiles_n = (n + T - 1) / T;
+    const index_t count = by_rows ? tiles_n : tiles_m;
+    const auto rows_of = [&](index_t ti) { return std::min(T, m - ti * T); };
+    const auto cols_of = [&](index_t tj) { return std::min(T, n - tj * T); };
+    if (span <= 0) {
+        if (!fresh) return;
+        for (index_t t = 0; t < count; ++t) {
+            const index_t ti = by_rows ? line : t, tj = by_rows ? t : line;
+            const f32_target target = out(ti, tj);
+            for (index_t i = 0; i < rows_of(ti); ++i)
+                std::fill(target.c + i * target.ldc, target.c + i * target.ldc + cols_of(tj), 0.0f);
+        }
+        return;
+    }
+    for (index_t p0 = k0; p0 < k0 + span; p0 += f32_depth) {
+        const index_t kc = std::min(f32_depth, k0 + span - p0);
         const bool first = fresh && p0 == k0;
-        for (index_t jp = 0; jp < cols; jp += N) {
-            const float* panel = scratch.b.data() + (jp / N) * kc * N;
-            const index_t width = std::min(N, cols - jp);
-            for (index_t i = 0; i < rows; i += R) {
-                float* out = c + i * ldc + jp;
-                const bool packed_rows = i >= in_place;
-                const float* rows_of_a = packed_rows ? scratch.a.data() + i * kc : a + (i0 + i) * lda + p0;
-                if constexpr (tile_wide) {
-                    if (packed_rows)
-                        tile_block_call<true>(kc, rows_of_a, 0, panel, out, ldc, rows - i, width, first);
-                    else
-                        tile_block_call<false>(kc, rows_of_a, lda, panel, out, ldc, R, width, first);
-                } else {
-                    if (packed_rows)
-                        tile_block<true>(kc, rows_of_a, 0, panel, out, ldc, rows - i, width, first);
-                    else
-                        tile_block<false>(kc, rows_of_a, lda, panel, out, ldc, R, width, first);
-                }
+        if (by_rows) {
+            f32_pack_a(trans_a, a, lda, line * T, rows_of(line), p0, kc, scratch);
+            for (index_t tj = 0; tj < tiles_n; ++tj) {
+                tile_pack_b(trans_b, b, ldb, p0, tj * T, kc, cols_of(tj), scratch.b.data());
+                f32_multiply(trans_a, a, lda, line * T, rows_of(line), cols_of(tj), p0, kc, out(line, tj), first,
+                             scratch);
+            }
+        } else {
+            tile_pack_b(trans_b, b, ldb, p0, line * T, kc, cols_of(line), scratch.b.data());
+            for (index_t ti = 0; ti < tiles_m; ++ti) {
+                f32_pack_a(trans_a, a, lda, ti * T, rows_of(ti), p0, kc, scratch);
+                f32_multiply(trans_a, a, lda, ti * T, rows_of(ti), cols_of(line), p0, kc, out(ti, line), first,
+                             scratch);
             }
         }
     }

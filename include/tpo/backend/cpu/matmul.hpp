@@ -45,7 +45,7 @@ inline constexpr index_t tile_depth = 512;  // k block of 16-bit operands
 inline constexpr index_t split_tasks = 16;
 inline constexpr index_t split_depth_min = 2048;
 static_assert(tile_rows <= amx_block && tile_cols <= amx_block, "an AMX call covers a whole tile");
-static_assert(tile_rows <= f32_block && tile_cols <= f32_block, "an f32_tile covers a whole tile");
+static_assert(tile_rows == f32_block && tile_cols == f32_block, "f32_line cuts C into the same tiles");
 
 /// How matmul cuts k: `spans` spans of `depth` (the last may be shorter). One span unless the
 /// product has few tiles and a long k.
@@ -264,15 +264,29 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
 
 #if TPO_CPU_DISPATCH
 /// The float form at the avx2 and avx512 levels (cpu/tiles_f32.hpp): the same tiles, spans and
-/// partial tiles as Eigen's form below, each task one f32_tile of the level.
+/// partial tiles as Eigen's form below, but, as in matmul_amx, a task is a line of tiles and one k
+/// span, so that the operand the line shares is packed once per k block for all its tiles. A
+/// transposed A (the head's gradient, Gᵀ·h: m = V) is copied out of the stored rows of G, the
+/// dearer operand, so its tasks are rows of tiles; otherwise A is read where it is stored and a
+/// task is a column of tiles, packing B (the head, or ∂L/∂u's rows of it) once for the chunk's rows.
 inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
                        const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
-    tile_grid<float>(m, n).for_each_task<f32_scratch>(
-        threads, k, c, ldc, beta == 0.0f,
-        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, f32_scratch& scratch) {
-            kernels::f32_tile(level, trans_a, trans_b, t.i0, t.j0, t.rows, t.cols, k0, depth, a, lda, b, ldb, out, ld,
-                              fresh, scratch);
-        });
+    const bool by_rows = trans_a;
+    tile_grid<float> grid(m, n);
+    const index_t lines = by_rows ? grid.tiles_m : grid.tiles_n;
+    grid.split_k(k, lines);
+    const k_split split = grid.split;
+    grid.run_tasks<f32_scratch>(threads, lines * split.spans, c, ldc, [&](index_t task, f32_scratch& scratch) {
+        const index_t line = task / split.spans, span = task % split.spans;
+        const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
+        const auto out = [&](index_t ti, index_t tj) -> f32_target {
+            if (span == 0) return {c + ti * tile_rows * ldc + tj * tile_cols, ldc};
+            const index_t tile = ti * grid.tiles_n + tj;
+            return {grid.partial(tile, span), grid.box(tile).cols};
+        };
+        kernels::f32_line(level, by_rows, trans_a, trans_b, line, m, n, k0, depth, a, lda, b, ldb,
+                          span > 0 || beta == 0.0f, out, scratch);
+    });
 }
 #endif
 

@@ -1,7 +1,7 @@
 #pragma once
 // The fused head's float products at the avx2 and avx512 levels: one tile of C (at most 256×256)
 // += op(A)·op(B) over a k span, in the level's vector registers whatever flags the translation
-// unit was built with (the code: f32_tile in cpu/kernels.inl, compiled per level like the other
+// unit was built with (the code: f32_line in cpu/kernels.inl, compiled per level like the other
 // kernels). Eigen's product takes its vector width from those flags, so a consumer built for a
 // baseline ISA would multiply in SSE2: the fp32 fused step took 3.9× as long as with
 // -march=native (docs/performance.md).
@@ -25,6 +25,12 @@ namespace backend::cpu_detail {
 
 inline constexpr index_t f32_block = 256;  // the largest m and n of one tile
 inline constexpr index_t f32_depth = 512;  // k block
+
+/// Where a tile of C goes: its first value and row stride.
+struct f32_target {
+    float* c;
+    index_t ldc;
+};
 
 /// One thread's packed operands for one k block: the tile's rows of A (with room for the last
 /// row panel's padding) and its columns of B.
