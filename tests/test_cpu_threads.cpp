@@ -623,7 +623,7 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
 
 
 TEST_CASE("cpu backend: the float tiles give the same bits at the avx2 and avx512 levels", "[cpu][fused][matmul]") {
-    // Each value of C is one chain of fused multiply-adds over k in both register-block shapes
+    // Each value of C is C plus one chain of fused multiply-adds per k block in both register-block shapes
     // (cpu/tiles_f32.hpp), so the levels agree to the bit; edges in every direction (m, n and k
     // past whole blocks, k cut into spans).
     const auto levels = supported_levels();

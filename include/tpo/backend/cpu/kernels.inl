@@ -683,8 +683,8 @@ TPO_FORCE_INLINE void tile_block(index_t kc, const float* a, index_t lda, const 
 }
 
 /// tile_block where the level has 32 vector registers, as a call of its own: inlined into its caller,
-/// GCC kept one of the sixteen accumulators on the stack, so that every k step waited on a store
-/// and a reload (the products ran 0.7–0.8× as fast).
+/// GCC keeps one of the sixteen accumulators on the stack, so that every k step waits on a store
+/// and a reload (docs/design.md).
 template <bool Packed>
 #if defined(__GNUC__)
 __attribute__((noinline))

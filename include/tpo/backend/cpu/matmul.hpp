@@ -268,7 +268,8 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
 /// span, so that the operand the line shares is packed once per k block for all its tiles. A
 /// transposed A (the head's gradient, Gᵀ·h: m = V) is copied out of the stored rows of G, the
 /// dearer operand, so its tasks are rows of tiles; otherwise A is read where it is stored and a
-/// task is a column of tiles, packing B (the head, or ∂L/∂u's rows of it) once for the chunk's rows.
+/// task is a column of tiles, packing B (the head, in the logits product and in ∂L/∂u·W) once for all
+/// of the chunk's rows.
 inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
                        const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
     const bool by_rows = trans_a;

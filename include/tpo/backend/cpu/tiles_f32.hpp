@@ -1,20 +1,20 @@
 #pragma once
-// The fused head's float products at the avx2 and avx512 levels: one tile of C (at most 256×256)
-// += op(A)·op(B) over a k span, in the level's vector registers whatever flags the translation
-// unit was built with (the code: f32_line in cpu/kernels.inl, compiled per level like the other
-// kernels). Eigen's product takes its vector width from those flags, so a consumer built for a
-// baseline ISA would multiply in SSE2: the fp32 fused step took 3.9× as long as with
-// -march=native (docs/performance.md).
+// The fused head's float products at the avx2 and avx512 levels: tiles of C (at most 256×256), a
+// line of them per task, += op(A)·op(B) over a k span, in the level's vector registers whatever
+// flags the translation unit was built with (the code: f32_line in cpu/kernels.inl, compiled per
+// level like the other kernels). Eigen's product takes its vector width from those flags, so a
+// consumer built for a baseline ISA would multiply in SSE2 (docs/performance.md).
 //
 // A block of C (8 rows × 32 columns with AVX-512, 6 × 16 with AVX2) lives in registers while k
 // runs: per k, two vectors of B and one broadcast of A per row feed two fused multiply-adds per
-// row. k goes in blocks of 512. For each block, B is copied into panels of
-// the block's columns ([k][columns], zeros past the tile's columns) that the row panels of A pass
-// over; A is read in place where it is stored by rows, and copied into [k][rows] panels where it
-// is stored transposed (the head's gradient, Gᵀ·H) or the panel runs past the tile's rows. With
-// AVX-512 the block asks for B's and A's next lines into L1 a few iterations ahead. Each
-// value of C is a sum in a fixed order of k that depends on the tile and the level alone, so
-// results are bit-identical for any thread count, as the rest of cpu/matmul.hpp.
+// row. k goes in blocks of 512. For each block the operand a line of tiles shares is packed once:
+// B into panels of a tile's columns ([k][columns], zeros past the tile's columns) that the row
+// panels of A pass over; A is read in place where it is stored by rows, and copied into [k][rows]
+// panels where it is stored transposed (the head's gradient, Gᵀ·H) or the panel runs past the
+// tile's rows. With AVX-512 the block asks for B's and A's next lines into L1 a few iterations
+// ahead. Each value of C is C plus, per k block, one chain of fused multiply-adds in k order: a
+// sum that depends on the tile alone, so results are bit-identical for any thread count and at
+// both levels, as the rest of cpu/matmul.hpp.
 
 #include "tpo/backend/cpu/scratch.hpp"
 #include "tpo/core/config.hpp"
