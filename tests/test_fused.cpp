@@ -244,17 +244,22 @@ void fused_kept_chunk() {
     if constexpr (!tpo::head_backend<B>) {
         SUCCEED("this backend has no matrix product: the fused path is not available");
     } else {
-        // The forward leaves the chosen policy's last chunk of logits in scratch and the backward
-        // starts from it. Given the same values in other buffers, the backward cannot know them
-        // for the forward's and computes that chunk again: one logits product more, the same bits;
+        // The forward leaves the chosen policy's last chunk of logits in scratch, and the rejected
+        // policy's too when both policies' rows fit in one chunk; the backward starts from them.
+        // Given the same values in other buffers, the backward cannot know them for the forward's
+        // and computes those chunks again: one logits product more per kept chunk, the same bits;
         // so does a backward after release_kept_chunk().
         std::mt19937_64 rng(53);
         counting_backend<B> backend;
         for (const auto& [name, base] : fused_cases()) {
-            for (const index_t chunk : {index_t{0}, index_t{3}}) {
-                INFO(name << ", chunk_tokens " << chunk);
+            // Two pairs, lengths 6 and 5 (random_hidden below): the scored rows of both policies.
+            const index_t both = 2 * (base.alignment.scored_rows(6) + base.alignment.scored_rows(5));
+            for (const index_t chunk : {index_t{0}, index_t{3}, both - 1, both}) {
                 tpo::objective_options options = base;
                 if (chunk > 0) options.chunk_tokens = chunk;
+                INFO(name << ", chunk_tokens " << options.chunk_tokens.value_or(0));
+                // The default chunk (thousands of rows at V = 11) holds both policies.
+                const int kept_chunks = options.chunk_tokens.value_or(both) >= both ? 2 : 1;
                 const hidden_data<double> d = random_hidden(rng, 2, 6, 5, 7, 11, true);
                 const hidden_data<double> same = d;  // the same values in other buffers
                 auto step = [&](const hidden_data<double>& backward_data, hidden_gradient_data<double>& g,
@@ -271,7 +276,7 @@ void fused_kept_chunk() {
                 const auto [loss_again, products_again] = step(same, again, false);
                 const auto [loss_released, products_released] = step(d, released, true);
                 CHECK(loss_kept == loss_again);
-                CHECK(products_kept == products_again - 1);
+                CHECK(products_kept == products_again - kept_chunks);
                 CHECK(products_released == products_again);
                 for (const auto* g : {&again, &released}) {
                     for (int k = 0; k < 4; ++k) CHECK(kept.hidden[k] == g->hidden[k]);

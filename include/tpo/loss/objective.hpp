@@ -159,9 +159,9 @@ public:
 
 public:
     /// The same with hidden states in: the logits transform(h·Wᵀ + b) are computed chunk by chunk
-    /// and never stored whole (rows/fused.hpp). The chosen policy's last chunk stays in backend
-    /// memory for backward() (which starts from it) until backward(), the next forward() or
-    /// release_kept_chunk().
+    /// and never stored whole (rows/fused.hpp). The chosen policy's last chunk (and the rejected
+    /// policy's, when both policies' rows fit in one chunk) stays in backend memory for backward()
+    /// (which starts from it) until backward(), the next forward() or release_kept_chunk().
     template <class T, class I, class R>
     objective_result forward(const hidden_preference_batch<T, I, R>& batch)
         requires head_backend<B>
@@ -172,9 +172,9 @@ public:
         return read_forward();
     }
 
-    /// Frees the chunk of logits a hidden-state forward() keeps for backward(): for a forward that
+    /// Frees the chunks of logits a hidden-state forward() keeps for backward(): for a forward that
     /// no backward follows (evaluation) on a long-lived objective. A backward() after it still
-    /// works, computing that chunk again.
+    /// works, computing those chunks again.
     void release_kept_chunk() { kept_.reset(); }
 
     /// Writes ∂(batch loss)/∂(policy logits) into the given views (dtype G, shapes of the inputs).
@@ -246,11 +246,17 @@ private:
                 rows::check_head(backend_, batch.reference_head, "reference lm_head", first_vocab_row);
         }
         // The chosen policy's pass runs last and keeps its last chunk: the backward starts there.
-        prepare_hidden(rejected_, batch.rejected, batch, "rejected");
-        auto keep = std::make_shared<rows::kept_chunk<B, T>>();
-        prepare_hidden(chosen_, batch.chosen, batch, "chosen", keep.get());
+        // The rejected policy's pass keeps its chunk too when both policies' rows fit in one chunk
+        // of logits (every chosen pass then fits beside it in the chunk's memory), so that a chunk
+        // the caller sized for the whole batch is never computed twice.
+        auto keep = std::make_shared<kept_chunks<T>>();
+        const index_t chunk = rows::chunk_rows_of(backend_, fused_settings(), batch.head.vocab);
+        const index_t both = batch.chosen.policy.sequences * row_align_.scored_rows(batch.chosen.policy.length) +
+                             batch.rejected.policy.sequences * row_align_.scored_rows(batch.rejected.policy.length);
+        prepare_hidden(rejected_, batch.rejected, batch, "rejected", both <= chunk ? &keep->rejected : nullptr);
+        prepare_hidden(chosen_, batch.chosen, batch, "chosen", &keep->chosen);
         kept_ = std::move(keep);
-        kept_type_ = type_tag<rows::kept_chunk<B, T>>();
+        kept_type_ = type_tag<kept_chunks<T>>();
     }
 
     /// The backward up to the row coefficients (gradient shapes checked, the coefficient pass and
@@ -337,19 +343,20 @@ private:
         A* const grad_weight = head.weight;
         A* const grad_bias = head.bias;
         const rows::fused_settings fs = fused_settings();
-        // What the forward kept of the chosen policy's pass, if this batch's T made it.
-        auto* kept = kept_ && kept_type_ == type_tag<rows::kept_chunk<B, T>>()
-                         ? static_cast<rows::kept_chunk<B, T>*>(kept_.get())
-                         : nullptr;
+        // What the forward kept of the policies' passes, if this batch's T made it.
+        auto* kept = kept_ && kept_type_ == type_tag<kept_chunks<T>>() ? static_cast<kept_chunks<T>*>(kept_.get())
+                                                                        : nullptr;
         auto write = [&](const hidden_view<const T>& h, coefficient_buffer& coef, const hidden_view<G>& out,
                          const labels_view<const I>& labels, rows::kept_chunk<B, T>* from) {
             if (out.empty() && !grad_weight && !grad_bias) return;
             rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, row_align_, coef,
                                      fs, out, head, from);
         };
-        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels, kept);
+        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels,
+              kept ? &kept->chosen : nullptr);
+        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels,
+              kept ? &kept->rejected : nullptr);
         kept_.reset();
-        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels, nullptr);
         if (noisy) {
             write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, batch.chosen.labels, nullptr);
             write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, batch.rejected.labels,
@@ -603,8 +610,14 @@ private:
     // rows shard-local labels (dist/sharded.hpp).
     row_alignment row_align_;
     std::shared_ptr<void> transformed_;
-    // The chosen policy's last chunk of a hidden-state forward (rows::kept_chunk<B, T>, T named by
-    // kept_type_), held until the backward takes it over or the next forward.
+    /// What a hidden-state forward leaves for the backward: the chosen policy's last chunk, and the
+    /// rejected policy's when both policies' rows fit in one chunk (prepare_rows).
+    template <class T>
+    struct kept_chunks {
+        rows::kept_chunk<B, T> chosen, rejected;
+    };
+    // The kept chunks of a hidden-state forward (kept_chunks<T>, T named by kept_type_), held until
+    // the backward takes them over or the next forward.
     std::shared_ptr<void> kept_;
     const void* kept_type_ = nullptr;
 
