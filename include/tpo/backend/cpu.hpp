@@ -117,11 +117,15 @@ public:
         cpu_detail::matmul(threads_, level_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
-    /// The fused head's chunks hold at least this many rows unless the caller sets a chunk size:
-    /// every chunk's products pack the whole head again and ∂L/∂W reads and writes its V×H
-    /// accumulator once; at V = 152064, where 2^24 values make 110-row chunks, that made the step
-    /// about 1.25× as long as with 510-row chunks (docs/performance.md). 256 rows of float logits
-    /// at V = 152064 are 149 MiB.
+    /// The fused head's chunk of logits unless the caller sets a chunk size: 2^25 values (128 MiB
+    /// of float), twice the library's default. Each chunk's products pack the head again and
+    /// ∂L/∂W reads and writes its V×H accumulator once more, and a forward whose policies' rows
+    /// fit in one chunk keeps both for the backward (docs/performance.md).
+    static constexpr index_t fused_chunk_values() { return index_t{1} << 25; }
+
+    /// The fused head's chunks hold at least this many rows unless the caller sets a chunk size,
+    /// for the same reasons: at V = 152064, 2^25 values would be 220 rows (docs/performance.md).
+    /// 256 rows of float logits at V = 152064 are 149 MiB.
     static constexpr index_t fused_chunk_rows_min() { return 256; }
 
     template <class F>

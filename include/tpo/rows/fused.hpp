@@ -62,7 +62,7 @@ struct fused_settings {
 };
 
 /// Values per chunk of logits when the caller sets no chunk size: the backend's own
-/// (fused_chunk_values()), or 2^24 (64 MiB in float), which keeps a CPU's scratch small.
+/// (fused_chunk_values()), or 2^24 (64 MiB in float).
 template <class B>
 index_t default_chunk_values(const B& backend) {
     if constexpr (requires { backend.fused_chunk_values(); })
