@@ -694,6 +694,16 @@ void tile_block_call(index_t kc, const float* a, index_t lda, const float* b, fl
     tile_block<Packed>(kc, a, lda, b, c, ldc, rows, cols, fresh);
 }
 
+/// The level's register block: a call of its own with 32 registers, inline with 16.
+template <bool Packed>
+TPO_FORCE_INLINE void tile_block_run(index_t kc, const float* a, index_t lda, const float* b, float* c, index_t ldc,
+                                     index_t rows, index_t cols, bool fresh) {
+    if constexpr (tile_wide)
+        tile_block_call<Packed>(kc, a, lda, b, c, ldc, rows, cols, fresh);
+    else
+        tile_block<Packed>(kc, a, lda, b, c, ldc, rows, cols, fresh);
+}
+
 /// op(B)[p0.., j0..] (kc × cols) into [⌈cols / tile_block_cols⌉][kc][tile_block_cols] panels,
 /// zeros past cols.
 inline void tile_pack_b(bool trans, const float* b, index_t ldb, index_t p0, index_t j0, index_t kc, index_t cols,
@@ -753,13 +763,19 @@ inline void tile_pack_a(bool trans, const float* a, index_t lda, index_t i0, ind
             panel[p * R + r] = r >= rows ? 0.0f : trans ? a[(p0 + p) * lda + i0 + r] : a[(i0 + r) * lda + p0 + p];
 }
 
+/// The first `rows` rows of op(A) that a tile's register blocks read where A stores them: the
+/// whole row panels of an A stored by rows; the others come from the scratch (f32_pack_a).
+inline index_t f32_rows_in_place(bool trans_a, index_t rows) {
+    return trans_a ? 0 : rows / tile_block_rows * tile_block_rows;
+}
+
 /// Rows [i0, i0 + rows) of op(A) over the k block [p0, p0 + kc) into the scratch's row panels
 /// where A is not read in place (a transposed A, and the rows past the last whole panel).
 inline void f32_pack_a(bool trans_a, const float* a, index_t lda, index_t i0, index_t rows, index_t p0, index_t kc,
                        f32_scratch& scratch) {
     constexpr index_t R = tile_block_rows;
     float* panels = scratch.a.data();
-    index_t packed = trans_a ? 0 : rows / R * R;
+    index_t packed = f32_rows_in_place(trans_a, rows);
     if (trans_a && R == 8) {
         // op(A)'s rows are columns of the stored A: read each stored row once, in order, and deal
         // its values out to the row panels, instead of 8 values of every stored row per panel.
@@ -779,25 +795,16 @@ inline void f32_pack_a(bool trans_a, const float* a, index_t lda, index_t i0, in
 inline void f32_multiply(bool trans_a, const float* a, index_t lda, index_t i0, index_t rows, index_t cols, index_t p0,
                          index_t kc, f32_target out, bool fresh, f32_scratch& scratch) {
     constexpr index_t R = tile_block_rows, N = tile_block_cols;
-    const index_t in_place = trans_a ? 0 : rows / R * R;  // rows of A read where they are stored
+    const index_t in_place = f32_rows_in_place(trans_a, rows);
     for (index_t jp = 0; jp < cols; jp += N) {
         const float* panel = scratch.b.data() + (jp / N) * kc * N;
         const index_t width = std::min(N, cols - jp);
         for (index_t i = 0; i < rows; i += R) {
             float* c = out.c + i * out.ldc + jp;
-            const bool packed_rows = i >= in_place;
-            const float* rows_of_a = packed_rows ? scratch.a.data() + i * kc : a + (i0 + i) * lda + p0;
-            if constexpr (tile_wide) {
-                if (packed_rows)
-                    tile_block_call<true>(kc, rows_of_a, 0, panel, c, out.ldc, rows - i, width, fresh);
-                else
-                    tile_block_call<false>(kc, rows_of_a, lda, panel, c, out.ldc, R, width, fresh);
-            } else {
-                if (packed_rows)
-                    tile_block<true>(kc, rows_of_a, 0, panel, c, out.ldc, rows - i, width, fresh);
-                else
-                    tile_block<false>(kc, rows_of_a, lda, panel, c, out.ldc, R, width, fresh);
-            }
+            if (i < in_place)
+                tile_block_run<false>(kc, a + (i0 + i) * lda + p0, lda, panel, c, out.ldc, R, width, fresh);
+            else
+                tile_block_run<true>(kc, scratch.a.data() + i * kc, 0, panel, c, out.ldc, rows - i, width, fresh);
         }
     }
 }

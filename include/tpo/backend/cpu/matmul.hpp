@@ -144,22 +144,38 @@ struct tile_grid {
         }
     }
 
+    /// Where span `span` of tile (ti, tj) goes: the tile in C for span 0, else its partial tile
+    /// (row stride box.cols).
+    tile_target<Acc> target(index_t ti, index_t tj, index_t span, Acc* c, index_t ldc) {
+        if (span == 0) return {c + ti * tile_rows * ldc + tj * tile_cols, ldc};
+        const index_t tile = ti * tiles_n + tj;
+        return {partial(tile, span), box(tile).cols};
+    }
+
+    /// C (+)= op(A)·op(B) a line of tiles at a time (the float and AMX forms): `lines` rows or
+    /// columns of tiles, k cut for that many units, then f(line, span, k0, depth, scratch) for
+    /// every (line, span) through run_tasks.
+    template <class Scratch, class F>
+    void for_each_line(int threads, index_t lines, index_t k, Acc* c, index_t ldc, F&& f) {
+        split_k(k, lines);
+        run_tasks<Scratch>(threads, lines * split.spans, c, ldc, [&](index_t task, Scratch& scratch) {
+            const index_t line = task / split.spans, span = task % split.spans;
+            const index_t k0 = span * split.depth;
+            f(line, span, k0, std::min(split.depth, k - k0), scratch);
+        });
+    }
+
     /// C (+)= op(A)·op(B) task by task: cuts k for the tiles, then calls
     /// f(tile_box, k0, depth, out, ld, fresh, scratch) for every (tile, span) through run_tasks,
     /// where out is the tile in C (span 0, fresh when `overwrite`) or its partial tile (row stride
     /// box.cols, always fresh: written without being read).
     template <class Scratch, class F>
     void for_each_task(int threads, index_t k, Acc* c, index_t ldc, bool overwrite, F&& f) {
-        split_k(k, tiles);
-        run_tasks<Scratch>(threads, tiles * split.spans, c, ldc, [&](index_t task, Scratch& scratch) {
-            const index_t tile = task / split.spans, span = task % split.spans;
-            const tile_box t = box(tile);
-            const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
-            if (span == 0)
-                f(t, k0, depth, c + t.i0 * ldc + t.j0, ldc, overwrite, scratch);
-            else
-                f(t, k0, depth, partial(tile, span), t.cols, true, scratch);
-        });
+        for_each_line<Scratch>(threads, tiles, k, c, ldc,
+                               [&](index_t tile, index_t span, index_t k0, index_t depth, Scratch& scratch) {
+                                   const tile_target<Acc> out = target(tile / tiles_n, tile % tiles_n, span, c, ldc);
+                                   f(box(tile), k0, depth, out.c, out.ldc, span > 0 || overwrite, scratch);
+                               });
     }
 };
 
@@ -220,11 +236,9 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     constexpr bool by_rows = std::is_same_v<X, float>;
     tile_grid<float> grid(m, n);
     const index_t tiles_m = grid.tiles_m, tiles_n = grid.tiles_n, lines = by_rows ? tiles_m : tiles_n;
-    grid.split_k(k, lines);
-    const k_split split = grid.split;
-    grid.run_tasks<amx_scratch>(threads, lines * split.spans, c, ldc, [&](index_t task, amx_scratch& scratch) {
-        const index_t line = task / split.spans, span = task % split.spans;
-        const index_t k0 = span * split.depth, end = std::min(k0 + split.depth, k);
+    grid.for_each_line<amx_scratch>(threads, lines, k, c, ldc, [&](index_t line, index_t span, index_t k0, index_t depth,
+                                                                   amx_scratch& scratch) {
+        const index_t end = k0 + depth;
         for (index_t p0 = k0; p0 < end; p0 += amx_depth) {
             const index_t d = std::min(amx_depth, end - p0);
             const bool fresh = p0 == k0 && (span > 0 || beta == 0.0f);
@@ -239,11 +253,8 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
                            trans_b, scratch);
             };
             auto multiply = [&](index_t ti, index_t tj) {
-                const index_t tile = ti * tiles_n + tj;
-                if (span == 0)
-                    amx_product(c + ti * tile_rows * ldc + tj * tile_cols, ldc, fresh, scratch);
-                else
-                    amx_product(grid.partial(tile, span), grid.box(tile).cols, fresh, scratch);
+                const tile_target<float> out = grid.target(ti, tj, span, c, ldc);
+                amx_product(out.c, out.ldc, fresh, scratch);
             };
             if (by_rows) {
                 pack_a(line);
@@ -274,20 +285,13 @@ inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b,
                        const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
     const bool by_rows = trans_a;
     tile_grid<float> grid(m, n);
-    const index_t lines = by_rows ? grid.tiles_m : grid.tiles_n;
-    grid.split_k(k, lines);
-    const k_split split = grid.split;
-    grid.run_tasks<f32_scratch>(threads, lines * split.spans, c, ldc, [&](index_t task, f32_scratch& scratch) {
-        const index_t line = task / split.spans, span = task % split.spans;
-        const index_t k0 = span * split.depth, depth = std::min(split.depth, k - k0);
-        const auto out = [&](index_t ti, index_t tj) -> f32_target {
-            if (span == 0) return {c + ti * tile_rows * ldc + tj * tile_cols, ldc};
-            const index_t tile = ti * grid.tiles_n + tj;
-            return {grid.partial(tile, span), grid.box(tile).cols};
-        };
-        kernels::f32_line(level, by_rows, trans_a, trans_b, line, m, n, k0, depth, a, lda, b, ldb,
-                          span > 0 || beta == 0.0f, out, scratch);
-    });
+    grid.for_each_line<f32_scratch>(
+        threads, by_rows ? grid.tiles_m : grid.tiles_n, k, c, ldc,
+        [&](index_t line, index_t span, index_t k0, index_t depth, f32_scratch& scratch) {
+            const auto out = [&](index_t ti, index_t tj) { return grid.target(ti, tj, span, c, ldc); };
+            kernels::f32_line(level, by_rows, trans_a, trans_b, line, m, n, k0, depth, a, lda, b, ldb,
+                              span > 0 || beta == 0.0f, out, scratch);
+        });
 }
 #endif
 

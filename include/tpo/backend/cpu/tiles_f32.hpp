@@ -27,10 +27,12 @@ inline constexpr index_t f32_block = 256;  // the largest m and n of one tile
 inline constexpr index_t f32_depth = 512;  // k block
 
 /// Where a tile of C goes: its first value and row stride.
-struct f32_target {
-    float* c;
+template <class Acc>
+struct tile_target {
+    Acc* c;
     index_t ldc;
 };
+using f32_target = tile_target<float>;
 
 /// One thread's packed operands for one k block: the tile's rows of A (with room for the last
 /// row panel's padding) and its columns of B.
