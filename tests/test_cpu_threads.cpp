@@ -503,6 +503,13 @@ TEST_CASE("the fused pass over a clean and a noisy tensor equals two separate pa
     check(clean16, noisy16, labels);
 }
 
+/// The float products' forms this build has: its own, and oneDNN's where it links oneDNN.
+std::vector<tpo::backend::cpu_products> product_forms() {
+    std::vector<tpo::backend::cpu_products> forms{tpo::backend::cpu_products::own};
+    if (tpo::backend::onednn_linked) forms.push_back(tpo::backend::cpu_products::onednn);
+    return forms;
+}
+
 TEST_CASE("cpu backend: hidden states in give bit-identical results for 1, 2 and 4 threads", "[cpu][fused][threads]") {
     // Several chunks, float and bf16 operands; the products' tiling has its own test below.
     using namespace tpo_test::hidden;
@@ -511,20 +518,22 @@ TEST_CASE("cpu backend: hidden states in give bit-identical results for 1, 2 and
     tpo::objective_options options;
     options.logit_softcap = 6.0;
     options.chunk_tokens = 100;
-    auto run = [&](const auto& data, int threads, cpu_level level) {
+    auto run = [&](const auto& data, int threads, cpu_level level, tpo::backend::cpu_products products) {
         using T = typename std::decay_t<decltype(data.weight)>::value_type;
-        tpo::backend::cpu backend(threads, level);
+        tpo::backend::cpu backend(threads, level, products);
         hidden_gradient_data<T> g(data);
         auto views = g.views(data, true);
         const tpo::objective_result r = tpo::evaluate(backend, options, data.batch(), &views);
         return std::pair{r, g};
     };
     auto check = [&](const auto& data) {
-        for (cpu_level level : supported_levels()) {
-        const auto [r1, g1] = run(data, 1, level);
+        for (cpu_level level : supported_levels())
+        for (const auto products : product_forms()) {
+        const auto [r1, g1] = run(data, 1, level, products);
         for (int threads : {2, 4}) {
-            INFO(threads << " threads, level " << tpo::backend::to_string(level));
-            const auto [r, g] = run(data, threads, level);
+            INFO(threads << " threads, level " << tpo::backend::to_string(level) << ", products "
+                         << tpo::backend::to_string(products));
+            const auto [r, g] = run(data, threads, level, products);
             CHECK(same_bits(r, r1));
             for (int k = 0; k < 4; ++k) CHECK(same_bits(g.hidden[k], g1.hidden[k]));
             CHECK(same_bits(g.weight, g1.weight));
@@ -534,6 +543,20 @@ TEST_CASE("cpu backend: hidden states in give bit-identical results for 1, 2 and
     };
     check(convert<float>(d));
     check(convert<tpo::bfloat16>(d));
+}
+
+TEST_CASE("cpu backend: oneDNN's products are the default where the build links oneDNN, and asked for without it "
+          "an error",
+          "[cpu][fused][matmul]") {
+    using tpo::backend::cpu_products;
+    const tpo::backend::cpu backend(1);
+    CHECK(backend.products() == (tpo::backend::onednn_linked ? cpu_products::onednn : cpu_products::own));
+    CHECK(tpo::backend::cpu(1, backend.level(), cpu_products::own).products() == cpu_products::own);
+    if (tpo::backend::onednn_linked)
+        CHECK(tpo::backend::cpu(1, backend.level(), cpu_products::onednn).products() == cpu_products::onednn);
+    else
+        CHECK_THROWS_WITH(tpo::backend::cpu(1, backend.level(), cpu_products::onednn),
+                          Catch::Contains("this build does not link oneDNN"));
 }
 
 TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across thread counts and exact",
@@ -563,7 +586,8 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
         const index_t lda = (f.trans_a ? m : k) + 1, ldb = (f.trans_b ? k : n) + 1;
         auto a_at = [&](index_t i, index_t p) { return f.trans_a ? a[p * lda + i] : a[i * lda + p]; };
         auto b_at = [&](index_t p, index_t j) { return f.trans_b ? b[j * ldb + p] : b[p * ldb + j]; };
-        auto run = [&](auto a_operand, auto b_operand, auto acc, int threads, cpu_level level) {
+        auto run = [&](auto a_operand, auto b_operand, auto acc, int threads, cpu_level level,
+                       tpo::backend::cpu_products products) {
             using TA = decltype(a_operand);
             using TB = decltype(b_operand);
             using Acc = decltype(acc);
@@ -573,22 +597,26 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
             for (std::size_t i = 0; i < b.size(); ++i) tb[i] = tpo::narrow<TB>(b[i]);
             std::vector<Acc> c(start.size());
             for (std::size_t i = 0; i < c.size(); ++i) c[i] = static_cast<Acc>(start[i]);
-            tpo::backend::cpu(threads, level)
+            tpo::backend::cpu(threads, level, products)
                 .matmul(f.trans_a, f.trans_b, m, n, k, ta.data(), lda, tb.data(), ldb, c.data(), n,
                         static_cast<Acc>(f.beta));
             return c;
         };
         auto check = [&](auto a_operand, auto b_operand, auto acc, double tolerance) {
             // Every level: at avx512 the products with a bf16 B run on the AMX tile unit where the
-            // CPU has one (a float A as two bf16 parts), Eigen's product elsewhere.
-            for (cpu_level level : supported_levels()) {
+            // CPU has one (a float A as two bf16 parts), Eigen's product elsewhere. Float products
+            // also through oneDNN where the build links it.
+            for (cpu_level level : supported_levels())
+            for (const auto products : product_forms()) {
             using TA = decltype(a_operand);
             using TB = decltype(b_operand);
             INFO("trans_a " << f.trans_a << ", trans_b " << f.trans_b << ", operand bytes " << sizeof(TA) << " and "
                             << sizeof(TB) << ", level " << tpo::backend::to_string(level)
-                            << ", AMX " << tpo::backend::cpu_detail::amx_bf16_usable());
-            const auto c1 = run(a_operand, b_operand, acc, 1, level);
-            for (int threads : {2, 4}) CHECK(same_bits(run(a_operand, b_operand, acc, threads, level), c1));
+                            << ", AMX " << tpo::backend::cpu_detail::amx_bf16_usable() << ", products "
+                            << tpo::backend::to_string(products));
+            const auto c1 = run(a_operand, b_operand, acc, 1, level, products);
+            for (int threads : {2, 4})
+                CHECK(same_bits(run(a_operand, b_operand, acc, threads, level, products), c1));
             // Against the product of the operands as the backend saw them, in double: the error
             // of a float sum of k products is below k·eps·Σ|a·b| (a loose bound, per entry).
             std::vector<double> rows(static_cast<std::size_t>(m * k)), cols(static_cast<std::size_t>(n * k));
@@ -638,8 +666,9 @@ TEST_CASE("cpu backend: the float tiles give the same bits at the avx2 and avx51
         for (const bool trans_b : {false, true}) {
             auto run = [&](cpu_level level) {
                 std::vector<float> c(static_cast<std::size_t>(m * n), 0.5f);
-                tpo::backend::cpu(2, level).matmul(trans_a, trans_b, m, n, k, a.data(), trans_a ? m : k, b.data(),
-                                                   trans_b ? k : n, c.data(), n, 1.0f);
+                tpo::backend::cpu(2, level, tpo::backend::cpu_products::own)
+                    .matmul(trans_a, trans_b, m, n, k, a.data(), trans_a ? m : k, b.data(), trans_b ? k : n, c.data(),
+                            n, 1.0f);
                 return c;
             };
             INFO("trans_a " << trans_a << ", trans_b " << trans_b);

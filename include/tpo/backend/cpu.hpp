@@ -55,7 +55,20 @@ public:
         cpu_level_detail::require_supported(level);
     }
 
+    /// With the float products' form given too: an error if it is cpu_products::onednn and the
+    /// build does not link oneDNN (tpo::onednn).
+    cpu(int threads, cpu_level level, cpu_products products) : cpu(threads, level) {
+        detail::require<value_error>(products != cpu_products::onednn || onednn_linked,
+                                     "cpu backend: cpu_products::onednn asked, but this build does not link oneDNN "
+                                     "(link the CMake target tpo::onednn)");
+        products_ = products;
+    }
+
     int threads() const { return threads_; }
+
+    /// What runs the float matrix products (cpu/matmul.hpp): oneDNN's sgemm when the build links
+    /// it, unless the constructor said otherwise; the backend's own register blocks otherwise.
+    cpu_products products() const { return products_; }
 
     /// The instruction-set level this backend's kernels run at.
     cpu_level level() const { return level_; }
@@ -114,7 +127,7 @@ public:
     template <class X, class Y, class Acc>
     void matmul(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda, const Y* b,
                 index_t ldb, Acc* c, index_t ldc, Acc beta) const {
-        cpu_detail::matmul(threads_, level_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+        cpu_detail::matmul(threads_, level_, products_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
     /// The fused head's chunk of logits unless the caller sets a chunk size: 2^25 values (128 MiB
@@ -282,6 +295,7 @@ private:
 
     int threads_;
     cpu_level level_;
+    cpu_products products_ = default_cpu_products;
 };
 
 static_assert(tensor_backend<cpu>);

@@ -16,6 +16,7 @@
 // matmul_f32), in the same tiles and spans.
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -30,12 +31,34 @@
 #if defined(_OPENMP)
 #  include <omp.h>
 #endif
+#if defined(TPO_CPU_ONEDNN)
+#  include <oneapi/dnnl/dnnl.h>
+#endif
 
 #include "tpo/core/config.hpp"
 #include "tpo/core/element.hpp"
+#include "tpo/core/error.hpp"
 #include "tpo/core/views.hpp"
 
 TPO_BEGIN_NAMESPACE
+namespace backend {
+
+/// What runs the CPU backend's float products (float operands and result, the fused head's
+/// products in float): its own register blocks (Eigen's product at the baseline level), or
+/// oneDNN's sgemm where the build links oneDNN (tpo::onednn), which is then the default.
+enum class cpu_products { own, onednn };
+
+#if defined(TPO_CPU_ONEDNN)
+inline constexpr bool onednn_linked = true;
+#else
+inline constexpr bool onednn_linked = false;
+#endif
+inline constexpr cpu_products default_cpu_products = onednn_linked ? cpu_products::onednn : cpu_products::own;
+
+inline const char* to_string(cpu_products products) { return products == cpu_products::onednn ? "onednn" : "own"; }
+
+}  // namespace backend
+
 namespace backend::cpu_detail {
 
 inline constexpr index_t tile_rows = 256;
@@ -48,15 +71,15 @@ static_assert(tile_rows <= amx_block && tile_cols <= amx_block, "an AMX call cov
 static_assert(tile_rows == f32_block && tile_cols == f32_block, "f32_line cuts C into the same tiles");
 
 /// How matmul cuts k: `spans` spans of `depth` (the last may be shorter). One span unless the
-/// product has few tiles and a long k.
+/// product has fewer tiles than `tasks` and a long k.
 struct k_split {
     index_t spans = 1;
     index_t depth = 0;
 };
 
-inline k_split split_of(index_t tiles, index_t k) {
-    if (tiles >= split_tasks || k < 2 * split_depth_min) return {1, k};
-    const index_t wanted = (split_tasks + tiles - 1) / tiles;
+inline k_split split_of(index_t tiles, index_t k, index_t tasks = split_tasks) {
+    if (tiles >= tasks || k < 2 * split_depth_min) return {1, k};
+    const index_t wanted = (tasks + tiles - 1) / tiles;
     const index_t spans = std::min(wanted, k / split_depth_min);
     const index_t depth = (k + spans - 1) / spans;
     return {(k + depth - 1) / depth, depth};
@@ -78,31 +101,36 @@ template <class Acc>
 struct tile_grid {
     using tile_map = Eigen::Map<matrix_t<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
-    index_t m, n, tiles_m, tiles_n, tiles;
+    index_t m, n, rows_per_tile, cols_per_tile, tiles_m, tiles_n, tiles;
+    // A product with fewer tiles (or lines) than this cuts k (split_of).
+    index_t tasks_min;
     k_split split{};
     // From the scratch pool: at a large k the partial tiles take megabytes, which the C library
     // would hand out as fresh pages on every call.
     scratch_vector<Acc> partials;
 
-    tile_grid(index_t rows, index_t cols)
-        : m(rows), n(cols), tiles_m((rows + tile_rows - 1) / tile_rows), tiles_n((cols + tile_cols - 1) / tile_cols),
-          tiles(tiles_m * tiles_n) {}
+    tile_grid(index_t rows, index_t cols, index_t tile_m = tile_rows, index_t tile_n = tile_cols,
+              index_t tasks = split_tasks)
+        : m(rows), n(cols), rows_per_tile(tile_m), cols_per_tile(tile_n), tiles_m((rows + tile_m - 1) / tile_m),
+          tiles_n((cols + tile_n - 1) / tile_n), tiles(tiles_m * tiles_n), tasks_min(tasks) {}
 
     /// Cuts k as split_of() does for `units` parallel units, with room for the spans' partial tiles.
     void split_k(index_t k, index_t units) {
-        split = split_of(units, k);
-        if (split.spans > 1)
-            partials.resize(static_cast<std::size_t>(tiles * (split.spans - 1) * tile_rows * tile_cols));
+        split = split_of(units, k, tasks_min);
+        if (split.spans > 1) partials.resize(static_cast<std::size_t>(tiles * (split.spans - 1) * partial_size()));
     }
 
+    /// The values of one partial tile: a whole tile, or all of C when C is smaller.
+    index_t partial_size() const { return std::min(rows_per_tile, m) * std::min(cols_per_tile, n); }
+
     tile_box box(index_t tile) const {
-        const index_t i0 = (tile / tiles_n) * tile_rows, j0 = (tile % tiles_n) * tile_cols;
-        return {i0, j0, std::min(tile_rows, m - i0), std::min(tile_cols, n - j0)};
+        const index_t i0 = (tile / tiles_n) * rows_per_tile, j0 = (tile % tiles_n) * cols_per_tile;
+        return {i0, j0, std::min(rows_per_tile, m - i0), std::min(cols_per_tile, n - j0)};
     }
 
     /// Span `span` (≥ 1) of `tile`, stored with row stride box(tile).cols.
     Acc* partial(index_t tile, index_t span) {
-        return partials.data() + (tile * (split.spans - 1) + span - 1) * tile_rows * tile_cols;
+        return partials.data() + (tile * (split.spans - 1) + span - 1) * partial_size();
     }
 
     /// C += every tile's partial tiles, in span order: a work-sharing loop of the enclosing
@@ -147,7 +175,7 @@ struct tile_grid {
     /// Where span `span` of tile (ti, tj) goes: the tile in C for span 0, else its partial tile
     /// (row stride box.cols).
     tile_target<Acc> target(index_t ti, index_t tj, index_t span, Acc* c, index_t ldc) {
-        if (span == 0) return {c + ti * tile_rows * ldc + tj * tile_cols, ldc};
+        if (span == 0) return {c + ti * rows_per_tile * ldc + tj * cols_per_tile, ldc};
         const index_t tile = ti * tiles_n + tj;
         return {partial(tile, span), box(tile).cols};
     }
@@ -273,6 +301,47 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
     });
 }
 
+#if defined(TPO_CPU_ONEDNN)
+/// The float form through oneDNN's sgemm, where the build links oneDNN (CMake target tpo::onednn,
+/// which defines TPO_CPU_ONEDNN): its kernels are faster than matmul_f32's register blocks on the
+/// fused head's shapes (docs/design.md). The threads and the summation order stay the backend's:
+/// C is cut into fixed onednn_tile × onednn_tile tiles, and k into spans when there are fewer
+/// than onednn_tasks tiles (∂L/∂h: one tile, k = V), by the same grid as the other forms; each task
+/// is one sgemm call on one thread (run_tasks limits oneDNN, an OpenMP program, to the calling
+/// thread), and the partial tiles are added in span order. Large tiles keep the calls few, so the
+/// operand all tiles of a row share (the chunk's rows) is packed a few times per product.
+inline constexpr index_t onednn_tile = 2048;
+inline constexpr index_t onednn_tasks = 8;
+
+/// C (m×n) = op(A)·op(B) + beta·C in float through oneDNN's sgemm; beta is 0 or 1.
+inline void matmul_onednn(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const float* a,
+                          index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
+    struct no_scratch {};
+    tile_grid<float> grid(m, n, onednn_tile, onednn_tile, onednn_tasks);
+    // Set by a task that failed; each task must finish inside the parallel region, so the error
+    // is raised after it.
+    std::atomic<int> failed{static_cast<int>(dnnl_success)};
+    grid.for_each_task<no_scratch>(
+        threads, k, c, ldc, beta == 0.0f,
+        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, no_scratch&) {
+            if (depth == 0) {  // C = beta·C, and oneDNN is not asked what an empty k gives
+                for (index_t i = 0; fresh && i < t.rows; ++i) std::fill(out + i * ld, out + i * ld + t.cols, 0.0f);
+                return;
+            }
+            const float* a_block = trans_a ? a + k0 * lda + t.i0 : a + t.i0 * lda + k0;
+            const float* b_block = trans_b ? b + t.j0 * ldb + k0 : b + k0 * ldb + t.j0;
+            const dnnl_status_t status =
+                dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', t.rows, t.cols, depth, 1.0f, a_block, lda,
+                           b_block, ldb, fresh ? 0.0f : 1.0f, out, ld);
+            if (status != dnnl_success) failed.store(static_cast<int>(status));
+        });
+    const int status = failed.load();
+    detail::require<error>(status == static_cast<int>(dnnl_success), "oneDNN sgemm of a ", m, "×", n, "×", k,
+                           " product failed with status ", status);
+}
+
+#endif
+
 #if TPO_CPU_DISPATCH
 /// The float form at the avx2 and avx512 levels (cpu/tiles_f32.hpp): the same tiles, spans and
 /// partial tiles as Eigen's form below, but, as in matmul_amx, a task is a line of tiles and one k
@@ -295,13 +364,24 @@ inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b,
 }
 #endif
 
-/// See the file comment; beta is 0 or 1. At the avx512 level, products with a bf16 B and a bf16
+/// See the file comment; beta is 0 or 1. Float products go to oneDNN when `products` says so
+/// (matmul_onednn, whatever the level). At the avx512 level, products with a bf16 B and a bf16
 /// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it; at the
 /// avx2 and avx512 levels float products run in the level's registers (matmul_f32) whatever the
 /// translation unit's flags.
 template <class X, class Y, class Acc>
-void matmul(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
-            index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+void matmul(int threads, cpu_level level, cpu_products products, bool trans_a, bool trans_b, index_t m, index_t n,
+            index_t k, const X* a, index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
+#if defined(TPO_CPU_ONEDNN)
+    if constexpr (std::is_same_v<X, float> && std::is_same_v<Y, float> && std::is_same_v<Acc, float>) {
+        if (products == cpu_products::onednn) {
+            matmul_onednn(threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+            return;
+        }
+    }
+#else
+    (void)products;
+#endif
     if constexpr (std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float> &&
                   (std::is_same_v<X, bfloat16> || std::is_same_v<X, float>)) {
         if (level == cpu_level::avx512 && (std::is_same_v<X, float> || !trans_a) && amx_bf16_usable()) {
