@@ -169,6 +169,22 @@ int main() {
     tpo::backend::cpu cpu;
     expect_near("reference backend, TPO loss", tpo_loss(reference, w, l), expected, 1e-12);
     expect_near("cpu backend, TPO loss", tpo_loss(cpu, w, l), expected, 1e-12);
+#if defined(TPO_CONSUMER_ONEDNN)
+    // tpo::onednn: the float products go through oneDNN's sgemm. C = A·Bᵀ against the plain sums.
+    {
+        if (cpu.products() != tpo::backend::cpu_products::onednn) {
+            std::printf("FAIL cpu backend with tpo::onednn: products are %s\n", tpo::backend::to_string(cpu.products()));
+            ++failures;
+        }
+        const float a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {0.5f, -1, 2, 0.25f, 3, -2};  // A 2×3, B 2×3
+        float c[4] = {};
+        cpu.matmul(false, true, 2, 2, 3, a, 3, b, 3, c, 2, 0.0f);
+        for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j)
+                expect_near("cpu backend through oneDNN, A·Bᵀ", c[i * 2 + j],
+                            a[i * 3] * b[j * 3] + a[i * 3 + 1] * b[j * 3 + 1] + a[i * 3 + 2] * b[j * 3 + 2], 1e-6);
+    }
+#endif
 #if defined(TPO_CONSUMER_THRUST)
     // Thrust's device system as tpoConfig.cmake chose it for a C++-only project (OpenMP).
     tpo::backend::thrust<> thrust;
