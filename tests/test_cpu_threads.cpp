@@ -676,11 +676,12 @@ TEST_CASE("cpu backend: the float tiles give the same bits at the avx2 and avx51
         }
 }
 
-TEST_CASE("cpu backend: the fused head's default chunk is 2^25 values, and at least 256 rows", "[cpu][fused]") {
+TEST_CASE("cpu backend: the fused head's default chunk is 2^25 values, and at least 512 rows", "[cpu][fused]") {
     const tpo::backend::cpu backend(1);
     tpo::rows::fused_settings settings;
     CHECK(tpo::rows::chunk_rows_of(backend, settings, 32000) == (index_t{1} << 25) / 32000);  // 1048
-    CHECK(tpo::rows::chunk_rows_of(backend, settings, 152064) == 256);  // 2^25 values would be 220 rows
+    CHECK(tpo::rows::chunk_rows_of(backend, settings, 152064) == 512);  // 2^25 values would be 220 rows
+    CHECK(tpo::rows::chunk_rows_of(backend, settings, 65536) == 512);
     CHECK(tpo::rows::chunk_rows_of(tpo::backend::reference{}, settings, 152064) == (index_t{1} << 24) / 152064);
     settings.chunk_rows = 7;  // the caller's size wins over both
     CHECK(tpo::rows::chunk_rows_of(backend, settings, 152064) == 7);

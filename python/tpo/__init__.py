@@ -31,7 +31,7 @@ backends = tuple(_tpo.backends())
 def release_cpu_scratch():
     """Frees the scratch memory the CPU backend keeps between calls; returns its size in bytes.
 
-    The fused lm_head path's chunks of logits (by default 64 MiB of float, at least 256 rows of V)
+    The fused lm_head path's chunks of logits (by default 128 MiB of float, at least 512 rows of V)
     and a 16-bit head's float gradient accumulator (V×H) are kept for the next call rather than
     mapped and zeroed again every step; at most what one call had in use at once is kept."""
     return _tpo.release_cpu_scratch()

@@ -92,7 +92,7 @@ class Objective:
     logit_scale, logit_softcap, temperature: the transform between the lm_head and the softmax,
     z = softcap·tanh(logit_scale·u / softcap) / temperature, applied with hidden states in (logits
     inputs are taken as already transformed); chunk_tokens: scored rows per chunk of the fused
-    lm_head path (None: about 2^24 logits a chunk; on the CPU about 2^25, and at least 256 rows).
+    lm_head path (None: about 2^24 logits a chunk; on the CPU about 2^25, and at least 512 rows).
     backend: "auto" (cpu for host arrays, cuda for CUDA tensors), "cpu", "reference" (the oracle)
     or "cuda". threads: CPU threads (0: OpenMP's default).
 

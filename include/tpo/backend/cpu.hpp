@@ -137,9 +137,10 @@ public:
     static constexpr index_t fused_chunk_values() { return index_t{1} << 25; }
 
     /// The fused head's chunks hold at least this many rows unless the caller sets a chunk size,
-    /// for the same reasons: at V = 152064, 2^25 values would be 220 rows (docs/performance.md).
-    /// 256 rows of float logits at V = 152064 are 149 MiB.
-    static constexpr index_t fused_chunk_rows_min() { return 256; }
+    /// for the same reasons: at V = 152064, 2^25 values would be 220 rows, and 512 keep both
+    /// policies of one 256-token pair (docs/performance.md). 512 rows of float logits at
+    /// V = 152064 are 297 MiB.
+    static constexpr index_t fused_chunk_rows_min() { return 512; }
 
     template <class F>
     void for_each(index_t n, F&& f) const {
