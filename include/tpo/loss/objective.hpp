@@ -245,18 +245,13 @@ private:
             if (batch.chosen.reference_scores.empty())
                 rows::check_head(backend_, batch.reference_head, "reference lm_head", first_vocab_row);
         }
-        // The chosen policy's pass runs last and keeps its last chunk: the backward starts there.
-        // The rejected policy's pass keeps its chunk too when both policies' rows fit in one chunk
-        // of logits (every chosen pass then fits beside it in the chunk's memory), so that a chunk
-        // the caller sized for the whole batch is never computed twice.
-        auto keep = std::make_shared<kept_chunks<T>>();
-        const index_t chunk = rows::chunk_rows_of(backend_, fused_settings(), batch.head.vocab);
-        const index_t both = batch.chosen.policy.sequences * row_align_.scored_rows(batch.chosen.policy.length) +
-                             batch.rejected.policy.sequences * row_align_.scored_rows(batch.rejected.policy.length);
-        prepare_hidden(rejected_, batch.rejected, batch, "rejected", both <= chunk ? &keep->rejected : nullptr);
-        prepare_hidden(chosen_, batch.chosen, batch, "chosen", &keep->chosen);
+        // Each kind of tensor goes through the head in one pass over both sides, so that a chunk
+        // holds both policies' rows where they fit; the policies' pass runs last and keeps its
+        // last chunk, where the backward starts.
+        auto keep = std::make_shared<rows::kept_chunk<B, T>>();
+        prepare_hidden(batch, keep.get());
         kept_ = std::move(keep);
-        kept_type_ = type_tag<kept_chunks<T>>();
+        kept_type_ = type_tag<rows::kept_chunk<B, T>>();
     }
 
     /// The backward up to the row coefficients (gradient shapes checked, the coefficient pass and
@@ -343,25 +338,27 @@ private:
         A* const grad_weight = head.weight;
         A* const grad_bias = head.bias;
         const rows::fused_settings fs = fused_settings();
-        // What the forward kept of the policies' passes, if this batch's T made it.
-        auto* kept = kept_ && kept_type_ == type_tag<kept_chunks<T>>() ? static_cast<kept_chunks<T>*>(kept_.get())
-                                                                        : nullptr;
-        auto write = [&](const hidden_view<const T>& h, coefficient_buffer& coef, const hidden_view<G>& out,
-                         const labels_view<const I>& labels, rows::kept_chunk<B, T>* from) {
-            if (out.empty() && !grad_weight && !grad_bias) return;
-            rows::fused_row_gradient(backend_, rows::hidden_rows<T>{h, batch.head}, labels, row_align_, coef,
-                                     fs, out, head, from);
+        // What the forward kept of the policies' pass, if this batch's T made it.
+        auto* kept = kept_ && kept_type_ == type_tag<rows::kept_chunk<B, T>>()
+                         ? static_cast<rows::kept_chunk<B, T>*>(kept_.get())
+                         : nullptr;
+        // Both sides' tensors of one kind in one pass, as the forward took them.
+        auto write = [&](const hidden_view<const T>& chosen_states, const hidden_view<const T>& rejected_states,
+                         coefficient_buffer& chosen_coefficients, coefficient_buffer& rejected_coefficients,
+                         const hidden_view<G>& chosen_out, const hidden_view<G>& rejected_out,
+                         rows::kept_chunk<B, T>* from) {
+            if (chosen_out.empty() && rejected_out.empty() && !grad_weight && !grad_bias) return;
+            const std::vector<rows::fused_gradient_part<B, T, I, G>> parts{
+                {chosen_states, batch.chosen.labels, &chosen_coefficients, chosen_out},
+                {rejected_states, batch.rejected.labels, &rejected_coefficients, rejected_out}};
+            rows::fused_row_gradient(backend_, batch.head, parts, row_align_, fs, head, from);
         };
-        write(batch.chosen.policy, chosen.clean, grads.chosen.policy, batch.chosen.labels,
-              kept ? &kept->chosen : nullptr);
-        write(batch.rejected.policy, rejected.clean, grads.rejected.policy, batch.rejected.labels,
-              kept ? &kept->rejected : nullptr);
+        write(batch.chosen.policy, batch.rejected.policy, chosen.clean, rejected.clean, grads.chosen.policy,
+              grads.rejected.policy, kept);
         kept_.reset();
-        if (noisy) {
-            write(batch.chosen.policy_noisy, chosen.noisy, grads.chosen.policy_noisy, batch.chosen.labels, nullptr);
-            write(batch.rejected.policy_noisy, rejected.noisy, grads.rejected.policy_noisy, batch.rejected.labels,
-                  nullptr);
-        }
+        if (noisy)
+            write(batch.chosen.policy_noisy, batch.rejected.policy_noisy, chosen.noisy, rejected.noisy,
+                  grads.chosen.policy_noisy, grads.rejected.policy_noisy, nullptr);
         head.finish(backend_, V, H);
         if constexpr (!in_place) {
             if (grad_weight)
@@ -465,47 +462,60 @@ private:
         return {options_.transform(), options_.chunk_tokens.value_or(0)};
     }
 
-    /// The row statistics of one side's hidden states. The policy's pass runs last; with `keep`, it
-    /// leaves its last chunk there.
+    /// The row statistics of both sides' hidden states: one pass per kind of tensor (policy noisy,
+    /// reference, reference noisy, policy) over both sides. The policies' pass runs last; with
+    /// `keep`, it leaves its last chunk there.
     template <class T, class I, class R>
-    void prepare_hidden(side_state& state, const hidden_side_batch<T, I, R>& s,
-                        const hidden_preference_batch<T, I, R>& batch, const char* side,
-                        rows::kept_chunk<B, T>* keep = nullptr) {
+    void prepare_hidden(const hidden_preference_batch<T, I, R>& batch, rows::kept_chunk<B, T>* keep) {
         const bool noisy = options_.weighting == token_weighting::self_calibrated;
         const row_alignment align = row_align_;
         const rows::fused_settings fs = fused_settings();
-        state.length = s.policy.length;
-        state.scored = align.scored_rows(s.policy.length);
-        const index_t count = s.policy.sequences * state.scored;
-        const bool check = options_.check_inputs;
-        auto pass = [&](const auto& source, row_reduction reduction, const char* role, auto* kept) {
-            stats_buffer out = backend_.template allocate<row_stats>(count);
-            const std::string what = detail::concat(side, " ", role);
-            if (count > 0)
-                rows::fused_row_statistics(backend_, source, s.labels, align, reduction, fs, check, what.c_str(),
-                                           backend_.raw(out), kept);
+        for (auto [state, s] : {std::pair{&chosen_, &batch.chosen}, std::pair{&rejected_, &batch.rejected}}) {
+            state->length = s->policy.length;
+            state->scored = align.scored_rows(s->policy.length);
+            state->reference_scores = s->reference_scores.data;
+            state->weights = options_.weighting == token_weighting::caller ? s->weights.data : nullptr;
+        }
+        auto pass = [&](const auto& head, const auto& chosen_states, const auto& rejected_states,
+                        row_reduction reduction, const char* role, auto* kept) {
+            using E = std::remove_cv_t<std::remove_pointer_t<decltype(head.weight)>>;
+            std::pair<stats_buffer, stats_buffer> out{
+                backend_.template allocate<row_stats>(batch.chosen.policy.sequences * chosen_.scored),
+                backend_.template allocate<row_stats>(batch.rejected.policy.sequences * rejected_.scored)};
+            const std::string chosen_what = detail::concat("chosen ", role),
+                              rejected_what = detail::concat("rejected ", role);
+            const std::vector<rows::fused_part<E, I>> parts{
+                {chosen_states, batch.chosen.labels, chosen_what.c_str(), backend_.raw(out.first)},
+                {rejected_states, batch.rejected.labels, rejected_what.c_str(), backend_.raw(out.second)}};
+            rows::fused_row_statistics(backend_, head, parts, align, reduction, fs, options_.check_inputs, kept);
             return out;
         };
-        const row_reduction policy_reduction =
-            options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
-        const bool reference_rows = s.reference_scores.empty();
-        state.reference_scores = s.reference_scores.data;
         constexpr rows::kept_chunk<B, T>* none = nullptr;
         constexpr rows::kept_chunk<B, R>* none_reference = nullptr;
-        state.policy_noisy = noisy ? pass(rows::hidden_rows<T>{s.policy_noisy, batch.head}, noisy_reduction(),
-                                          "policy noisy hidden states", none)
-                                   : stats_buffer{};
-        state.reference = reference_rows ? pass(rows::hidden_rows<R>{s.reference, batch.reference_head},
-                                                row_reduction::logsumexp, "reference hidden states", none_reference)
-                                         : stats_buffer{};
-        state.reference_noisy = reference_rows && noisy
-                                    ? pass(rows::hidden_rows<R>{s.reference_noisy, batch.reference_head},
-                                           noisy_reduction(), "reference noisy hidden states", none_reference)
-                                    : stats_buffer{};
-        state.policy = pass(rows::hidden_rows<T>{s.policy, batch.head}, policy_reduction, "policy hidden states", keep);
-        state.weights = options_.weighting == token_weighting::caller ? s.weights.data : nullptr;
+        if (noisy)
+            std::tie(chosen_.policy_noisy, rejected_.policy_noisy) =
+                pass(batch.head, batch.chosen.policy_noisy, batch.rejected.policy_noisy, noisy_reduction(),
+                     "policy noisy hidden states", none);
+        else
+            chosen_.policy_noisy = rejected_.policy_noisy = stats_buffer{};
+        // The reference as hidden states, or as given sequence scores (both sides alike: checked).
+        if (batch.chosen.reference_scores.empty()) {
+            std::tie(chosen_.reference, rejected_.reference) =
+                pass(batch.reference_head, batch.chosen.reference, batch.rejected.reference,
+                     row_reduction::logsumexp, "reference hidden states", none_reference);
+            if (noisy)
+                std::tie(chosen_.reference_noisy, rejected_.reference_noisy) =
+                    pass(batch.reference_head, batch.chosen.reference_noisy, batch.rejected.reference_noisy,
+                         noisy_reduction(), "reference noisy hidden states", none_reference);
+        } else {
+            chosen_.reference = rejected_.reference = chosen_.reference_noisy = rejected_.reference_noisy =
+                stats_buffer{};
+        }
+        const row_reduction policy_reduction =
+            options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
+        std::tie(chosen_.policy, rejected_.policy) = pass(batch.head, batch.chosen.policy, batch.rejected.policy,
+                                                          policy_reduction, "policy hidden states", keep);
     }
-
 
     template <class T, class I, class R>
     void prepare(side_state& state, const side_batch<T, I, R>& s) {
@@ -610,14 +620,8 @@ private:
     // rows shard-local labels (dist/sharded.hpp).
     row_alignment row_align_;
     std::shared_ptr<void> transformed_;
-    /// What a hidden-state forward leaves for the backward: the chosen policy's last chunk, and the
-    /// rejected policy's when both policies' rows fit in one chunk (prepare_rows).
-    template <class T>
-    struct kept_chunks {
-        rows::kept_chunk<B, T> chosen, rejected;
-    };
-    // The kept chunks of a hidden-state forward (kept_chunks<T>, T named by kept_type_), held until
-    // the backward takes them over or the next forward.
+    // The kept chunk of a hidden-state forward (rows::kept_chunk<B, T>, T named by kept_type_),
+    // held until the backward takes it over or the next forward.
     std::shared_ptr<void> kept_;
     const void* kept_type_ = nullptr;
 

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -409,6 +410,45 @@ void check_head(B& backend, const head_view<const T>& head, const char* what, in
     detail::require<value_error>(entry < 0, what, ": entry ", first_row + entry, " of the bias holds a NaN or an infinite value");
 }
 
+/// One tensor of hidden states among those a fused pass takes together: every part goes through
+/// the same head and transform, and a chunk of logits may hold rows of several parts, so that a
+/// product covers as many rows as the chunk allows (both policies of a batch, say). `what` names
+/// the tensor in errors; the forward writes its rows' statistics to `out`.
+template <class T, class I>
+struct fused_part {
+    hidden_view<const T> states;
+    labels_view<const I> labels;
+    const char* what = "";
+    row_stats* out = nullptr;
+};
+
+/// One tensor's share of a fused backward: its hidden states and labels, the coefficients of its
+/// scored rows, and its gradient (empty: not computed).
+template <class B, class T, class I, class G>
+struct fused_gradient_part {
+    hidden_view<const T> states;
+    labels_view<const I> labels;
+    typename B::template buffer<row_coefficients>* coefficients = nullptr;
+    hidden_view<G> grad;
+};
+
+namespace fused_detail {
+
+/// Calls f(part, first, end, offset) for every part whose rows [first, end) of its own list lie in
+/// rows [begin, begin + count) of the parts' lists put end to end (sizes `sizes`), `offset` being
+/// where they start in that range.
+template <class F>
+void for_each_segment(const std::vector<index_t>& sizes, index_t begin, index_t count, F&& f) {
+    index_t start = 0;
+    for (std::size_t p = 0; p < sizes.size(); ++p) {
+        const index_t lo = std::max(begin, start), hi = std::min(begin + count, start + sizes[p]);
+        if (lo < hi) f(p, lo - start, hi - start, lo - begin);
+        start += sizes[p];
+    }
+}
+
+}  // namespace fused_detail
+
 /// A forward pass's last chunk, left in scratch for the backward: its gathered hidden states, its
 /// logits z (after the bias and the transform), and what they were computed from. The backward of
 /// the same rows (fused_row_gradient, which takes chunks last to first) starts from it instead of
@@ -419,65 +459,92 @@ struct kept_chunk {
     using A = fused_accumulate_t<T>;
     typename B::template buffer<T> gathered;
     typename B::template buffer<A> logits;
-    std::vector<index_t> rows;  // the chunk's rows, as indices into the tensor's scored rows
-    index_t chunk_rows = 0;     // the pass's rows per chunk
-    index_t gathered_size = 0;  // the buffers' sizes, in elements
+    std::vector<const T*> states;            // each part's hidden states
+    std::vector<std::vector<index_t>> rows;  // each part's rows in the chunk, as indices into its scored rows
+    index_t chunk_rows = 0;                  // the pass's rows per chunk
+    index_t gathered_size = 0;               // the buffers' sizes, in elements
     index_t logits_size = 0;
-    const T* states = nullptr;
     const T* weight = nullptr;
     const T* bias = nullptr;
     logit_transform transform{};
 
-    /// Whether the backward of `source`, whose last chunk is rows[first..end) of `list` at
-    /// `chunk` rows per chunk, would compute exactly what is kept.
-    bool holds(const hidden_rows<T>& source, const logit_transform& t, index_t chunk, const std::vector<index_t>& list,
-               index_t first) const {
-        return states != nullptr && states == source.states.data && weight == source.head.weight &&
-               bias == source.head.bias && chunk == chunk_rows && t.scale == transform.scale &&
-               t.softcap == transform.softcap && t.temperature == transform.temperature &&
-               std::equal(rows.begin(), rows.end(), list.begin() + first, list.end());
+    /// Whether the backward of parts with hidden states `parts_states` through `head`, whose last
+    /// chunk is rows [last, ...) of their lists `lists` put end to end at `chunk` rows per chunk,
+    /// would compute exactly what is kept.
+    bool holds(const std::vector<const T*>& parts_states, const head_view<const T>& head, const logit_transform& t,
+               index_t chunk, const std::vector<std::vector<index_t>>& lists, index_t last) const {
+        if (parts_states.empty() || parts_states != states || weight != head.weight || bias != head.bias ||
+            chunk != chunk_rows || t.scale != transform.scale || t.softcap != transform.softcap ||
+            t.temperature != transform.temperature)
+            return false;
+        std::vector<index_t> sizes;
+        for (const auto& list : lists) sizes.push_back(static_cast<index_t>(list.size()));
+        index_t total = 0;
+        for (index_t n : sizes) total += n;
+        std::vector<std::vector<index_t>> wanted(lists.size());
+        fused_detail::for_each_segment(sizes, last, total - last, [&](std::size_t p, index_t b, index_t e, index_t) {
+            wanted[p].assign(lists[p].begin() + b, lists[p].begin() + e);
+        });
+        return wanted == rows;
     }
 };
 
-/// The statistics of every scored row of a hidden-state source, as row_statistics gives them for
-/// the logits transform(h·Wᵀ + b). With `check`, a non-finite hidden state of a valid row is an
-/// error naming `what`, the sequence and the position. With `keep`, the last chunk of logits (if
-/// any was computed) is left there for the backward.
+/// The statistics of every scored row of hidden-state tensors through one head, as row_statistics
+/// gives them for the logits transform(h·Wᵀ + b), each part's into its `out`. The parts' valid rows
+/// are taken C at a time in part order, a chunk holding rows of more than one part where they
+/// meet. With `check`, a non-finite hidden state of a valid row is an error naming the part, the
+/// sequence and the position. With `keep`, the last chunk of logits (if any was computed) is left
+/// there for the backward.
 template <class B, class T, class I>
-void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
-                          row_reduction reduction, const fused_settings& settings, bool check, const char* what,
-                          row_stats* out, kept_chunk<B, T>* keep = nullptr) {
+void fused_row_statistics(B& backend, const head_view<const T>& head, const std::vector<fused_part<T, I>>& parts,
+                          row_alignment align, row_reduction reduction, const fused_settings& settings, bool check,
+                          kept_chunk<B, T>* keep = nullptr) {
     using A = fused_accumulate_t<T>;
     using namespace fused_detail;
-    const auto plan = scored_rows<I>::of(labels, align, source.head.vocab);
-    const index_t count = plan.count();
-    if (count == 0) return;
-    const index_t V = source.head.vocab, H = source.head.hidden;
-    auto flags = backend.template allocate<std::int32_t>(count);
-    backend.for_each(count, classify_op<I>{plan, out, backend.raw(flags)});
-    auto [host_list, list] = set_indices(backend, backend.to_host(flags));
-    const auto n = static_cast<index_t>(host_list.size());
-    if (n == 0) return;
-    if (check) {
-        // The valid rows' hidden states, scanned as rows of H "logits" (label 0) by the backend.
-        const index_t rows = source.states.rows();
-        auto scan_labels = backend.template allocate<std::int64_t>(rows);
-        backend.for_each(rows, fill_labels_op{backend.raw(scan_labels), -1});
-        backend.for_each(n, scan_labels_op<I>{plan, backend.raw(list), source.states.length, backend.raw(scan_labels)});
-        auto scanned = backend.template allocate<row_stats>(rows);
-        backend.row_statistics(
-            logits_view<const T>{source.states.data, source.states.sequences, source.states.length, H},
-            labels_view<const std::int64_t>{backend.raw(scan_labels), source.states.sequences, source.states.length},
-            row_alignment{false, -1}, row_reduction::finiteness, backend.raw(scanned));
-        if (const index_t r = first_non_finite(backend.to_host(scanned)); r >= 0)
-            throw value_error(detail::concat(what, " at sequence ", r / source.states.length, ", position ",
-                                             r % source.states.length,
-                                             ": the hidden state holds a NaN or an infinite value"));
+    const index_t V = head.vocab, H = head.hidden;
+    std::vector<scored_rows<I>> plans;
+    std::vector<std::vector<index_t>> host_lists;
+    std::vector<index_buffer<B>> lists;
+    std::vector<index_t> sizes;
+    for (const fused_part<T, I>& part : parts) {
+        const auto plan = scored_rows<I>::of(part.labels, align, V);
+        const index_t count = plan.count();
+        plans.push_back(plan);
+        std::vector<index_t> host_list;
+        index_buffer<B> list;
+        if (count > 0) {
+            auto flags = backend.template allocate<std::int32_t>(count);
+            backend.for_each(count, classify_op<I>{plan, part.out, backend.raw(flags)});
+            std::tie(host_list, list) = set_indices(backend, backend.to_host(flags));
+        }
+        const auto n = static_cast<index_t>(host_list.size());
+        if (check && n > 0) {
+            // The valid rows' hidden states, scanned as rows of H "logits" (label 0) by the backend.
+            const index_t rows = part.states.rows();
+            auto scan_labels = backend.template allocate<std::int64_t>(rows);
+            backend.for_each(rows, fill_labels_op{backend.raw(scan_labels), -1});
+            backend.for_each(n, scan_labels_op<I>{plan, backend.raw(list), part.states.length, backend.raw(scan_labels)});
+            auto scanned = backend.template allocate<row_stats>(rows);
+            backend.row_statistics(
+                logits_view<const T>{part.states.data, part.states.sequences, part.states.length, H},
+                labels_view<const std::int64_t>{backend.raw(scan_labels), part.states.sequences, part.states.length},
+                row_alignment{false, -1}, row_reduction::finiteness, backend.raw(scanned));
+            if (const index_t r = first_non_finite(backend.to_host(scanned)); r >= 0)
+                throw value_error(detail::concat(part.what, " at sequence ", r / part.states.length, ", position ",
+                                                 r % part.states.length,
+                                                 ": the hidden state holds a NaN or an infinite value"));
+        }
+        if (n > 0 && !needs_logsumexp(reduction))
+            backend::for_each_group(backend, n,
+                                    label_row_op<A, T, I>{hidden_rows<T>{part.states, head}, plan, settings.transform,
+                                                          backend.raw(list), part.out});
+        sizes.push_back(n);
+        host_lists.push_back(std::move(host_list));
+        lists.push_back(std::move(list));
     }
-    if (!needs_logsumexp(reduction)) {
-        backend::for_each_group(backend, n, label_row_op<A, T, I>{source, plan, settings.transform, backend.raw(list), out});
-        return;
-    }
+    index_t n = 0;
+    for (index_t size : sizes) n += size;
+    if (n == 0 || !needs_logsumexp(reduction)) return;
     const index_t C = std::min(n, chunk_rows_of(backend, settings, V));
     auto gathered = fused_detail::overwritten<T>(backend, C * H);
     auto logits = fused_detail::overwritten<A>(backend, C * V);
@@ -486,29 +553,36 @@ void fused_row_statistics(B& backend, const hidden_rows<T>& source, labels_view<
     const row_alignment unshifted{false, align.ignore_index};
     for (index_t first = 0; first < n; first += C) {
         const index_t m = std::min(C, n - first);
-        const index_t* rows = backend.raw(list) + first;
-        backend.for_each(m * H, gather_op<T, I>{source.states, plan, rows, backend.raw(gathered)});
-        backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source.head.weight, H, backend.raw(logits), V,
-                       A(0));
-        if (source.head.bias || !settings.transform.identity())
-            backend.for_each(m * V, epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
-        backend.for_each(m, chunk_labels_op<I>{plan, rows, backend.raw(chunk_labels)});
+        for_each_segment(sizes, first, m, [&](std::size_t p, index_t b, index_t e, index_t at) {
+            const index_t* rows = backend.raw(lists[p]) + b;
+            backend.for_each((e - b) * H, gather_op<T, I>{parts[p].states, plans[p], rows, backend.raw(gathered) + at * H});
+            backend.for_each(e - b, chunk_labels_op<I>{plans[p], rows, backend.raw(chunk_labels) + at});
+        });
+        backend.matmul(false, true, m, V, H, backend.raw(gathered), H, head.weight, H, backend.raw(logits), V, A(0));
+        if (head.bias || !settings.transform.identity())
+            backend.for_each(m * V, epilogue_op<A, T>{backend.raw(logits), head.bias, V, settings.transform});
         backend.row_statistics(logits_view<const A>{backend.raw(logits), 1, m, V},
                                labels_view<const std::int64_t>{backend.raw(chunk_labels), 1, m}, unshifted, reduction,
                                backend.raw(chunk_stats));
-        backend.for_each(m, scatter_stats_op{backend.raw(chunk_stats), rows, out});
+        for_each_segment(sizes, first, m, [&](std::size_t p, index_t b, index_t e, index_t at) {
+            backend.for_each(e - b, scatter_stats_op{backend.raw(chunk_stats) + at, backend.raw(lists[p]) + b, parts[p].out});
+        });
     }
     if (keep) {
         const index_t last = (n - 1) / C * C;
         keep->gathered = std::move(gathered);
         keep->logits = std::move(logits);
-        keep->rows.assign(host_list.begin() + last, host_list.end());
+        keep->states.clear();
+        for (const fused_part<T, I>& part : parts) keep->states.push_back(part.states.data);
+        keep->rows.assign(parts.size(), {});
+        for_each_segment(sizes, last, n - last, [&](std::size_t p, index_t b, index_t e, index_t) {
+            keep->rows[p].assign(host_lists[p].begin() + b, host_lists[p].begin() + e);
+        });
         keep->chunk_rows = C;
         keep->gathered_size = C * H;
         keep->logits_size = C * V;
-        keep->states = source.states.data;
-        keep->weight = source.head.weight;
-        keep->bias = source.head.bias;
+        keep->weight = head.weight;
+        keep->bias = head.bias;
         keep->transform = settings.transform;
     }
 }
@@ -535,55 +609,76 @@ struct head_gradient {
     }
 };
 
-/// ∂L/∂h of every row of a hidden-state source (zero for rows that are not scored) from the
-/// coefficients of its scored rows (not computed when `grad` is empty), and the head's share added
-/// to `head`.
+/// ∂L/∂h of every row of hidden-state tensors through one head (zero for rows that are not
+/// scored; not computed for a part whose `grad` is empty) from the coefficients of their scored
+/// rows, and the head's share added to `head`. The rows that need the softmax are taken in chunks
+/// as fused_row_statistics takes them, several parts' rows in a chunk, last chunk first.
 template <class B, class T, class I, class G>
-void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<const I> labels, row_alignment align,
-                        typename B::template buffer<row_coefficients>& coefficient_buffer,
-                        const fused_settings& settings, hidden_view<G> grad,
-                        head_gradient<fused_accumulate_t<T>>& head, kept_chunk<B, T>* kept = nullptr) {
+void fused_row_gradient(B& backend, const head_view<const T>& source_head,
+                        const std::vector<fused_gradient_part<B, T, I, G>>& parts, row_alignment align,
+                        const fused_settings& settings, head_gradient<fused_accumulate_t<T>>& head,
+                        kept_chunk<B, T>* kept = nullptr) {
     using A = fused_accumulate_t<T>;
     using namespace fused_detail;
     A* const grad_weight = head.weight;
     A* const grad_bias = head.bias;
-    const auto plan = scored_rows<I>::of(labels, align, source.head.vocab);
-    const index_t V = source.head.vocab, H = source.head.hidden;
-    backend.for_each(grad.size(), fill_op<G>{grad.data});
-    const index_t count = plan.count();
-    if (count == 0) return;
-    const row_coefficients* coefficients = backend.raw(coefficient_buffer);
-    const std::vector<row_coefficients> host = backend.to_host(coefficient_buffer);
-    std::vector<std::int32_t> rank_one(static_cast<std::size_t>(count)), full(static_cast<std::size_t>(count));
-    for (std::size_t r = 0; r < host.size(); ++r) {
-        rank_one[r] = kind_of(host[r]) == gradient_row_kind::label_only;
-        full[r] = kind_of(host[r]) == gradient_row_kind::softmax;
-    }
-    auto [host_rank_one, rank_one_list] = set_indices(backend, rank_one);
-    auto [host_full, full_list] = set_indices(backend, full);
-
-    if (const auto n = static_cast<index_t>(host_rank_one.size()); n > 0) {
-        auto factor = backend.template allocate<A>(n);
-        backend::for_each_group(backend, n, label_factor_op<A, T, I>{source, plan, settings.transform, coefficients,
-                                                                     backend.raw(rank_one_list), backend.raw(factor)});
-        if (!grad.empty())
-            backend.for_each(n * H, label_only_hidden_op<A, T, G, I>{source.head, plan, coefficients,
-                                                                     backend.raw(rank_one_list), backend.raw(factor),
-                                                                     grad});
-        if (grad_weight || grad_bias) {
-            if (!head.started) head.zero(backend, V, H);
-            const auto [order, group_start] = label_groups(host_rank_one, host);
-            auto order_buffer = backend.upload(order);
-            auto start_buffer = backend.upload(group_start);
-            const auto groups = static_cast<index_t>(group_start.size()) - 1;
-            backend.for_each(groups * (H + 1),
-                             label_only_head_op<A, T, I>{source.states, plan, coefficients, backend.raw(rank_one_list),
-                                                         backend.raw(factor), backend.raw(order_buffer),
-                                                         backend.raw(start_buffer), H, grad_weight, grad_bias});
+    const index_t V = source_head.vocab, H = source_head.hidden;
+    std::vector<scored_rows<I>> plans;
+    std::vector<std::vector<index_t>> host_full;
+    std::vector<index_buffer<B>> full_lists;
+    std::vector<index_t> sizes;
+    std::vector<const T*> states;
+    bool any_grad = false;
+    for (const auto& part : parts) {
+        const auto plan = scored_rows<I>::of(part.labels, align, V);
+        plans.push_back(plan);
+        states.push_back(part.states.data);
+        backend.for_each(part.grad.size(), fill_op<G>{part.grad.data});
+        any_grad = any_grad || !part.grad.empty();
+        const index_t count = plan.count();
+        std::vector<index_t> host_list;
+        index_buffer<B> list;
+        if (count > 0) {
+            const row_coefficients* coefficients = backend.raw(*part.coefficients);
+            const std::vector<row_coefficients> host = backend.to_host(*part.coefficients);
+            std::vector<std::int32_t> rank_one(static_cast<std::size_t>(count)), full(static_cast<std::size_t>(count));
+            for (std::size_t r = 0; r < host.size(); ++r) {
+                rank_one[r] = kind_of(host[r]) == gradient_row_kind::label_only;
+                full[r] = kind_of(host[r]) == gradient_row_kind::softmax;
+            }
+            auto [host_rank_one, rank_one_list] = set_indices(backend, rank_one);
+            std::tie(host_list, list) = set_indices(backend, full);
+            if (const auto n = static_cast<index_t>(host_rank_one.size()); n > 0) {
+                const hidden_rows<T> source{part.states, source_head};
+                auto factor = backend.template allocate<A>(n);
+                backend::for_each_group(backend, n,
+                                        label_factor_op<A, T, I>{source, plan, settings.transform, coefficients,
+                                                                 backend.raw(rank_one_list), backend.raw(factor)});
+                if (!part.grad.empty())
+                    backend.for_each(n * H, label_only_hidden_op<A, T, G, I>{source_head, plan, coefficients,
+                                                                             backend.raw(rank_one_list),
+                                                                             backend.raw(factor), part.grad});
+                if (grad_weight || grad_bias) {
+                    if (!head.started) head.zero(backend, V, H);
+                    const auto [order, group_start] = label_groups(host_rank_one, host);
+                    auto order_buffer = backend.upload(order);
+                    auto start_buffer = backend.upload(group_start);
+                    const auto groups = static_cast<index_t>(group_start.size()) - 1;
+                    backend.for_each(groups * (H + 1),
+                                     label_only_head_op<A, T, I>{part.states, plan, coefficients,
+                                                                 backend.raw(rank_one_list), backend.raw(factor),
+                                                                 backend.raw(order_buffer), backend.raw(start_buffer),
+                                                                 H, grad_weight, grad_bias});
+                }
+            }
         }
+        sizes.push_back(static_cast<index_t>(host_list.size()));
+        host_full.push_back(std::move(host_list));
+        full_lists.push_back(std::move(list));
     }
 
-    const auto n = static_cast<index_t>(host_full.size());
+    index_t n = 0;
+    for (index_t size : sizes) n += size;
     if (n == 0) return;
     const index_t C = std::min(n, chunk_rows_of(backend, settings, V));
     // A linear transform has a constant derivative, folded into the coefficients (α and β scale
@@ -591,7 +686,7 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
     // needs each logit, so the gradient goes into a second chunk.
     const bool linear = settings.transform.linear();
     const index_t last = (n - 1) / C * C;
-    const bool reuse = kept && kept->holds(source, settings.transform, C, host_full, last);
+    const bool reuse = kept && kept->holds(states, source_head, settings.transform, C, host_full, last);
     const bool adopt = kept && kept->gathered_size >= C * H && kept->logits_size >= C * V;
     auto gathered = adopt ? std::move(kept->gathered) : fused_detail::overwritten<T>(backend, C * H);
     auto logits = adopt ? std::move(kept->logits) : fused_detail::overwritten<A>(backend, C * V);
@@ -599,27 +694,40 @@ void fused_row_gradient(B& backend, const hidden_rows<T>& source, labels_view<co
     auto second = fused_detail::overwritten<A>(backend, linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
-    auto hidden_grad = fused_detail::overwritten<A>(backend, grad.empty() ? 0 : C * H);
+    auto hidden_grad = fused_detail::overwritten<A>(backend, any_grad ? C * H : 0);
     const double factor = linear ? settings.transform.derivative_at(0.0) : 1.0;
     for (index_t first = last; first >= 0; first -= C) {
         const index_t m = std::min(C, n - first);
-        const index_t* rows = backend.raw(full_list) + first;
+        auto segments = [&](auto&& f) {
+            for_each_segment(sizes, first, m, [&](std::size_t p, index_t b, index_t e, index_t at) {
+                f(parts[p], plans[p], backend.raw(full_lists[p]) + b, e - b, at);
+            });
+        };
         if (!(reuse && first == last)) {
-            backend.for_each(m * H, gather_op<T, I>{source.states, plan, rows, backend.raw(gathered)});
-            backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source.head.weight, H, backend.raw(logits),
+            segments([&](const auto& part, const auto& plan, const index_t* rows, index_t count, index_t at) {
+                backend.for_each(count * H, gather_op<T, I>{part.states, plan, rows, backend.raw(gathered) + at * H});
+            });
+            backend.matmul(false, true, m, V, H, backend.raw(gathered), H, source_head.weight, H, backend.raw(logits),
                            V, A(0));
-            if (source.head.bias || !settings.transform.identity())
+            if (source_head.bias || !settings.transform.identity())
                 backend.for_each(m * V,
-                                 epilogue_op<A, T>{backend.raw(logits), source.head.bias, V, settings.transform});
+                                 epilogue_op<A, T>{backend.raw(logits), source_head.bias, V, settings.transform});
         }
-        backend.for_each(m, gather_coefficients_op{coefficients, rows, factor, backend.raw(chunk_coefficients)});
+        segments([&](const auto& part, const auto&, const index_t* rows, index_t count, index_t at) {
+            backend.for_each(count, gather_coefficients_op{backend.raw(*part.coefficients), rows, factor,
+                                                           backend.raw(chunk_coefficients) + at});
+        });
         backend.row_gradient(logits_view<const A>{backend.raw(logits), 1, m, V}, backend.raw(chunk_coefficients), m,
                              logits_view<A>{chunk_grad, 1, m, V});
         if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
-        if (!grad.empty()) {
-            backend.matmul(false, false, m, H, V, chunk_grad, V, source.head.weight, H, backend.raw(hidden_grad), H,
+        if (any_grad) {
+            backend.matmul(false, false, m, H, V, chunk_grad, V, source_head.weight, H, backend.raw(hidden_grad), H,
                            A(0));
-            backend.for_each(m * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad), plan, rows, grad});
+            segments([&](const auto& part, const auto& plan, const index_t* rows, index_t count, index_t at) {
+                if (!part.grad.empty())
+                    backend.for_each(count * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad) + at * H, plan,
+                                                                           rows, part.grad});
+            });
         }
         if (grad_weight)
             backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H,
