@@ -1,9 +1,10 @@
 #pragma once
 // The CPU backend: the primitives of backend/concept.hpp with the backend's own vector kernels
 // inside a row (cpu/kernels.hpp: SSE2, AVX2 or AVX-512, chosen at run time, cpu/level.hpp) and
-// OpenMP across rows; Eigen for the fused lm_head's matrix products (cpu/matmul.hpp), and the AMX
-// tile unit for a bf16 head's products where the CPU has one (cpu/amx.hpp). Needs Eigen 3.4 and
-// (for more than one thread) OpenMP.
+// OpenMP across rows; for the fused lm_head's matrix products (cpu/matmul.hpp) Eigen, register
+// blocks of its own for float, oneDNN's sgemm for float where the build links oneDNN
+// (tpo::onednn), and the AMX tile unit for a bf16 head's products where the CPU has one
+// (cpu/amx.hpp). Needs Eigen 3.4 and (for more than one thread) OpenMP.
 //
 // Rows are independent and each row is reduced in a fixed order (cpu/kernels.inl), so every
 // result is bit-identical for any thread count at one level, and the policy and the reference

@@ -2,7 +2,10 @@
 // Row statistics and gradients with hidden states in: the logits u = h·Wᵀ + b, z = transform(u)
 // exist only chunk by chunk, never for the whole batch.
 //
-// Forward, for a tensor whose rows need their log-sum-exp: the valid scored rows (a valid label;
+// A pass takes several tensors through one head together (fused_part: both sides' policy states,
+// say), their valid rows end to end, so a chunk may hold rows of more than one of them.
+//
+// Forward, for tensors whose rows need their log-sum-exp: the valid scored rows (a valid label;
 // masked prompt rows cost nothing) are taken C at a time; their hidden states are gathered, one
 // matrix product gives the C×V chunk of u, the bias and the transform are applied in place, and
 // the backend's own row reduction turns the chunk into row statistics. A tensor that needs only
@@ -12,8 +15,8 @@
 // rows under the `logit` score) are rank one: ∂L/∂h = α·z'·W[y], ∂L/∂W[y] += α·z'·h. The other
 // rows are recomputed chunk by chunk, written by the backend's own gradient kernel into a C×V
 // scratch, chained through the transform, and multiplied out: ∂L/∂h_c = G·W,
-// ∂L/∂W += Gᵀ·h_c, ∂L/∂b += Σ_rows G. The backward takes a tensor's chunks last to first: the
-// forward's last chunk is still in scratch (kept_chunk), so the tensor whose forward ran last
+// ∂L/∂W += Gᵀ·h_c, ∂L/∂b += Σ_rows G. The backward takes a pass's chunks last to first: the
+// forward's last chunk is still in scratch (kept_chunk), so the pass whose forward ran last
 // starts its backward without computing that chunk again.
 //
 // Everything here is written once over the backend primitives (allocate, upload, to_host,

@@ -13,7 +13,8 @@
 // ∂L/∂u·W and ∂L/∂uᵀ·H with a float ∂L/∂u; float out) run on the AMX tile unit instead where the
 // caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_amx); float
 // products at the avx2 and avx512 levels run in register blocks of our own (cpu/tiles_f32.hpp,
-// matmul_f32), in the same tiles and spans.
+// matmul_f32), in the same tiles and spans, or, where the build links oneDNN, through oneDNN's
+// sgemm on larger tiles of the same grid (matmul_onednn).
 
 #include <algorithm>
 #include <atomic>
