@@ -490,14 +490,18 @@ private:
             rows::fused_row_statistics(backend_, head, parts, align, reduction, fs, options_.check_inputs, kept);
             return out;
         };
+        // A buffer a pass does not fill is left empty (move-assigned: device buffers do not copy).
+        for (side_state* state : {&chosen_, &rejected_}) {
+            state->policy_noisy = stats_buffer{};
+            state->reference = stats_buffer{};
+            state->reference_noisy = stats_buffer{};
+        }
         constexpr rows::kept_chunk<B, T>* none = nullptr;
         constexpr rows::kept_chunk<B, R>* none_reference = nullptr;
         if (noisy)
             std::tie(chosen_.policy_noisy, rejected_.policy_noisy) =
                 pass(batch.head, batch.chosen.policy_noisy, batch.rejected.policy_noisy, noisy_reduction(),
                      "policy noisy hidden states", none);
-        else
-            chosen_.policy_noisy = rejected_.policy_noisy = stats_buffer{};
         // The reference as hidden states, or as given sequence scores (both sides alike: checked).
         if (batch.chosen.reference_scores.empty()) {
             std::tie(chosen_.reference, rejected_.reference) =
@@ -507,9 +511,6 @@ private:
                 std::tie(chosen_.reference_noisy, rejected_.reference_noisy) =
                     pass(batch.reference_head, batch.chosen.reference_noisy, batch.rejected.reference_noisy,
                          noisy_reduction(), "reference noisy hidden states", none_reference);
-        } else {
-            chosen_.reference = rejected_.reference = chosen_.reference_noisy = rejected_.reference_noisy =
-                stats_buffer{};
         }
         const row_reduction policy_reduction =
             options_.use_weighting ? row_reduction::logsumexp_and_doubled : row_reduction::logsumexp;
