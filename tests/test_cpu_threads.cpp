@@ -604,8 +604,10 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
         };
         auto check = [&](auto a_operand, auto b_operand, auto acc, double tolerance) {
             // Every level: at avx512 the products with a bf16 B run on the AMX tile unit where the
-            // CPU has one (a float A as two bf16 parts), Eigen's product elsewhere. Float products
-            // also through oneDNN where the build links it.
+            // CPU has one (a float A as two bf16 parts), two bf16 operands on AVX512-BF16's dot
+            // products where it has those but no tile unit; the float tiles take the others at
+            // avx2 and avx512 (16-bit operands widened), Eigen's product at baseline. Float
+            // products also through oneDNN where the build links it.
             for (cpu_level level : supported_levels())
             for (const auto products : product_forms()) {
             using TA = decltype(a_operand);
@@ -645,6 +647,7 @@ TEST_CASE("cpu backend: the fused head's matrix product is bit-identical across 
         // two bf16 parts, 16 significant bits of each value (a single bf16 rounding gives 2e-4
         // here).
         check(float{}, tpo::bfloat16{}, float{}, 1e-6);
+        check(tpo::float16{}, tpo::float16{}, float{}, 1e-5);
         check(double{}, double{}, double{}, 1e-13);
     }
 }
@@ -674,6 +677,54 @@ TEST_CASE("cpu backend: the float tiles give the same bits at the avx2 and avx51
             INFO("trans_a " << trans_a << ", trans_b " << trans_b);
             CHECK(same_bits(run(cpu_level::avx2), run(cpu_level::avx512)));
         }
+}
+
+TEST_CASE("cpu backend: 16-bit operands in the float tiles give the float tiles' bits on the widened values",
+          "[cpu][fused][matmul]") {
+    // The float tiles widen 16-bit operands a block at a time before packing (f32_block_of), so
+    // the product must be the float product of the widened operands to the bit, with edges in
+    // every direction and k cut into spans. At avx2 every 16-bit product takes this form; at
+    // avx512 only where no bf16 unit (AMX tiles, AVX512-BF16 vectors) takes it.
+    const index_t m = 300, n = 270, k = 4101;
+    std::mt19937_64 rng(59);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    auto random_matrix = [&](auto element, index_t count) {
+        std::vector<decltype(element)> v(static_cast<std::size_t>(count));
+        for (auto& x : v) x = tpo::narrow<decltype(element)>(normal(rng));
+        return v;
+    };
+    auto widened = [](const auto& v) {
+        std::vector<float> w(v.size());
+        for (std::size_t i = 0; i < v.size(); ++i) w[i] = tpo::widen<float>(v[i]);
+        return w;
+    };
+    auto check = [&](const auto& a, const auto& b, cpu_level level) {
+        for (const bool trans_a : {false, true})
+            for (const bool trans_b : {false, true}) {
+                auto run = [&](const auto& x, const auto& y) {
+                    std::vector<float> c(static_cast<std::size_t>(m * n), 0.5f);
+                    tpo::backend::cpu(2, level, tpo::backend::cpu_products::own)
+                        .matmul(trans_a, trans_b, m, n, k, x.data(), trans_a ? m : k, y.data(), trans_b ? k : n,
+                                c.data(), n, 1.0f);
+                    return c;
+                };
+                INFO("trans_a " << trans_a << ", trans_b " << trans_b << ", operand bytes " << sizeof(a[0]) << " and "
+                                << sizeof(b[0]) << ", level " << tpo::backend::to_string(level));
+                CHECK(same_bits(run(a, b), run(widened(a), widened(b))));
+            }
+    };
+    const auto levels = supported_levels();
+    const auto a16 = random_matrix(tpo::bfloat16{}, m * k), b16 = random_matrix(tpo::bfloat16{}, k * n);
+    const auto ah = random_matrix(tpo::float16{}, m * k), bh = random_matrix(tpo::float16{}, k * n);
+    const auto a32 = random_matrix(float{}, m * k);
+    for (cpu_level level : levels) {
+        if (level == cpu_level::baseline) continue;  // Eigen's product: widened blocks, its own order
+        const bool bf16_unit = level == cpu_level::avx512 && (tpo::backend::cpu_detail::amx_bf16_usable() ||
+                                                              tpo::backend::cpu_detail::bf16_vectors_usable());
+        check(ah, bh, level);
+        if (!bf16_unit) check(a16, b16, level);
+        if (level != cpu_level::avx512 || !tpo::backend::cpu_detail::amx_bf16_usable()) check(a32, b16, level);
+    }
 }
 
 TEST_CASE("cpu backend: the fused head's default chunk is 2^25 values, and at least 512 rows", "[cpu][fused]") {

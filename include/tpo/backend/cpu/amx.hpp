@@ -1,6 +1,8 @@
 #pragma once
-// The fused head's bf16 products on AMX tiles, where the CPU has AMX-BF16 and the operating
-// system lets the process use it (Linux: one arch_prctl request for the tile data, made once).
+// The fused head's bf16 products on packed panels, multiplied by the AMX tile unit where the CPU
+// has AMX-BF16 and the operating system lets the process use it (Linux: one arch_prctl request
+// for the tile data, made once), or by AVX512-BF16's dot products in vector registers where the
+// CPU has those but no tile unit.
 //
 // One call computes a block C (m×n, float, m and n ≤ 256) += op(A)·op(B) over a k block (≤ 512)
 // with a bf16 B: the logits H·Wᵀ (A bf16), and the backward's ∂L/∂u·W and ∂L/∂uᵀ·H, whose A is
@@ -8,12 +10,15 @@
 // layout (16 columns × 2 values of k per 64-byte row); the edges are padded with zeros. A float A
 // enters as two bf16 operands, its rounding to bf16 and the rounding of the rest, both against the
 // same packed B: each value keeps 16 significant bits (within 2^-18 relative), where rounding it
-// to bf16 once, as a 16-bit trainer's backward does, keeps 8. The tile unit multiplies bf16
-// exactly and adds in float (subnormal inputs and results count as zero, far below any value that
-// matters), four 16×16 blocks of C at a time, in a fixed order of k, so a block's result depends
-// on nothing but its operands: bit-identical for any thread count, as the rest of cpu/matmul.hpp.
-// Compiled for the tile unit by per-function target attributes, like the level kernels, so
-// translation units built with any flags share one definition.
+// to bf16 once, as a 16-bit trainer's backward does, keeps 8. Both units multiply bf16 exactly
+// and add in float (subnormal inputs and results count as zero, far below any value that
+// matters), in a fixed order of k per block of C, so a block's result depends on nothing but its
+// operands: bit-identical for any thread count, as the rest of cpu/matmul.hpp (the two units'
+// orders differ, so their last bits do). The vector form holds 8 rows × 32 columns of C in 16
+// registers; per pair of k values it broadcasts each row's pair of A against the two column
+// groups' 16 pairs of B (vdpbf16ps: 32 products per instruction, twice a float fused
+// multiply-add's). Compiled for the units by per-function target attributes, like the level
+// kernels, so translation units built with any flags share one definition.
 
 #include <cstdint>
 #include <cstring>
@@ -60,6 +65,13 @@ inline bool amx_bf16_usable() {
 #endif
 }
 
+/// Whether AVX512-BF16's dot products can multiply the packed panels: the CPU has them (the
+/// operating system's consent to the wide registers is the avx512 level's own condition).
+inline bool bf16_vectors_usable() { return TPO_CPU_AMX && cpu_level_detail::cpu_has_bf16(); }
+
+/// What multiplies the packed panels (amx_product).
+enum class bf16_unit { tiles, vectors };
+
 inline constexpr index_t amx_block = 256;  // the largest m and n of one call
 inline constexpr index_t amx_depth = 512;  // the largest k of one call
 
@@ -78,6 +90,7 @@ struct amx_scratch {
 #if TPO_CPU_AMX
 TPO_CPU_INTRINSICS_BEGIN
 #  define TPO_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#  define TPO_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 struct alignas(64) amx_config {
     std::uint8_t palette = 1;
@@ -88,7 +101,7 @@ struct alignas(64) amx_config {
 };
 
 /// A's rows as the tile unit reads them: mp rows of kp values, zeros past m and k.
-TPO_AMX_TARGET inline void amx_pack_a(index_t m, index_t k, index_t mp, index_t kp, const bfloat16* a, index_t lda,
+TPO_BF16_TARGET inline void amx_pack_a(index_t m, index_t k, index_t mp, index_t kp, const bfloat16* a, index_t lda,
                                       std::uint16_t* panel) {
     static_assert(sizeof(bfloat16) == 2);
     for (index_t i = 0; i < mp; ++i) {
@@ -101,7 +114,7 @@ TPO_AMX_TARGET inline void amx_pack_a(index_t m, index_t k, index_t mp, index_t 
 
 /// Rounds 32 floats (x0: the first 16) to bf16 `high` and the rest, x − high (exact in float),
 /// to bf16 `low`: high + low is x within 2^-18·|x|, where bf16 alone is within 2^-9·|x|.
-TPO_AMX_TARGET inline void amx_split(__m512 x0, __m512 x1, std::uint16_t* high, std::uint16_t* low) {
+TPO_BF16_TARGET inline void amx_split(__m512 x0, __m512 x1, std::uint16_t* high, std::uint16_t* low) {
     const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
     const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
     const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
@@ -111,7 +124,7 @@ TPO_AMX_TARGET inline void amx_split(__m512 x0, __m512 x1, std::uint16_t* high, 
 
 /// A float A (m×k, or stored k×m when `trans`) as two panels of the tile unit's rows: its high
 /// bf16 parts and the bf16 rounding of the rest.
-TPO_AMX_TARGET inline void amx_pack_a(index_t m, index_t k, index_t mp, index_t kp, const float* a, index_t lda,
+TPO_BF16_TARGET inline void amx_pack_a(index_t m, index_t k, index_t mp, index_t kp, const float* a, index_t lda,
                                       bool trans, std::uint16_t* high, std::uint16_t* low) {
     auto mask = [&](index_t p) {
         return p >= k ? __mmask16(0) : k - p >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - p)) - 1);
@@ -148,7 +161,7 @@ TPO_AMX_TARGET inline void amx_pack_a(index_t m, index_t k, index_t mp, index_t 
 /// B in the tile unit's pair-interleaved layout: group g holds B's columns 16g..; its row p is
 /// the 16 pairs (B[2p][j], B[2p+1][j]) of op(B) (k×n). B is stored n×k when `trans`, k×n
 /// otherwise; zeros past n and k.
-TPO_AMX_TARGET inline void amx_pack_b(index_t n, index_t k, index_t np, index_t kp, const bfloat16* b, index_t ldb,
+TPO_BF16_TARGET inline void amx_pack_b(index_t n, index_t k, index_t np, index_t kp, const bfloat16* b, index_t ldb,
                                       bool trans, std::uint32_t* packed) {
     const index_t groups = np / 16, pairs = kp / 2;
     if (!trans) {
@@ -272,6 +285,67 @@ TPO_AMX_TARGET inline void amx_multiply(index_t m, index_t n, index_t mp, index_
         }
     _tile_release();
 }
+
+/// Rows [i, i + rows) (rows ≤ 8) and 32 columns of C (+)= A·B over the packed panels with
+/// AVX512-BF16's dot products: `high` (and `low`, when not null) A's rows of kp values from row
+/// i, b0 and b1 the two column groups' pairs; `m0` and `m1` the columns of each group inside C.
+/// A call of its own, so that the sixteen accumulators stay in registers.
+TPO_BF16_TARGET __attribute__((noinline)) inline void dpbf16_block(index_t kp, const std::uint16_t* high,
+                                                                    const std::uint16_t* low, const std::uint32_t* b0,
+                                                                    const std::uint32_t* b1, float* c, index_t ldc,
+                                                                    index_t rows, __mmask16 m0, __mmask16 m1,
+                                                                    bool fresh) {
+    constexpr int R = 8;
+    __m512 left[R], right[R];
+    for (int r = 0; r < R; ++r) left[r] = right[r] = _mm512_setzero_ps();
+    const index_t pairs = kp / 2;
+    for (int pass = 0; pass < (low ? 2 : 1); ++pass) {
+        const std::uint16_t* a = pass == 0 ? high : low;
+        for (index_t q = 0; q < pairs; ++q) {
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(b0 + q * 16);
+            const __m512bh x1 = (__m512bh)_mm512_loadu_si512(b1 + q * 16);
+#  if defined(__GNUC__) && !defined(__clang__)
+#    pragma GCC unroll 8
+#  endif
+            for (int r = 0; r < R; ++r) {
+                std::uint32_t pair;
+                std::memcpy(&pair, a + r * kp + 2 * q, sizeof pair);
+                const __m512bh y = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+                left[r] = _mm512_dpbf16_ps(left[r], y, x0);
+                right[r] = _mm512_dpbf16_ps(right[r], y, x1);
+            }
+        }
+    }
+    for (int r = 0; r < R && r < rows; ++r) {
+        float* row = c + r * ldc;
+        if (!fresh) {
+            left[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), left[r]);
+            right[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), right[r]);
+        }
+        _mm512_mask_storeu_ps(row, m0, left[r]);
+        _mm512_mask_storeu_ps(row + 16, m1, right[r]);
+    }
+}
+
+/// amx_multiply's product with AVX512-BF16's dot products instead of the tile unit: C's 32-column
+/// strips in turn, each over A's rows 8 at a time, so a strip's packed B is read from cache by
+/// every row block.
+TPO_BF16_TARGET inline void dpbf16_multiply(index_t m, index_t n, index_t np, index_t kp, const std::uint16_t* high,
+                                            const std::uint16_t* low, const std::uint32_t* packed, float* c,
+                                            index_t ldc, bool fresh) {
+    auto mask = [](index_t count) {
+        return count <= 0 ? __mmask16(0) : count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    };
+    const index_t pairs = kp / 2;
+    for (index_t j = 0; j < np && j < n; j += 32) {
+        const std::uint32_t* b0 = packed + (j / 16) * pairs * 16;
+        const __mmask16 m0 = mask(n - j), m1 = mask(n - j - 16);
+        for (index_t i = 0; i < m; i += 8)
+            dpbf16_block(kp, high + i * kp, low ? low + i * kp : nullptr, b0, b0 + pairs * 16, c + i * ldc + j, ldc,
+                         m - i, m0, m1, fresh);
+    }
+}
+#  undef TPO_BF16_TARGET
 #  undef TPO_AMX_TARGET
 TPO_CPU_INTRINSICS_END
 #endif
@@ -314,14 +388,19 @@ inline void amx_pack_b(index_t n, index_t k, const bfloat16* b, index_t ldb, boo
 #endif
 }
 
-/// C (m×n, row stride ldc) += op(A)·op(B) as packed in `scratch` (the same k), or = when `fresh`.
-inline void amx_product(float* c, index_t ldc, bool fresh, const amx_scratch& scratch) {
+/// C (m×n, row stride ldc) += op(A)·op(B) as packed in `scratch` (the same k), or = when `fresh`,
+/// on the tile unit or in vector registers.
+inline void amx_product(float* c, index_t ldc, bool fresh, const amx_scratch& scratch, bf16_unit unit) {
 #if TPO_CPU_AMX
-    const index_t kp = (scratch.k + 31) / 32 * 32;
-    amx_multiply(scratch.m, scratch.n, (scratch.m + 31) / 32 * 32, (scratch.n + 31) / 32 * 32, kp, scratch.a.data(),
-                 scratch.split ? scratch.a.data() + amx_block * amx_depth : nullptr, scratch.b.data(), c, ldc, fresh);
+    const index_t kp = (scratch.k + 31) / 32 * 32, np = (scratch.n + 31) / 32 * 32;
+    const std::uint16_t* low = scratch.split ? scratch.a.data() + amx_block * amx_depth : nullptr;
+    if (unit == bf16_unit::vectors)
+        dpbf16_multiply(scratch.m, scratch.n, np, kp, scratch.a.data(), low, scratch.b.data(), c, ldc, fresh);
+    else
+        amx_multiply(scratch.m, scratch.n, (scratch.m + 31) / 32 * 32, np, kp, scratch.a.data(), low,
+                     scratch.b.data(), c, ldc, fresh);
 #else
-    (void)c, (void)ldc, (void)fresh, (void)scratch;
+    (void)c, (void)ldc, (void)fresh, (void)scratch, (void)unit;
     throw error("cpu backend: the AMX product was called on a build without it");
 #endif
 }

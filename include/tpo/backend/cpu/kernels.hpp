@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "tpo/backend/cpu/level.hpp"
 #include "tpo/backend/cpu/simd.hpp"
@@ -153,11 +154,12 @@ void for_range(cpu_level level, index_t begin, index_t end, F& f) {
 }
 
 #if TPO_CPU_DISPATCH
-/// One line of the float product at `level`, avx2 or avx512 (f32_line): at the baseline level the
-/// fused head's float products are Eigen's (cpu/matmul.hpp), so no baseline form is compiled.
-template <class Out>
+/// One line of the float product at `level`, avx2 or avx512 (f32_line; float, bf16 or fp16
+/// operands, float C): at the baseline level the fused head's products are Eigen's
+/// (cpu/matmul.hpp), so no baseline form is compiled.
+template <class X, class Y, class Out>
 void f32_line(cpu_level level, bool by_rows, bool trans_a, bool trans_b, index_t line, index_t m, index_t n, index_t k0,
-              index_t span, const float* a, index_t lda, const float* b, index_t ldb, bool fresh, const Out& out,
+              index_t span, const X* a, index_t lda, const Y* b, index_t ldb, bool fresh, const Out& out,
               f32_scratch& scratch) {
     if (level == cpu_level::avx512)
         return avx512::f32_line(by_rows, trans_a, trans_b, line, m, n, k0, span, a, lda, b, ldb, fresh, out, scratch);

@@ -809,14 +809,41 @@ inline void f32_multiply(bool trans_a, const float* a, index_t lda, index_t i0, 
     }
 }
 
+/// The stored block of op(M)[r0.., c0..] (r × c; rows c0.. and columns r0.. of M for op(M) = Mᵀ)
+/// as floats: M in place where it stores floats, else the block widened into `buffer` with the
+/// row stride of its own width. Returns where op(M)[r0, c0] is stored and the row stride, so that
+/// the float packers read the block as they read M with the offsets (r0, c0) set to zero.
+template <class T>
+TPO_FORCE_INLINE std::pair<const float*, index_t> f32_block_of(bool trans, const T* m, index_t ld, index_t r0,
+                                                              index_t c0, index_t r, index_t c,
+                                                              scratch_vector<float>& buffer) {
+    const index_t rows = trans ? c : r, cols = trans ? r : c;
+    const T* first = m + (trans ? c0 * ld + r0 : r0 * ld + c0);
+    if constexpr (std::is_same_v<T, float>) {
+        return {first, ld};
+    } else {
+        if (buffer.size() < static_cast<std::size_t>(f32_block * f32_depth))
+            buffer.resize(static_cast<std::size_t>(f32_block * f32_depth));
+        for (index_t i = 0; i < rows; ++i) {
+            const T* src = first + i * ld;
+            float* dst = buffer.data() + i * cols;
+            index_t j = 0;
+            for (; j + block_size <= cols; j += block_size) widen_block(src + j, block_size, dst + j);
+            widen_block(src + j, cols - j, dst + j);
+        }
+        return {buffer.data(), cols};
+    }
+}
+
 /// One task of the float product C (m×n) (+)= op(A)·op(B): the tiles (f32_block × f32_block) of
 /// one row of tiles (`by_rows`) or one column, over k in [k0, k0 + span). For each k block of
 /// f32_depth the operand the line shares is packed once (A for a row, B for a column) and the
 /// other once per tile. out(ti, tj) says where tile (ti, tj) goes; `fresh`: it starts from zero.
-template <class Out>
+/// 16-bit operands (X or Y bf16 or fp16) are widened block by block first (f32_block_of), so the
+/// products are those of the widened values, summed in the same order as floats.
+template <class X, class Y, class Out>
 void f32_line(bool by_rows, bool trans_a, bool trans_b, index_t line, index_t m, index_t n, index_t k0, index_t span,
-              const float* a, index_t lda, const float* b, index_t ldb, bool fresh, const Out& out,
-              f32_scratch& scratch) {
+              const X* a, index_t lda, const Y* b, index_t ldb, bool fresh, const Out& out, f32_scratch& scratch) {
     constexpr index_t T = f32_block;
     static_assert(f32_block % tile_block_cols == 0 && f32_scratch::a_rows >= f32_block + tile_block_rows,
                   "a tile's panels fit the scratch");
@@ -834,22 +861,31 @@ void f32_line(bool by_rows, bool trans_a, bool trans_b, index_t line, index_t m,
         }
         return;
     }
+    // op(A)'s tile ti and op(B)'s tile tj over the k block: where each is read as floats.
+    const auto a_block = [&](index_t ti, index_t p0, index_t kc) {
+        return f32_block_of(trans_a, a, lda, ti * T, p0, rows_of(ti), kc, scratch.wide_a);
+    };
+    const auto b_block = [&](index_t tj, index_t p0, index_t kc) {
+        return f32_block_of(trans_b, b, ldb, p0, tj * T, kc, cols_of(tj), scratch.wide_b);
+    };
     for (index_t p0 = k0; p0 < k0 + span; p0 += f32_depth) {
         const index_t kc = std::min(f32_depth, k0 + span - p0);
         const bool first = fresh && p0 == k0;
         if (by_rows) {
-            f32_pack_a(trans_a, a, lda, line * T, rows_of(line), p0, kc, scratch);
+            const auto [fa, ld_a] = a_block(line, p0, kc);
+            f32_pack_a(trans_a, fa, ld_a, 0, rows_of(line), 0, kc, scratch);
             for (index_t tj = 0; tj < tiles_n; ++tj) {
-                tile_pack_b(trans_b, b, ldb, p0, tj * T, kc, cols_of(tj), scratch.b.data());
-                f32_multiply(trans_a, a, lda, line * T, rows_of(line), cols_of(tj), p0, kc, out(line, tj), first,
-                             scratch);
+                const auto [fb, ld_b] = b_block(tj, p0, kc);
+                tile_pack_b(trans_b, fb, ld_b, 0, 0, kc, cols_of(tj), scratch.b.data());
+                f32_multiply(trans_a, fa, ld_a, 0, rows_of(line), cols_of(tj), 0, kc, out(line, tj), first, scratch);
             }
         } else {
-            tile_pack_b(trans_b, b, ldb, p0, line * T, kc, cols_of(line), scratch.b.data());
+            const auto [fb, ld_b] = b_block(line, p0, kc);
+            tile_pack_b(trans_b, fb, ld_b, 0, 0, kc, cols_of(line), scratch.b.data());
             for (index_t ti = 0; ti < tiles_m; ++ti) {
-                f32_pack_a(trans_a, a, lda, ti * T, rows_of(ti), p0, kc, scratch);
-                f32_multiply(trans_a, a, lda, ti * T, rows_of(ti), cols_of(line), p0, kc, out(ti, line), first,
-                             scratch);
+                const auto [fa, ld_a] = a_block(ti, p0, kc);
+                f32_pack_a(trans_a, fa, ld_a, 0, rows_of(ti), 0, kc, scratch);
+                f32_multiply(trans_a, fa, ld_a, 0, rows_of(ti), cols_of(line), 0, kc, out(ti, line), first, scratch);
             }
         }
     }

@@ -11,10 +11,12 @@
 // 16-bit operands are widened block by block into the task's own buffers, so no widened copy of a
 // whole head ever exists. The products of a bf16 head (the logits H·Wᵀ, and the backward's
 // ∂L/∂u·W and ∂L/∂uᵀ·H with a float ∂L/∂u; float out) run on the AMX tile unit instead where the
-// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_amx); float
-// products at the avx2 and avx512 levels run in register blocks of our own (cpu/tiles_f32.hpp,
-// matmul_f32), in the same tiles and spans, or, where the build links oneDNN, through oneDNN's
-// sgemm on larger tiles of the same grid (matmul_onednn).
+// caller allows it and the CPU has it (cpu/amx.hpp), in the same tiles (matmul_bf16), and a bf16
+// H·Wᵀ on AVX512-BF16's dot products where the CPU has those but no tile unit; the other
+// products with a float C at the avx2 and avx512 levels (float operands, or 16-bit ones widened a
+// block at a time) run in register blocks of our own (cpu/tiles_f32.hpp, matmul_f32), in the same
+// tiles and spans, and float ones, where the build links oneDNN, through oneDNN's sgemm on larger
+// tiles of the same grid (matmul_onednn).
 
 #include <algorithm>
 #include <atomic>
@@ -254,14 +256,14 @@ void tile_product(bool trans_a, bool trans_b, index_t i0, index_t j0, index_t ro
     }
 }
 
-/// The tile unit's form of matmul (cpu/amx.hpp): the same tiles and partial sums, but a task is
-/// a row or a column of tiles and one k span, so that the operand that is dearer to pack is
-/// packed once per 512-deep k block for all the task's tiles: a float A (rounded into two parts)
-/// for a row, else B for a column. The k split counts tasks, not tiles. A tile starts from zeros
-/// in the tile registers unless it adds to C.
+/// The packed bf16 form of matmul (cpu/amx.hpp), on the tile unit or AVX512-BF16's vectors: the
+/// same tiles and partial sums, but a task is a row or a column of tiles and one k span, so that
+/// the operand that is dearer to pack is packed once per 512-deep k block for all the task's
+/// tiles: a float A (rounded into two parts) for a row, else B for a column. The k split counts
+/// tasks, not tiles. A tile starts from zeros in registers unless it adds to C.
 template <class X>
-void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a, index_t lda,
-                const bfloat16* b, index_t ldb, float* c, index_t ldc, float beta) {
+void matmul_bf16(int threads, bf16_unit unit, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
+                 index_t lda, const bfloat16* b, index_t ldb, float* c, index_t ldc, float beta) {
     constexpr bool by_rows = std::is_same_v<X, float>;
     tile_grid<float> grid(m, n);
     const index_t tiles_m = grid.tiles_m, tiles_n = grid.tiles_n, lines = by_rows ? tiles_m : tiles_n;
@@ -283,7 +285,7 @@ void matmul_amx(int threads, bool trans_a, bool trans_b, index_t m, index_t n, i
             };
             auto multiply = [&](index_t ti, index_t tj) {
                 const tile_target<float> out = grid.target(ti, tj, span, c, ldc);
-                amx_product(out.c, out.ldc, fresh, scratch);
+                amx_product(out.c, out.ldc, fresh, scratch, unit);
             };
             if (by_rows) {
                 pack_a(line);
@@ -345,14 +347,17 @@ inline void matmul_onednn(int threads, bool trans_a, bool trans_b, index_t m, in
 
 #if TPO_CPU_DISPATCH
 /// The float form at the avx2 and avx512 levels (cpu/tiles_f32.hpp): the same tiles, spans and
-/// partial tiles as Eigen's form below, but, as in matmul_amx, a task is a line of tiles and one k
+/// partial tiles as Eigen's form below, but, as in matmul_bf16, a task is a line of tiles and one k
 /// span, so that the operand the line shares is packed once per k block for all its tiles. A
 /// transposed A (the head's gradient, Gᵀ·h: m = V) is copied out of the stored rows of G, the
 /// dearer operand, so its tasks are rows of tiles; otherwise A is read where it is stored and a
 /// task is a column of tiles, packing B (the head, in the logits product and in ∂L/∂u·W) once for all
-/// of the chunk's rows.
-inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
-                       const float* a, index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
+/// of the chunk's rows. 16-bit operands (a bf16 or fp16 head and states where no tile unit takes
+/// them) are widened a block at a time into the task's scratch before packing, so they run at the
+/// float form's speed with exact products of the widened values.
+template <class X, class Y>
+void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const X* a,
+                index_t lda, const Y* b, index_t ldb, float* c, index_t ldc, float beta) {
     const bool by_rows = trans_a;
     tile_grid<float> grid(m, n);
     grid.for_each_line<f32_scratch>(
@@ -365,11 +370,17 @@ inline void matmul_f32(int threads, cpu_level level, bool trans_a, bool trans_b,
 }
 #endif
 
+/// The operand types the float form takes (widening the 16-bit ones).
+template <class T>
+inline constexpr bool f32_operand =
+    std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>;
+
 /// See the file comment; beta is 0 or 1. Float products go to oneDNN when `products` says so
 /// (matmul_onednn, whatever the level). At the avx512 level, products with a bf16 B and a bf16
-/// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it; at the
-/// avx2 and avx512 levels float products run in the level's registers (matmul_f32) whatever the
-/// translation unit's flags.
+/// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it, and those
+/// with two bf16 operands on AVX512-BF16's dot products where the CPU has no tile unit; at the
+/// avx2 and avx512 levels the other products with a float C (float, bf16 or fp16 operands) run in
+/// the level's registers (matmul_f32) whatever the translation unit's flags.
 template <class X, class Y, class Acc>
 void matmul(int threads, cpu_level level, cpu_products products, bool trans_a, bool trans_b, index_t m, index_t n,
             index_t k, const X* a, index_t lda, const Y* b, index_t ldb, Acc* c, index_t ldc, Acc beta) {
@@ -385,13 +396,21 @@ void matmul(int threads, cpu_level level, cpu_products products, bool trans_a, b
 #endif
     if constexpr (std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float> &&
                   (std::is_same_v<X, bfloat16> || std::is_same_v<X, float>)) {
-        if (level == cpu_level::avx512 && (std::is_same_v<X, float> || !trans_a) && amx_bf16_usable()) {
-            matmul_amx(threads, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
-            return;
+        if (level == cpu_level::avx512 && (std::is_same_v<X, float> || !trans_a)) {
+            if (amx_bf16_usable()) {
+                matmul_bf16(threads, bf16_unit::tiles, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+                return;
+            }
+            // A float A stays with the float form: as two bf16 parts on the vectors it would cost
+            // as much, for 16 significant bits instead of 24.
+            if (std::is_same_v<X, bfloat16> && bf16_vectors_usable()) {
+                matmul_bf16(threads, bf16_unit::vectors, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+                return;
+            }
         }
     }
 #if TPO_CPU_DISPATCH
-    if constexpr (std::is_same_v<X, float> && std::is_same_v<Y, float> && std::is_same_v<Acc, float>) {
+    if constexpr (std::is_same_v<Acc, float> && f32_operand<X> && f32_operand<Y>) {
         if (level != cpu_level::baseline) {
             matmul_f32(threads, level, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
             return;

@@ -35,11 +35,13 @@ struct tile_target {
 using f32_target = tile_target<float>;
 
 /// One thread's packed operands for one k block: the tile's rows of A (with room for the last
-/// row panel's padding) and its columns of B.
+/// row panel's padding) and its columns of B; and, for 16-bit operands only, the blocks of A and
+/// B widened to float before they are packed (sized on first use).
 struct f32_scratch {
     static constexpr index_t a_rows = f32_block + 8;
     scratch_vector<float> a = scratch_vector<float>(static_cast<std::size_t>(a_rows * f32_depth));
     scratch_vector<float> b = scratch_vector<float>(static_cast<std::size_t>(f32_block * f32_depth));
+    scratch_vector<float> wide_a, wide_b;
 };
 
 }  // namespace backend::cpu_detail
