@@ -450,6 +450,22 @@ void for_each_segment(const std::vector<index_t>& sizes, index_t begin, index_t 
     }
 }
 
+/// Each part's rows at positions [first, end) of the parts' lists put end to end: the rows of a
+/// pass's last chunk when `first` is where that chunk starts.
+inline std::vector<std::vector<index_t>> rows_from(const std::vector<std::vector<index_t>>& lists, index_t first) {
+    std::vector<index_t> sizes;
+    index_t total = 0;
+    for (const auto& list : lists) {
+        sizes.push_back(static_cast<index_t>(list.size()));
+        total += sizes.back();
+    }
+    std::vector<std::vector<index_t>> rows(lists.size());
+    for_each_segment(sizes, first, total - first, [&](std::size_t p, index_t b, index_t e, index_t) {
+        rows[p].assign(lists[p].begin() + b, lists[p].begin() + e);
+    });
+    return rows;
+}
+
 }  // namespace fused_detail
 
 /// A forward pass's last chunk, left in scratch for the backward: its gathered hidden states, its
@@ -480,15 +496,7 @@ struct kept_chunk {
             chunk != chunk_rows || t.scale != transform.scale || t.softcap != transform.softcap ||
             t.temperature != transform.temperature)
             return false;
-        std::vector<index_t> sizes;
-        for (const auto& list : lists) sizes.push_back(static_cast<index_t>(list.size()));
-        index_t total = 0;
-        for (index_t n : sizes) total += n;
-        std::vector<std::vector<index_t>> wanted(lists.size());
-        fused_detail::for_each_segment(sizes, last, total - last, [&](std::size_t p, index_t b, index_t e, index_t) {
-            wanted[p].assign(lists[p].begin() + b, lists[p].begin() + e);
-        });
-        return wanted == rows;
+        return fused_detail::rows_from(lists, last) == rows;
     }
 };
 
@@ -577,10 +585,7 @@ void fused_row_statistics(B& backend, const head_view<const T>& head, const std:
         keep->logits = std::move(logits);
         keep->states.clear();
         for (const fused_part<T, I>& part : parts) keep->states.push_back(part.states.data);
-        keep->rows.assign(parts.size(), {});
-        for_each_segment(sizes, last, n - last, [&](std::size_t p, index_t b, index_t e, index_t) {
-            keep->rows[p].assign(host_lists[p].begin() + b, host_lists[p].begin() + e);
-        });
+        keep->rows = rows_from(host_lists, last);
         keep->chunk_rows = C;
         keep->gathered_size = C * H;
         keep->logits_size = C * V;
