@@ -318,18 +318,29 @@ void fused_precision() {
         tpo_test::check_close(as_double(got.bias), exact.bias, 1e-5, "float dL/db");
 
         // bf16 inputs: the oracle on the same rounded inputs, in double; gradients written in bf16.
+        // With the soft-cap (its chain rule on a float ∂L/∂u) and with a linear transform, where a
+        // backend whose products round ∂L/∂u to bf16 has the gradient rows written in bf16
+        // (rounds_gradient_to).
         const hidden_data<tpo::bfloat16> h = convert<tpo::bfloat16>(d);
         const hidden_data<double> rounded = convert<double>(h);
-        hidden_gradient_data<double> exact16(rounded);
-        auto exact16_views = exact16.views(rounded, true);
-        const tpo::objective_result e16 = tpo::evaluate(oracle, options, rounded.batch(), &exact16_views);
-        hidden_gradient_data<tpo::bfloat16> got16(h);
-        auto views16 = got16.views(h, true);
-        const tpo::objective_result r16 = tpo::evaluate(backend, options, h.batch(), &views16);
-        tpo_test::check_close({r16.loss}, {e16.loss}, 1e-5, "bf16 loss");
-        tpo_test::check_close(as_double(got16.weight), exact16.weight, 1.0 / 128, "bf16 dL/dW");
-        for (int k = 0; k < 4; ++k)
-            tpo_test::check_close(as_double(got16.hidden[k]), exact16.hidden[k], 1.0 / 128, "bf16 dL/dh");
+        tpo::objective_options linear = options;
+        linear.logit_softcap.reset();
+        linear.logit_scale = 1.5;
+        linear.temperature = 0.8;
+        for (const tpo::objective_options& o : {options, linear}) {
+            INFO("soft-cap " << o.logit_softcap.has_value());
+            hidden_gradient_data<double> exact16(rounded);
+            auto exact16_views = exact16.views(rounded, true);
+            const tpo::objective_result e16 = tpo::evaluate(oracle, o, rounded.batch(), &exact16_views);
+            hidden_gradient_data<tpo::bfloat16> got16(h);
+            auto views16 = got16.views(h, true);
+            const tpo::objective_result r16 = tpo::evaluate(backend, o, h.batch(), &views16);
+            tpo_test::check_close({r16.loss}, {e16.loss}, 1e-5, "bf16 loss");
+            tpo_test::check_close(as_double(got16.weight), exact16.weight, 1.0 / 128, "bf16 dL/dW");
+            tpo_test::check_close(as_double(got16.bias), exact16.bias, 1.0 / 128, "bf16 dL/db");
+            for (int k = 0; k < 4; ++k)
+                tpo_test::check_close(as_double(got16.hidden[k]), exact16.hidden[k], 1.0 / 128, "bf16 dL/dh");
+        }
     }
 }
 

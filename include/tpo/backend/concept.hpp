@@ -62,7 +62,9 @@ concept fused_row_statistics = requires(B& b, logits_view<const T> first, logits
 /// objective with hidden states in (rows/fused.hpp). matmul computes C (m×n) = op(A)·op(B) + beta·C
 /// (beta 0 or 1; with beta 0, C is written without being read, so it may hold anything) with A
 /// stored m×k (k×m when trans_a) and B stored k×n (n×k when trans_b), row strides lda, ldb, ldc;
-/// inputs of any element type, C in float or double.
+/// inputs of any element type, C in float or double. A head backend whose products of a 16-bit T
+/// head multiply a float operand rounded to T once may say so (optional:
+/// `b.template rounds_gradient_to<T>()`, rows/fused.hpp), and then gets ∂L/∂u written in T.
 template <class B>
 concept head_backend = tensor_backend<B> && requires(B& b, const std::vector<index_t>& host, index_t n,
                                                      const float* x, float* c) {

@@ -131,6 +131,13 @@ public:
         cpu_detail::matmul(threads_, level_, products_, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
     }
 
+    /// Whether this backend's products of a T head multiply a float ∂L/∂u rounded to T once
+    /// (oneDNN's bf16 matmul, cpu/matmul.hpp), so that the fused head writes ∂L/∂u in T itself.
+    template <class T>
+    bool rounds_gradient_to() const {
+        return std::is_same_v<T, bfloat16> && cpu_detail::onednn_bf16_products(level_, products_);
+    }
+
     /// The fused head's chunk of logits unless the caller sets a chunk size: 2^25 values (128 MiB
     /// of float), twice the library's default. Each chunk's products pack the head again and
     /// ∂L/∂W reads and writes its V×H accumulator once more, and a forward whose policies' rows

@@ -92,6 +92,16 @@ index_t chunk_rows_of(const B& backend, const fused_settings& settings, index_t 
     return settings.rows_per_chunk(vocab, default_chunk_values(backend), default_chunk_rows_min(backend));
 }
 
+/// Whether `backend`'s products of a T head take ∂L/∂u rounded to T (rounds_gradient_to<T>(), an
+/// optional member; without it, no): its gradient rows can then be written in T straight away.
+template <class T, class B>
+bool rounds_gradient_to(const B& backend) {
+    if constexpr (requires { backend.template rounds_gradient_to<T>(); })
+        return backend.template rounds_gradient_to<T>();
+    else
+        return false;
+}
+
 namespace fused_detail {
 
 /// Scratch of n T that its user writes in full before reading (a chunk's gathered states, logits,
@@ -273,17 +283,18 @@ struct scatter_hidden_op {
 };
 
 /// ∂L/∂b[v] += Σ over the chunk's rows of G[i][v], in row order (= when `overwrite`: the first
-/// share, over whatever the buffer held).
-template <class A>
+/// share, over whatever the buffer held); G in A, or in the head's type where the products take
+/// it so (rounds_gradient_to).
+template <class A, class G = A>
 struct bias_gradient_op {
-    const A* g;
+    const G* g;
     index_t rows;
     index_t vocab;
     bool overwrite;
     A* out;
     TPO_HOST_DEVICE void operator()(index_t v) const {
         A sum = A(0);
-        for (index_t i = 0; i < rows; ++i) sum += g[i * vocab + v];
+        for (index_t i = 0; i < rows; ++i) sum += widen<A>(g[i * vocab + v]);
         out[v] = overwrite ? sum : out[v] + sum;
     }
 };
@@ -701,6 +712,12 @@ void fused_row_gradient(B& backend, const head_view<const T>& source_head,
     if (kept) *kept = {};
     auto second = fused_detail::overwritten<A>(backend, linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
+    // Where the products would round a float ∂L/∂u to the head's type anyway, the gradient rows
+    // are written in that type themselves: the rounding pass, and half of ∂L/∂u's bytes, saved.
+    // A soft-cap's chain rule works on the float gradient, which the products then round.
+    constexpr bool may_narrow = sizeof(T) == 2 && requires { backend.template rounds_gradient_to<T>(); };
+    const bool narrow = may_narrow && linear && rounds_gradient_to<T>(backend);
+    auto narrowed = fused_detail::overwritten<T>(backend, narrow ? C * V : 0);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
     auto hidden_grad = fused_detail::overwritten<A>(backend, any_grad ? C * H : 0);
     const double factor = linear ? settings.transform.derivative_at(0.0) : 1.0;
@@ -725,22 +742,41 @@ void fused_row_gradient(B& backend, const head_view<const T>& source_head,
             backend.for_each(count, gather_coefficients_op{backend.raw(*part.coefficients), rows, factor,
                                                            backend.raw(chunk_coefficients) + at});
         });
-        backend.row_gradient(logits_view<const A>{backend.raw(logits), 1, m, V}, backend.raw(chunk_coefficients), m,
-                             logits_view<A>{chunk_grad, 1, m, V});
-        if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
-        if (any_grad) {
-            backend.matmul(false, false, m, H, V, chunk_grad, V, source_head.weight, H, backend.raw(hidden_grad), H,
-                           A(0));
-            segments([&](const auto& part, const auto& plan, const index_t* rows, index_t count, index_t at) {
-                if (!part.grad.empty())
-                    backend.for_each(count * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad) + at * H, plan,
-                                                                           rows, part.grad});
-            });
+        const logits_view<const A> chunk_logits{backend.raw(logits), 1, m, V};
+        // ∂L/∂h and the head's share from ∂L/∂u (G: A, or T where narrowed).
+        auto products = [&](const auto* grad) {
+            if (any_grad) {
+                backend.matmul(false, false, m, H, V, grad, V, source_head.weight, H, backend.raw(hidden_grad), H,
+                               A(0));
+                segments([&](const auto& part, const auto& plan, const index_t* rows, index_t count, index_t at) {
+                    if (!part.grad.empty())
+                        backend.for_each(count * H, scatter_hidden_op<A, G, I>{backend.raw(hidden_grad) + at * H,
+                                                                               plan, rows, part.grad});
+                });
+            }
+            if (grad_weight)
+                backend.matmul(true, false, V, H, m, grad, V, backend.raw(gathered), H, grad_weight, H,
+                               A(head.started ? 1 : 0));
+            using Grad = std::remove_cv_t<std::remove_pointer_t<decltype(grad)>>;
+            if (grad_bias) backend.for_each(V, bias_gradient_op<A, Grad>{grad, m, V, !head.started, grad_bias});
+        };
+        auto in_accumulation_type = [&] {
+            backend.row_gradient(chunk_logits, backend.raw(chunk_coefficients), m,
+                                 logits_view<A>{chunk_grad, 1, m, V});
+            if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
+            products(static_cast<const A*>(chunk_grad));
+        };
+        if constexpr (may_narrow) {
+            if (narrow) {
+                backend.row_gradient(chunk_logits, backend.raw(chunk_coefficients), m,
+                                     logits_view<T>{backend.raw(narrowed), 1, m, V});
+                products(static_cast<const T*>(backend.raw(narrowed)));
+            } else {
+                in_accumulation_type();
+            }
+        } else {
+            in_accumulation_type();
         }
-        if (grad_weight)
-            backend.matmul(true, false, V, H, m, chunk_grad, V, backend.raw(gathered), H, grad_weight, H,
-                           A(head.started ? 1 : 0));
-        if (grad_bias) backend.for_each(V, bias_gradient_op<A>{chunk_grad, m, V, !head.started, grad_bias});
         head.started = head.started || grad_weight || grad_bias;
     }
 }

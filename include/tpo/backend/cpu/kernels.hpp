@@ -141,6 +141,16 @@ void gradient_row(cpu_level level, const T* row, index_t vocab, const row_coeffi
     baseline::gradient_row(row, vocab, c, out, stream);
 }
 
+/// dst[i] = src[i] rounded to bf16, at `level`.
+inline void narrow_values(cpu_level level, const float* src, index_t n, bfloat16* dst) {
+#if TPO_CPU_DISPATCH
+    if (level == cpu_level::avx512) return avx512::narrow_array(src, n, dst);
+    if (level == cpu_level::avx2) return avx2::narrow_array(src, n, dst);
+#endif
+    (void)level;
+    baseline::narrow_array(src, n, dst);
+}
+
 inline void store_fence(cpu_level) { baseline::store_fence(); }
 
 template <class F>

@@ -602,12 +602,15 @@ inline void philox_normals(const math::philox_stream& rng, std::uint64_t first, 
     }
 }
 
+/// dst[i] = src[i] rounded to bf16 (to nearest even, NaN kept quiet): the float operand of a
+/// product that takes bf16 operands only (cpu/matmul.hpp, matmul_onednn_bf16).
+inline void narrow_array(const float* src, index_t n, bfloat16* dst) { narrow_block(src, n, dst); }
+
 // --- For the tests of each level's pieces (tests/test_cpu_threads.cpp): the same code as the
 // kernels', callable from code compiled for any target.
 
 inline void widen_array(const bfloat16* src, index_t n, float* dst) { widen_block(src, n, dst); }
 inline void widen_array(const float16* src, index_t n, float* dst) { widen_block(src, n, dst); }
-inline void narrow_array(const float* src, index_t n, bfloat16* dst) { narrow_block(src, n, dst); }
 
 /// y[i] = fast_exp(x[i]), or exp(x[i] − m) by shifted_exp(m) when `shift` is set.
 inline void exp_array(const float* x, index_t n, float* y, bool shift = false, float m = 0.0f) {

@@ -36,6 +36,7 @@
 #endif
 #if defined(TPO_CPU_ONEDNN)
 #  include <oneapi/dnnl/dnnl.h>
+#  include <oneapi/dnnl/dnnl.hpp>
 #endif
 
 #include "tpo/core/config.hpp"
@@ -343,6 +344,91 @@ inline void matmul_onednn(int threads, bool trans_a, bool trans_b, index_t m, in
                            " product failed with status ", status);
 }
 
+
+/// C (m×n, row stride ldc) = op(A)·op(B), plus C when `accumulate`, on the calling thread through
+/// oneDNN's matmul primitive: bf16 operands stored by rows with strides lda and ldb (op = the
+/// transpose when trans_*), float C. oneDNN's primitive cache makes a repeated shape cheap (about
+/// 2 µs to describe it again, against milliseconds for a tile of the fused head).
+inline dnnl_status_t onednn_bf16_product(bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
+                                         const bfloat16* a, index_t lda, const bfloat16* b, index_t ldb, float* c,
+                                         index_t ldc, bool accumulate) noexcept {
+    using md = dnnl::memory::desc;
+    using dims = dnnl::memory::dims;
+    try {
+        static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+        const md a_md(dims{m, k}, dnnl::memory::data_type::bf16, trans_a ? dims{1, lda} : dims{lda, 1});
+        const md b_md(dims{k, n}, dnnl::memory::data_type::bf16, trans_b ? dims{1, ldb} : dims{ldb, 1});
+        const md c_md(dims{m, n}, dnnl::memory::data_type::f32, dims{ldc, 1});
+        dnnl::primitive_attr attr;
+        if (accumulate) {
+            dnnl::post_ops ops;
+            ops.append_sum(1.0f);
+            attr.set_post_ops(ops);
+        }
+#  if DNNL_VERSION_MAJOR >= 3
+        const dnnl::matmul::primitive_desc pd(engine, a_md, b_md, c_md, attr);
+#  else
+        const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
+#  endif
+        dnnl::stream stream(engine);
+        dnnl::memory a_mem(a_md, engine, const_cast<bfloat16*>(a)), b_mem(b_md, engine, const_cast<bfloat16*>(b)),
+            c_mem(c_md, engine, c);
+        dnnl::matmul(pd).execute(stream, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
+        stream.wait();
+        return dnnl_success;
+    } catch (const dnnl::error& e) {
+        return e.status;
+    } catch (...) {
+        return dnnl_runtime_error;
+    }
+}
+
+/// The bf16 form through oneDNN's matmul primitive, where the build links oneDNN and the CPU has
+/// AVX512-BF16 but no usable tile unit: bf16 B (the head, or a chunk's gathered states) and a bf16
+/// or float A. A float A (∂L/∂u) is rounded to bf16 first, a task's block at a time into its own
+/// scratch, as a 16-bit trainer's backward and the CUDA path's cuBLAS products do (oneDNN, like
+/// cuBLAS, multiplies operands of one type). The grid, the threads and the summation order are
+/// matmul_onednn's: one call per (tile, span) on one thread, partial tiles added in span order.
+template <class X>
+void matmul_onednn_bf16(int threads, cpu_level level, bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
+                        const X* a, index_t lda, const bfloat16* b, index_t ldb, float* c, index_t ldc,
+                        float beta) {
+    struct rounded {
+        scratch_vector<bfloat16> a;
+    };
+    tile_grid<float> grid(m, n, onednn_tile, onednn_tile, onednn_tasks);
+    std::atomic<int> failed{static_cast<int>(dnnl_success)};
+    grid.for_each_task<rounded>(
+        threads, k, c, ldc, beta == 0.0f,
+        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, rounded& scratch) {
+            if (depth == 0) {
+                for (index_t i = 0; fresh && i < t.rows; ++i) std::fill(out + i * ld, out + i * ld + t.cols, 0.0f);
+                return;
+            }
+            const X* a_block = trans_a ? a + k0 * lda + t.i0 : a + t.i0 * lda + k0;
+            const bfloat16* a16 = nullptr;
+            index_t ld16 = lda;
+            if constexpr (std::is_same_v<X, bfloat16>) {
+                a16 = a_block;
+            } else {
+                // The block as A stores it: depth rows of t.rows values for op(A) = Aᵀ.
+                const index_t rows = trans_a ? depth : t.rows, cols = trans_a ? t.rows : depth;
+                scratch.a.resize(static_cast<std::size_t>(rows * cols));
+                for (index_t r = 0; r < rows; ++r)
+                    kernels::narrow_values(level, a_block + r * lda, cols, scratch.a.data() + r * cols);
+                a16 = scratch.a.data();
+                ld16 = cols;
+            }
+            const bfloat16* b_block = trans_b ? b + t.j0 * ldb + k0 : b + k0 * ldb + t.j0;
+            const dnnl_status_t status =
+                onednn_bf16_product(trans_a, trans_b, t.rows, t.cols, depth, a16, ld16, b_block, ldb, out, ld, !fresh);
+            if (status != dnnl_success) failed.store(static_cast<int>(status));
+        });
+    const int status = failed.load();
+    detail::require<error>(status == static_cast<int>(dnnl_success), "oneDNN bf16 matmul of a ", m, "×", n, "×", k,
+                           " product failed with status ", status);
+}
+
 #endif
 
 #if TPO_CPU_DISPATCH
@@ -375,6 +461,19 @@ template <class T>
 inline constexpr bool f32_operand =
     std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>;
 
+/// Whether matmul's products with a bf16 B (a bf16 head, or a chunk's bf16 states) and a float C
+/// run at `level` with `products` through oneDNN's bf16 matmul (matmul_onednn_bf16), which rounds
+/// a float A (∂L/∂u) to bf16 once: where the build links oneDNN, `products` is onednn, and the CPU
+/// has AVX512-BF16 but no usable tile unit.
+inline bool onednn_bf16_products([[maybe_unused]] cpu_level level, [[maybe_unused]] cpu_products products) {
+#if defined(TPO_CPU_ONEDNN)
+    return products == cpu_products::onednn && level == cpu_level::avx512 && !amx_bf16_usable() &&
+           bf16_vectors_usable();
+#else
+    return false;
+#endif
+}
+
 /// See the file comment; beta is 0 or 1. Float products go to oneDNN when `products` says so
 /// (matmul_onednn, whatever the level). At the avx512 level, products with a bf16 B and a bf16
 /// (by rows) or float A run on the AMX tile unit where the CPU and the system allow it, and those
@@ -396,14 +495,21 @@ void matmul(int threads, cpu_level level, cpu_products products, bool trans_a, b
 #endif
     if constexpr (std::is_same_v<Y, bfloat16> && std::is_same_v<Acc, float> &&
                   (std::is_same_v<X, bfloat16> || std::is_same_v<X, float>)) {
-        if (level == cpu_level::avx512 && (std::is_same_v<X, float> || !trans_a)) {
-            if (amx_bf16_usable()) {
+        if (level == cpu_level::avx512) {
+            const bool tiles = amx_bf16_usable();
+            if (tiles && (std::is_same_v<X, float> || !trans_a)) {
                 matmul_bf16(threads, bf16_unit::tiles, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
                 return;
             }
+#if defined(TPO_CPU_ONEDNN)
+            if (onednn_bf16_products(level, products)) {
+                matmul_onednn_bf16(threads, level, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
+                return;
+            }
+#endif
             // A float A stays with the float form: as two bf16 parts on the vectors it would cost
             // as much, for 16 significant bits instead of 24.
-            if (std::is_same_v<X, bfloat16> && bf16_vectors_usable()) {
+            if (!tiles && std::is_same_v<X, bfloat16> && !trans_a && bf16_vectors_usable()) {
                 matmul_bf16(threads, bf16_unit::vectors, trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc, beta);
                 return;
             }
