@@ -2,9 +2,10 @@
 // The CPU backend: the primitives of backend/concept.hpp with the backend's own vector kernels
 // inside a row (cpu/kernels.hpp: SSE2, AVX2 or AVX-512, chosen at run time, cpu/level.hpp) and
 // OpenMP across rows; for the fused lm_head's matrix products (cpu/matmul.hpp) Eigen, register
-// blocks of its own for float, oneDNN's sgemm for float where the build links oneDNN
-// (tpo::onednn), and the AMX tile unit for a bf16 head's products where the CPU has one
-// (cpu/amx.hpp). Needs Eigen 3.4 and (for more than one thread) OpenMP.
+// blocks of its own for float, the AMX tile unit for a bf16 head's products where the CPU has
+// one (cpu/amx.hpp), AVX512-BF16's dot products where it has those alone, and where the build
+// links oneDNN (tpo::onednn) oneDNN's sgemm for float and its bf16 matmul in place of the dot
+// products. Needs Eigen 3.4 and (for more than one thread) OpenMP.
 //
 // Rows are independent and each row is reduced in a fixed order (cpu/kernels.inl), so every
 // result is bit-identical for any thread count at one level, and the policy and the reference
@@ -56,8 +57,8 @@ public:
         cpu_level_detail::require_supported(level);
     }
 
-    /// With the float products' form given too: an error if it is cpu_products::onednn and the
-    /// build does not link oneDNN (tpo::onednn).
+    /// With the products' form given too: an error if it is cpu_products::onednn and the build
+    /// does not link oneDNN (tpo::onednn).
     cpu(int threads, cpu_level level, cpu_products products) : cpu(threads, level) {
         detail::require<value_error>(products != cpu_products::onednn || onednn_linked,
                                      "cpu backend: cpu_products::onednn asked, but this build does not link oneDNN "
@@ -67,8 +68,8 @@ public:
 
     int threads() const { return threads_; }
 
-    /// What runs the float matrix products (cpu/matmul.hpp): oneDNN's sgemm when the build links
-    /// it, unless the constructor said otherwise; the backend's own register blocks otherwise.
+    /// What runs the matrix products oneDNN could run (cpu/matmul.hpp, cpu_products): oneDNN when
+    /// the build links it, unless the constructor said otherwise; the backend's own otherwise.
     cpu_products products() const { return products_; }
 
     /// The instruction-set level this backend's kernels run at.

@@ -15,8 +15,9 @@
 // H·Wᵀ on AVX512-BF16's dot products where the CPU has those but no tile unit; the other
 // products with a float C at the avx2 and avx512 levels (float operands, or 16-bit ones widened a
 // block at a time) run in register blocks of our own (cpu/tiles_f32.hpp, matmul_f32), in the same
-// tiles and spans, and float ones, where the build links oneDNN, through oneDNN's sgemm on larger
-// tiles of the same grid (matmul_onednn).
+// tiles and spans. Where the build links oneDNN, float products go to oneDNN's sgemm on larger
+// tiles of the same grid (matmul_onednn), and a bf16 head's products, where the CPU has
+// AVX512-BF16 but no tile unit, to its bf16 matmul on those tiles (matmul_onednn_bf16).
 
 #include <algorithm>
 #include <atomic>
@@ -47,9 +48,12 @@
 TPO_BEGIN_NAMESPACE
 namespace backend {
 
-/// What runs the CPU backend's float products (float operands and result, the fused head's
-/// products in float): its own register blocks (Eigen's product at the baseline level), or
-/// oneDNN's sgemm where the build links oneDNN (tpo::onednn), which is then the default.
+/// What runs the CPU backend's products where oneDNN could: its own (register blocks, AVX512-BF16
+/// dot products, Eigen's product at the baseline level), or oneDNN (tpo::onednn, then the
+/// default): its sgemm for float products, and its bf16 matmul for a bf16 head's products where
+/// the CPU has AVX512-BF16 but no usable tile unit. oneDNN multiplies operands of one type, so
+/// there the backward's ∂L/∂u is rounded to bf16 once, as a 16-bit trainer's backward does; the
+/// backend's own products keep it in float (docs/design.md).
 enum class cpu_products { own, onednn };
 
 #if defined(TPO_CPU_ONEDNN)
@@ -347,8 +351,8 @@ inline void matmul_onednn(int threads, bool trans_a, bool trans_b, index_t m, in
 
 /// C (m×n, row stride ldc) = op(A)·op(B), plus C when `accumulate`, on the calling thread through
 /// oneDNN's matmul primitive: bf16 operands stored by rows with strides lda and ldb (op = the
-/// transpose when trans_*), float C. oneDNN's primitive cache makes a repeated shape cheap (about
-/// 2 µs to describe it again, against milliseconds for a tile of the fused head).
+/// transpose when trans_*), float C. Each call describes its shape again: oneDNN's primitive
+/// cache returns the compiled kernel of a shape it has seen, at a cost far below a tile's product.
 inline dnnl_status_t onednn_bf16_product(bool trans_a, bool trans_b, index_t m, index_t n, index_t k,
                                          const bfloat16* a, index_t lda, const bfloat16* b, index_t ldb, float* c,
                                          index_t ldc, bool accumulate) noexcept {
