@@ -321,33 +321,45 @@ void matmul_bf16(int threads, bf16_unit unit, bool trans_a, bool trans_b, index_
 inline constexpr index_t onednn_tile = 2048;
 inline constexpr index_t onednn_tasks = 8;
 
-/// C (m×n) = op(A)·op(B) + beta·C in float through oneDNN's sgemm; beta is 0 or 1.
-inline void matmul_onednn(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const float* a,
-                          index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
-    struct no_scratch {};
+/// C (m×n) (+)= products on onednn_tile × onednn_tile tiles of C and the k spans of the grid:
+/// call(tile_box, k0, depth, out, ld, fresh, scratch) → dnnl_status_t for every (tile, span) with
+/// depth > 0, on `threads` threads (scratch being the thread's own Scratch); a tile with an empty
+/// k is zeroed where it is fresh. An error naming `what` if a call failed.
+template <class Scratch, class F>
+void onednn_products(int threads, index_t m, index_t n, index_t k, float* c, index_t ldc, float beta, const char* what,
+                  F&& call) {
     tile_grid<float> grid(m, n, onednn_tile, onednn_tile, onednn_tasks);
     // Set by a task that failed; each task must finish inside the parallel region, so the error
     // is raised after it.
     std::atomic<int> failed{static_cast<int>(dnnl_success)};
-    grid.for_each_task<no_scratch>(
+    grid.for_each_task<Scratch>(
         threads, k, c, ldc, beta == 0.0f,
-        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, no_scratch&) {
+        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, Scratch& scratch) {
             if (depth == 0) {  // C = beta·C, and oneDNN is not asked what an empty k gives
                 for (index_t i = 0; fresh && i < t.rows; ++i) std::fill(out + i * ld, out + i * ld + t.cols, 0.0f);
                 return;
             }
-            const float* a_block = trans_a ? a + k0 * lda + t.i0 : a + t.i0 * lda + k0;
-            const float* b_block = trans_b ? b + t.j0 * ldb + k0 : b + k0 * ldb + t.j0;
-            const dnnl_status_t status =
-                dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', t.rows, t.cols, depth, 1.0f, a_block, lda,
-                           b_block, ldb, fresh ? 0.0f : 1.0f, out, ld);
+            const dnnl_status_t status = call(t, k0, depth, out, ld, fresh, scratch);
             if (status != dnnl_success) failed.store(static_cast<int>(status));
         });
     const int status = failed.load();
-    detail::require<error>(status == static_cast<int>(dnnl_success), "oneDNN sgemm of a ", m, "×", n, "×", k,
+    detail::require<error>(status == static_cast<int>(dnnl_success), "oneDNN ", what, " of a ", m, "×", n, "×", k,
                            " product failed with status ", status);
 }
 
+/// C (m×n) = op(A)·op(B) + beta·C in float through oneDNN's sgemm; beta is 0 or 1.
+inline void matmul_onednn(int threads, bool trans_a, bool trans_b, index_t m, index_t n, index_t k, const float* a,
+                          index_t lda, const float* b, index_t ldb, float* c, index_t ldc, float beta) {
+    struct no_scratch {};
+    onednn_products<no_scratch>(
+        threads, m, n, k, c, ldc, beta, "sgemm",
+        [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, no_scratch&) {
+            const float* a_block = trans_a ? a + k0 * lda + t.i0 : a + t.i0 * lda + k0;
+            const float* b_block = trans_b ? b + t.j0 * ldb + k0 : b + k0 * ldb + t.j0;
+            return dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', t.rows, t.cols, depth, 1.0f, a_block, lda,
+                              b_block, ldb, fresh ? 0.0f : 1.0f, out, ld);
+        });
+}
 
 /// C (m×n, row stride ldc) = op(A)·op(B), plus C when `accumulate`, on the calling thread through
 /// oneDNN's matmul primitive: bf16 operands stored by rows with strides lda and ldb (op = the
@@ -400,15 +412,9 @@ void matmul_onednn_bf16(int threads, cpu_level level, bool trans_a, bool trans_b
     struct rounded {
         scratch_vector<bfloat16> a;
     };
-    tile_grid<float> grid(m, n, onednn_tile, onednn_tile, onednn_tasks);
-    std::atomic<int> failed{static_cast<int>(dnnl_success)};
-    grid.for_each_task<rounded>(
-        threads, k, c, ldc, beta == 0.0f,
+    onednn_products<rounded>(
+        threads, m, n, k, c, ldc, beta, "bf16 matmul",
         [&](const tile_box& t, index_t k0, index_t depth, float* out, index_t ld, bool fresh, rounded& scratch) {
-            if (depth == 0) {
-                for (index_t i = 0; fresh && i < t.rows; ++i) std::fill(out + i * ld, out + i * ld + t.cols, 0.0f);
-                return;
-            }
             const X* a_block = trans_a ? a + k0 * lda + t.i0 : a + t.i0 * lda + k0;
             const bfloat16* a16 = nullptr;
             index_t ld16 = lda;
@@ -424,13 +430,9 @@ void matmul_onednn_bf16(int threads, cpu_level level, bool trans_a, bool trans_b
                 ld16 = cols;
             }
             const bfloat16* b_block = trans_b ? b + t.j0 * ldb + k0 : b + k0 * ldb + t.j0;
-            const dnnl_status_t status =
-                onednn_bf16_product(trans_a, trans_b, t.rows, t.cols, depth, a16, ld16, b_block, ldb, out, ld, !fresh);
-            if (status != dnnl_success) failed.store(static_cast<int>(status));
+            return onednn_bf16_product(trans_a, trans_b, t.rows, t.cols, depth, a16, ld16, b_block, ldb, out, ld,
+                                       !fresh);
         });
-    const int status = failed.load();
-    detail::require<error>(status == static_cast<int>(dnnl_success), "oneDNN bf16 matmul of a ", m, "×", n, "×", k,
-                           " product failed with status ", status);
 }
 
 #endif
