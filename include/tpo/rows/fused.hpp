@@ -92,16 +92,6 @@ index_t chunk_rows_of(const B& backend, const fused_settings& settings, index_t 
     return settings.rows_per_chunk(vocab, default_chunk_values(backend), default_chunk_rows_min(backend));
 }
 
-/// Whether `backend`'s products of a T head take ∂L/∂u rounded to T (rounds_gradient_to<T>(), an
-/// optional member; without it, no): its gradient rows can then be written in T straight away.
-template <class T, class B>
-bool rounds_gradient_to(const B& backend) {
-    if constexpr (requires { backend.template rounds_gradient_to<T>(); })
-        return backend.template rounds_gradient_to<T>();
-    else
-        return false;
-}
-
 namespace fused_detail {
 
 /// Scratch of n T that its user writes in full before reading (a chunk's gathered states, logits,
@@ -284,7 +274,7 @@ struct scatter_hidden_op {
 
 /// ∂L/∂b[v] += Σ over the chunk's rows of G[i][v], in row order (= when `overwrite`: the first
 /// share, over whatever the buffer held); G in A, or in the head's type where the products take
-/// it so (rounds_gradient_to).
+/// it so (a backend's rounds_gradient_to).
 template <class A, class G = A>
 struct bias_gradient_op {
     const G* g;
@@ -712,11 +702,13 @@ void fused_row_gradient(B& backend, const head_view<const T>& source_head,
     if (kept) *kept = {};
     auto second = fused_detail::overwritten<A>(backend, linear ? 0 : C * V);
     A* chunk_grad = linear ? backend.raw(logits) : backend.raw(second);
-    // Where the products would round a float ∂L/∂u to the head's type anyway, the gradient rows
-    // are written in that type themselves: the rounding pass, and half of ∂L/∂u's bytes, saved.
-    // A soft-cap's chain rule works on the float gradient, which the products then round.
+    // Where the products would round a float ∂L/∂u to the head's type anyway (the backend's
+    // optional rounds_gradient_to<T>()), the gradient rows are written in that type themselves:
+    // the rounding pass, and half of ∂L/∂u's bytes, saved. A soft-cap's chain rule works on the
+    // float gradient, which the products then round.
     constexpr bool may_narrow = sizeof(T) == 2 && requires { backend.template rounds_gradient_to<T>(); };
-    const bool narrow = may_narrow && linear && rounds_gradient_to<T>(backend);
+    bool narrow = false;
+    if constexpr (may_narrow) narrow = linear && backend.template rounds_gradient_to<T>();
     auto narrowed = fused_detail::overwritten<T>(backend, narrow ? C * V : 0);
     auto chunk_coefficients = backend.template allocate<row_coefficients>(C);
     auto hidden_grad = fused_detail::overwritten<A>(backend, any_grad ? C * H : 0);
@@ -760,22 +752,18 @@ void fused_row_gradient(B& backend, const head_view<const T>& source_head,
             using Grad = std::remove_cv_t<std::remove_pointer_t<decltype(grad)>>;
             if (grad_bias) backend.for_each(V, bias_gradient_op<A, Grad>{grad, m, V, !head.started, grad_bias});
         };
-        auto in_accumulation_type = [&] {
-            backend.row_gradient(chunk_logits, backend.raw(chunk_coefficients), m,
-                                 logits_view<A>{chunk_grad, 1, m, V});
-            if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
-            products(static_cast<const A*>(chunk_grad));
-        };
         if constexpr (may_narrow) {
             if (narrow) {
                 backend.row_gradient(chunk_logits, backend.raw(chunk_coefficients), m,
                                      logits_view<T>{backend.raw(narrowed), 1, m, V});
                 products(static_cast<const T*>(backend.raw(narrowed)));
-            } else {
-                in_accumulation_type();
             }
-        } else {
-            in_accumulation_type();
+        }
+        if (!narrow) {
+            backend.row_gradient(chunk_logits, backend.raw(chunk_coefficients), m,
+                                 logits_view<A>{chunk_grad, 1, m, V});
+            if (!linear) backend.for_each(m * V, chain_op<A>{backend.raw(logits), chunk_grad, settings.transform});
+            products(static_cast<const A*>(chunk_grad));
         }
         head.started = head.started || grad_weight || grad_bias;
     }
